@@ -1,0 +1,35 @@
+"""hessian_subspace: where gradient descent moves in parameter space.
+
+Jitted Hessian-vector products, a jitted Lanczos eigensolver and the metrics of
+Gur-Ari, Roberts & Dyer, "Gradient Descent Happens in a Tiny Subspace" (arXiv:1812.04754).
+"""
+
+from hessian_subspace import curvature as curvature
+from hessian_subspace import krylov as krylov
+from hessian_subspace import metrics as metrics
+from hessian_subspace import spectrum as spectrum
+from hessian_subspace.curvature import HessianOperator as HessianOperator
+from hessian_subspace.curvature import dataset_hvp as dataset_hvp
+from hessian_subspace.curvature import dataset_mean as dataset_mean
+from hessian_subspace.curvature import dataset_value_and_grad as dataset_value_and_grad
+from hessian_subspace.curvature import dense_hessian as dense_hessian
+from hessian_subspace.curvature import dense_matrix as dense_matrix
+from hessian_subspace.curvature import hvp as hvp
+from hessian_subspace.krylov import Eigenpairs as Eigenpairs
+from hessian_subspace.krylov import LanczosResult as LanczosResult
+from hessian_subspace.krylov import as_pytrees as as_pytrees
+from hessian_subspace.krylov import lanczos as lanczos
+from hessian_subspace.krylov import random_start_vector as random_start_vector
+from hessian_subspace.krylov import ritz_values as ritz_values
+from hessian_subspace.krylov import top_eigenpairs as top_eigenpairs
+from hessian_subspace.metrics import eigenvector_overlaps as eigenvector_overlaps
+from hessian_subspace.metrics import gradient_fraction as gradient_fraction
+from hessian_subspace.metrics import hessian_gradient_overlap as hessian_gradient_overlap
+from hessian_subspace.metrics import principal_angles as principal_angles
+from hessian_subspace.metrics import random_vertex_overlap as random_vertex_overlap
+from hessian_subspace.metrics import subspace_overlap as subspace_overlap
+from hessian_subspace.spectrum import SpectralDensity as SpectralDensity
+from hessian_subspace.spectrum import hutchinson_trace as hutchinson_trace
+from hessian_subspace.spectrum import spectral_density as spectral_density
+
+__version__ = "0.1.0"

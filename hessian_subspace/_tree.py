@@ -1,0 +1,93 @@
+"""Small pytree and validation helpers shared by the numerical modules (private)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import flatten_util
+
+PyTree = Any
+
+
+def is_concrete(tree: PyTree) -> bool:
+    """True when no leaf of `tree` is a tracer (so its values can be inspected)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def check_finite(name: str, tree: PyTree) -> None:
+    """Raises `ValueError` naming `name` if a concrete `tree` holds NaN or inf.
+
+    Traced values cannot be inspected; they pass through unchecked.
+    """
+    if not is_concrete(tree):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            where = jax.tree_util.keystr(path) or "(root)"
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(
+                f"`{name}` holds {bad} non-finite value(s) (NaN or inf) at {name}{where}."
+            )
+
+
+def check_floating(name: str, tree: PyTree) -> None:
+    """Raises `ValueError` unless every leaf of `tree` is a floating-point array."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"`{name}` is an empty pytree.")
+    for leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"`{name}` must hold floating-point arrays, got dtype {dtype}.")
+
+
+def tree_size(tree: PyTree) -> int:
+    """Total number of scalars in `tree`."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def as_flat(tree_or_array: PyTree) -> jax.Array:
+    """A 1-D array in `ravel_pytree` order (a 1-D array is returned as is)."""
+    if isinstance(tree_or_array, (jax.Array, np.ndarray)) and np.ndim(tree_or_array) == 1:
+        return jnp.asarray(tree_or_array)
+    return flatten_util.ravel_pytree(tree_or_array)[0]
+
+
+def as_flat_rows(rows: PyTree) -> jax.Array:
+    """A `(k, p)` array from a `(k, p)` array or a pytree whose leaves have leading axis k."""
+    if isinstance(rows, (jax.Array, np.ndarray)) and np.ndim(rows) == 2:
+        return jnp.asarray(rows)
+    leaves = jax.tree_util.tree_leaves(rows)
+    if not leaves:
+        raise ValueError("empty pytree of vectors")
+    k = np.shape(leaves[0])[0]
+    return jnp.concatenate([jnp.reshape(x, (k, -1)) for x in leaves], axis=1)
+
+
+def unravel_rows(rows: jax.Array, like: PyTree) -> PyTree:
+    """Inverse of `as_flat_rows`: `(k, p)` rows -> pytree like `like` with a leading k axis."""
+    _, unravel = flatten_util.ravel_pytree(like)
+    flat_dtype = flatten_util.ravel_pytree(like)[0].dtype
+    return jax.vmap(lambda r: unravel(r.astype(flat_dtype)))(rows)
+
+
+def flat_matvec(matvec: Callable[[PyTree], PyTree], like: PyTree, dtype) -> tuple[
+    Callable[[jax.Array], jax.Array], jax.Array
+]:
+    """Wraps a pytree matvec as a flat `(p,) -> (p,)` function in `dtype`.
+
+    Vectors are cast to the template's dtype before `matvec` (so an HVP runs in the parameters'
+    precision) and its output is cast to `dtype` (the eigensolver's precision).
+    Returns the flat matvec and the flattened template.
+    """
+    like_flat, unravel = flatten_util.ravel_pytree(like)
+
+    def mv(x: jax.Array) -> jax.Array:
+        out = matvec(unravel(x.astype(like_flat.dtype)))
+        return as_flat(out).astype(dtype)
+
+    return mv, like_flat
