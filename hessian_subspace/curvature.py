@@ -38,7 +38,8 @@ def _check_precision(precision):
         return str(precision).split(".")[-1].lower()
     if precision not in _PRECISIONS:
         raise ValueError(
-            f"`precision` must be one of {_PRECISIONS[1:]} or None (JAX's default), got {precision!r}."
+            f"`precision` must be one of {_PRECISIONS[1:]} or None (JAX's default), "
+            f"got {precision!r}."
         )
     return precision
 
@@ -94,15 +95,17 @@ def _check_like(name: str, tree: PyTree, like: PyTree) -> None:
     t1, t2 = jax.tree_util.tree_structure(tree), jax.tree_util.tree_structure(like)
     if t1 != t2:
         raise ValueError(f"`{name}` must have the pytree structure of `params`: {t1} vs {t2}.")
-    for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(like)):
+    for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(like), strict=True):
         if np.shape(a) != np.shape(b):
-            raise ValueError(f"`{name}` leaf of shape {np.shape(a)} where `params` has {np.shape(b)}.")
+            raise ValueError(
+                f"`{name}` leaf of shape {np.shape(a)} where `params` has {np.shape(b)}.")
 
 
 def _num_examples(data: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
-        raise ValueError("`data` is an empty pytree; it must hold arrays with a leading example axis.")
+        raise ValueError(
+            "`data` is an empty pytree; it must hold arrays with a leading example axis.")
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
     if None in sizes:
         raise ValueError("every leaf of `data` needs a leading example axis; found a scalar.")
@@ -151,7 +154,8 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *, batch_size: in
     total = jax.tree_util.tree_map(lambda t: t * (b / n), total)
     if rest:
         ragged = fn(jax.tree_util.tree_map(lambda x: x[num_full * b :], data))
-        total = jax.tree_util.tree_map(lambda t, r: t + r.astype(t.dtype) * (rest / n), total, ragged)
+        total = jax.tree_util.tree_map(
+            lambda t, r: t + r.astype(t.dtype) * (rest / n), total, ragged)
     return total
 
 

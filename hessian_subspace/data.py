@@ -102,10 +102,12 @@ def load_idx_dataset(directory: str | os.PathLike, split: str = "train") -> dict
     lbl_path = _find(directory, IDX_FILES[split][1])
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3:
-        raise DataError(f"{img_path}: expected images of rank 3 (n, rows, cols), got {images.shape}.")
+        raise DataError(
+            f"{img_path}: expected images of rank 3 (n, rows, cols), got {images.shape}.")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(
-            f"{lbl_path}: {labels.shape} labels do not match {images.shape[0]} images in {img_path}."
+            f"{lbl_path}: {labels.shape} labels do not match {images.shape[0]} images "
+            f"in {img_path}."
         )
     x = (images.astype(np.float32) / 255.0)[..., None]
     return {"x": x, "y": labels.astype(np.int32)}

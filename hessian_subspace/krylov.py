@@ -1,4 +1,4 @@
-r"""Lanczos tridiagonalisation and top-k eigenpairs of a symmetric linear operator, under ``jax.jit``.
+r"""Lanczos tridiagonalisation and top-k eigenpairs of a symmetric operator, under ``jax.jit``.
 
 The operator is any function ``matvec(v) -> H v`` on pytrees (e.g. :func:`dataset_hvp`) or on
 flat arrays. Vectors are flattened once (``ravel_pytree`` order) and the Krylov basis is kept
@@ -323,8 +323,8 @@ def _tridiag(alphas, betas, num_valid):
 
 def default_num_steps(k: int, dim: int, block_size: int = 1) -> int:
     """Default Krylov dimension (matvecs) for ``k`` eigenpairs:
-    ``min(dim, max(4k, k + 40))``, rounded down to a multiple of ``block_size``."""
-    steps = min(dim, max(4 * k, k + 40))
+    ``min(dim, max(6k, k + 40))``, rounded down to a multiple of ``block_size``."""
+    steps = min(dim, max(6 * k, k + 40))
     return max(block_size, steps - steps % block_size)
 
 

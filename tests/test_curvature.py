@@ -47,7 +47,8 @@ def test_hvp_matches_dense_hessian_float64(problem):
         h = np.asarray(hs.dense_hessian(loss, params, batch))
         assert np.allclose(h, h.T, atol=1e-12)
         v = hs.random_start_vector(jax.random.key(3), params)
-        got = flatten_util.ravel_pytree(jax.jit(hs.hvp, static_argnums=0)(loss, params, v, batch))[0]
+        hv = jax.jit(hs.hvp, static_argnums=0)(loss, params, v, batch)
+        got = flatten_util.ravel_pytree(hv)[0]
         want = h @ np.asarray(flatten_util.ravel_pytree(v)[0])
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
 
