@@ -167,24 +167,36 @@ def _validate_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
+def as_loss_pytree(loss_fn: LossFn) -> jax.tree_util.Partial:
+    """``loss_fn`` as a pytree: a ``jax.tree_util.Partial`` stays as it is (its bound arrays,
+    e.g. frozen batch-norm statistics, become dynamic inputs of compiled code); a plain
+    function becomes ``Partial(loss_fn)`` (static, hashed by identity)."""
+    if isinstance(loss_fn, jax.tree_util.Partial):
+        return loss_fn
+    if not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+    return jax.tree_util.Partial(loss_fn)
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["params", "data"],
-    meta_fields=["loss_fn", "batch_size", "precision"],
+    data_fields=["params", "data", "loss_fn"],
+    meta_fields=["batch_size", "precision"],
 )
 @dataclasses.dataclass(frozen=True)
 class HessianOperator:
     r"""The linear map :math:`v \mapsto Hv` of the mean loss over a fixed data set.
 
-    A pytree: ``params`` and ``data`` are leaves, the rest is static. Passing the operator to a
-    jitted function (``lanczos``, ``top_eigenpairs``, ...) therefore compiles once per shape,
-    whatever the parameter values: analysing many checkpoints reuses one program.
-    Build it with :func:`dataset_hvp`.
+    A pytree: ``params``, ``data`` and the arrays bound in ``loss_fn`` (a
+    ``jax.tree_util.Partial``) are leaves; ``batch_size`` and ``precision`` are static. Passing
+    the operator to a jitted function (``lanczos``, ``top_eigenpairs``, ...) therefore compiles
+    once per shape, whatever the parameter values: analysing many checkpoints reuses one
+    program. Build it with :func:`dataset_hvp`.
     """
 
     params: PyTree
     data: PyTree
-    loss_fn: LossFn
+    loss_fn: jax.tree_util.Partial
     batch_size: int
     precision: str | None
 
@@ -239,7 +251,9 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: in
     products are reduced by XLA: data parallelism with no change to the caller's code.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over a batch.
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over a batch. A
+        ``jax.tree_util.Partial`` binding arrays (e.g. frozen batch-norm statistics) keeps them
+        dynamic, so a new checkpoint does not recompile.
       params: pytree of floating-point arrays; must be finite.
       data: pytree of arrays with a common leading example axis (the fixed analysis set).
       batch_size: examples per batch (memory knob only; clamped to the data set size).
@@ -263,11 +277,11 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: in
     _tree.check_floating("params", params)
     _tree.check_finite("params", params)
     _num_examples(data)
-    return HessianOperator(params=params, data=data, loss_fn=loss_fn, batch_size=batch_size,
-                           precision=precision)
+    return HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
+                           batch_size=batch_size, precision=precision)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _dataset_value_and_grad(loss_fn, params, data, batch_size):
     return dataset_mean(lambda batch: jax.value_and_grad(loss_fn)(params, batch), data,
                         batch_size=batch_size)
@@ -289,7 +303,7 @@ def dataset_value_and_grad(loss_fn: LossFn, params: PyTree, data: PyTree, *, bat
     batch_size = _validate_batch_size(batch_size)
     _tree.check_finite("params", params)
     _num_examples(data)
-    return _dataset_value_and_grad(loss_fn, params, data, batch_size)
+    return _dataset_value_and_grad(as_loss_pytree(loss_fn), params, data, batch_size)
 
 
 def dense_hessian(loss_fn: LossFn, params: PyTree, *args: Any) -> jax.Array:

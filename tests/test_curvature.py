@@ -169,3 +169,22 @@ def test_dataset_hvp_runs_data_parallel_on_four_cpu_devices():
     # The per-batch products are split over devices and summed by an all-reduce.
     assert four["all_reduce"] and not one["all_reduce"]
     np.testing.assert_allclose(four["hvp"], one["hvp"], rtol=2e-5, atol=2e-6)
+
+
+def test_partial_loss_with_bound_state_compiles_once():
+    # Arrays bound in a Partial loss (e.g. frozen batch-norm statistics) are dynamic inputs.
+    def scaled_loss(scale, params, batch):
+        return 0.5 * jnp.mean((batch["x"] @ params) ** 2) * scale
+
+    data = {"x": jnp.asarray(np.random.default_rng(0).normal(size=(20, 4)), jnp.float32)}
+    v = jnp.ones(4)
+    outs = []
+    for scale in (1.0, 3.0):
+        loss = jax.tree_util.Partial(scaled_loss, jnp.float32(scale))
+        op = hs.dataset_hvp(loss, jnp.zeros(4), data, batch_size=8)
+        with count_compilations() as n:
+            outs.append(op(v))
+            hs.dataset_value_and_grad(loss, jnp.ones(4), data, batch_size=8)
+        if scale == 3.0:
+            assert n[0] == 0
+    np.testing.assert_allclose(outs[1], 3.0 * outs[0], rtol=1e-6)
