@@ -30,6 +30,7 @@ from hessian_subspace.metrics import random_vertex_overlap as random_vertex_over
 from hessian_subspace.metrics import subspace_overlap as subspace_overlap
 from hessian_subspace.spectrum import SpectralDensity as SpectralDensity
 from hessian_subspace.spectrum import hutchinson_trace as hutchinson_trace
+from hessian_subspace.spectrum import slq_quadrature as slq_quadrature
 from hessian_subspace.spectrum import spectral_density as spectral_density
 
 __version__ = "0.1.0"

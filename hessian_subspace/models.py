@@ -1,20 +1,49 @@
-"""Flax models and the loss contract ``loss(params, batch) -> scalar`` the numerics rely on.
+"""Flax models of the paper and the loss contract ``loss(params, batch) -> scalar`` of the numerics.
 
-A batch is ``{"x": inputs, "y": labels}``. The Hessian the toolkit analyses is that of the
-**mean cross-entropy** over the analysis set (mean squared error for regression), with the
-model in inference mode.
+A batch is ``{"x": inputs, "y": labels}``: integer class labels of shape ``(n,)`` for
+classification, float targets of shape ``(n, 1)`` for regression. The Hessian the toolkit
+analyses is that of :func:`analysis_loss_fn`: the **mean cross-entropy** over the analysis set
+(mean squared error for regression), with the model in **inference mode** (dropout off,
+BatchNorm frozen to its running statistics), so that it is a fixed, deterministic operator.
+Training uses :func:`train_loss_fn` (dropout on, BatchNorm on batch statistics).
+
+Models (every ``__call__(x, train=False)``), built by name with :func:`build_model`:
+
+- ``"softmax"``: :class:`MLP` with no hidden layer (softmax regression).
+- ``"fc"``: :class:`MLP`, e.g. 784-100-100-10 (89,610 parameters).
+- ``"convnet"``: :class:`KerasConvNet`, the Keras ``cifar10_cnn.py`` net (1,250,858 parameters).
+- ``"resnet18"``: :class:`ResNet18`, the CIFAR variant (11,173,962 parameters).
+- ``"fc_regression"``: :class:`MLP` with one output, for the sine regression task.
+- ``"small_convnet"``: :class:`SmallConvNet`, for tests and benchmarks.
+
+References:
+  Gur-Ari, Roberts, Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv:1812.04754
+  (Table 1, Figs. 6-7).
+  Keras examples, ``cifar10_cnn.py`` (the ConvNet).
+  He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016; CIFAR variant
+  as in github.com/kuangliu/pytorch-cifar ``models/resnet.py``.
 """
 
 from __future__ import annotations
 
+import functools
+
+import inspect
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
+Batch = dict
+LossFn = Callable[[PyTree, Batch], jax.Array]
+TrainLossFn = Callable[[PyTree, PyTree, Batch, Any], tuple[jax.Array, tuple[PyTree, jax.Array]]]
+
+TASKS = ("classification", "regression")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -22,12 +51,30 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
 }
 
+# BatchNorm convention shared by every model (Keras/PyTorch defaults: running averages updated
+# as 0.9 * old + 0.1 * batch).
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
+                        epsilon=_BN_EPSILON, name=name)
+
+
+# ------------------------------------------------------------------------------------ models
+
 
 class MLP(nn.Module):
     """Fully connected net: flatten, hidden Dense layers, linear output.
 
     ``hidden=()`` is softmax regression. Layers are named ``dense_0 ... dense_L`` so
     parameter names (``dense_0/kernel``) survive into results.
+
+    Attributes:
+      hidden: widths of the hidden layers.
+      num_outputs: number of logits (or regression outputs).
+      activation: one of ``ACTIVATIONS`` ("relu", "softplus", "tanh").
     """
 
     hidden: Sequence[int] = (100, 100)
@@ -35,7 +82,9 @@ class MLP(nn.Module):
     activation: str = "relu"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps inputs ``(n, ...)`` to outputs ``(n, num_outputs)``; ``train`` is ignored."""
+        del train
         act = ACTIVATIONS[self.activation]
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
@@ -50,7 +99,9 @@ class SmallConvNet(nn.Module):
     num_outputs: int = 10
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps images ``(n, h, w, c)`` to logits ``(n, num_outputs)``; ``train`` is ignored."""
+        del train
         for i, c in enumerate(self.channels):
             x = nn.relu(nn.Conv(c, (3, 3), name=f"conv_{i}")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -58,8 +109,363 @@ class SmallConvNet(nn.Module):
         return nn.Dense(self.num_outputs, name="dense_out")(x)
 
 
-def cross_entropy_loss(model: nn.Module) -> Callable[[PyTree, dict], jax.Array]:
-    """``loss(params, batch)``: mean softmax cross-entropy of ``model`` over ``batch``."""
+class KerasConvNet(nn.Module):
+    """The ConvNet of the Keras example ``cifar10_cnn.py`` (paper Table 1, "ConvNet" rows).
+
+    ``conv_0`` 32 3x3 SAME, ``conv_1`` 32 3x3 VALID, max-pool 2x2, [dropout 0.25],
+    ``conv_2`` 64 3x3 SAME, ``conv_3`` 64 3x3 VALID, max-pool 2x2, [dropout 0.25], flatten,
+    ``dense_0`` 512, [``dense_1`` 512], [dropout 0.5], ``dense_out``; relu after every hidden
+    layer. On 32x32x3 inputs with every option off it has 1,250,858 parameters, as in Keras.
+
+    Attributes:
+      num_outputs: number of logits.
+      dropout: add the three dropout layers (rng stream "dropout", active only when training).
+      batch_norm: add BatchNorm (``bn_conv_i``, ``bn_dense_i``) after every conv and every hidden
+        dense layer, before the relu. Convs and dense layers keep their biases, as in Keras.
+      extra_dense: add ``dense_1``, a second Dense 512 + relu layer, before the output.
+    """
+
+    num_outputs: int = 10
+    dropout: bool = False
+    batch_norm: bool = False
+    extra_dense: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps images ``(n, h, w, c)`` to logits ``(n, num_outputs)``.
+
+        Args:
+          x: images of shape ``(n, h, w, c)``, h and w at least 10.
+          train: dropout on and BatchNorm on batch statistics (updating ``batch_stats``) if
+            True; dropout off and BatchNorm on the running averages if False.
+
+        Returns:
+          Logits of shape ``(n, num_outputs)``.
+        """
+
+        def hidden(layer, y, name):
+            y = layer(y)
+            if self.batch_norm:
+                y = _batch_norm(train, f"bn_{name}")(y)
+            return nn.relu(y)
+
+        def drop(rate, y, i):
+            if not self.dropout:
+                return y
+            return nn.Dropout(rate, deterministic=not train, name=f"dropout_{i}")(y)
+
+        for stage, width in enumerate((32, 64)):
+            for j, padding in enumerate(("SAME", "VALID")):
+                name = f"conv_{2 * stage + j}"
+                x = hidden(nn.Conv(width, (3, 3), padding=padding, name=name), x, name)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = drop(0.25, x, stage)
+        x = jnp.reshape(x, (x.shape[0], -1))
+        for i in range(2 if self.extra_dense else 1):
+            x = hidden(nn.Dense(512, name=f"dense_{i}"), x, f"dense_{i}")
+        x = drop(0.5, x, 2)
+        return nn.Dense(self.num_outputs, name="dense_out")(x)
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, identity or 1x1 conv+BN projection shortcut."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        pad = ((1, 1), (1, 1))  # PyTorch's padding=1, also for stride 2 (SAME would pad 0/1).
+        y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=pad, use_bias=False,
+                    name="conv_0")(x)
+        y = nn.relu(_batch_norm(train, "bn_0")(y))
+        y = nn.Conv(self.features, (3, 3), padding=pad, use_bias=False, name="conv_1")(y)
+        y = _batch_norm(train, "bn_1")(y)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), strides=self.strides, padding="VALID",
+                        use_bias=False, name="shortcut_conv")(x)
+            x = _batch_norm(train, "shortcut_bn")(x)
+        return nn.relu(y + x)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant (kuangliu/pytorch-cifar): 11,173,962 parameters for 10 classes.
+
+    ``conv_stem`` 64 3x3 stride 1 + ``bn_stem`` + relu (no max-pool); stages
+    ``stage_{1..4}_block_{0,1}`` of basic blocks with 64, 128, 256, 512 channels, the first block
+    of stages 2-4 with stride 2 and a projection shortcut; global average pooling;
+    ``dense_out``. Convolutions have no bias (BatchNorm follows).
+
+    Attributes:
+      num_outputs: number of logits.
+    """
+
+    num_outputs: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps images ``(n, h, w, c)`` to logits ``(n, num_outputs)``.
+
+        Args:
+          x: images of shape ``(n, h, w, c)``.
+          train: BatchNorm on batch statistics (updating ``batch_stats``) if True, on the
+            running averages if False.
+
+        Returns:
+          Logits of shape ``(n, num_outputs)``.
+        """
+        x = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv_stem")(x)
+        x = nn.relu(_batch_norm(train, "bn_stem")(x))
+        for stage, width in enumerate((64, 128, 256, 512), start=1):
+            for block in range(2):
+                strides = 2 if stage > 1 and block == 0 else 1
+                x = _BasicBlock(width, strides, name=f"stage_{stage}_block_{block}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_outputs, name="dense_out")(x)
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+def _fc(num_outputs: int, hidden: Sequence[int] = (100, 100), activation: str = "relu") -> MLP:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, got {activation!r}.")
+    hidden = tuple(hidden)
+    if not all(isinstance(w, int) and w > 0 for w in hidden):
+        raise ValueError(f"`hidden` must be a sequence of positive ints, got {hidden!r}.")
+    return MLP(hidden=hidden, num_outputs=num_outputs, activation=activation)
+
+
+def _softmax(num_outputs: int) -> MLP:
+    return MLP(hidden=(), num_outputs=num_outputs)
+
+
+def _convnet(num_outputs: int, dropout: bool = False, batch_norm: bool = False,
+             extra_dense: bool = False) -> KerasConvNet:
+    return KerasConvNet(num_outputs=num_outputs, dropout=bool(dropout),
+                        batch_norm=bool(batch_norm), extra_dense=bool(extra_dense))
+
+
+def _resnet18(num_outputs: int) -> ResNet18:
+    return ResNet18(num_outputs=num_outputs)
+
+
+def _small_convnet(num_outputs: int, channels: Sequence[int] = (8, 16)) -> SmallConvNet:
+    return SmallConvNet(channels=tuple(channels), num_outputs=num_outputs)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "softmax": _softmax,
+    "fc": _fc,
+    "convnet": _convnet,
+    "resnet18": _resnet18,
+    "fc_regression": _fc,
+    "small_convnet": _small_convnet,
+}
+
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
+    """Builds a model of the paper by name.
+
+    Args:
+      name: one of ``MODEL_NAMES``: "softmax" (no kwargs), "fc" (``hidden=(100, 100)``,
+        ``activation="relu"``), "convnet" (``dropout``, ``batch_norm``, ``extra_dense``, all
+        False by default), "resnet18" (no kwargs), "fc_regression" (like "fc"; the sine task
+        uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``).
+      num_outputs: number of classes (or of regression outputs), a positive int.
+      **kwargs: the model's options listed above.
+
+    Returns:
+      An unbound flax module whose ``__call__(x, train=False)`` returns ``(n, num_outputs)``.
+
+    Raises:
+      ValueError: for an unknown name, an unknown keyword argument or a bad option value.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model name {name!r}; known names: {MODEL_NAMES}.")
+    if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
+        raise ValueError(f"`num_outputs` must be a positive int, got {num_outputs!r}.")
+    builder = _BUILDERS[name]
+    allowed = [p for p in inspect.signature(builder).parameters if p != "num_outputs"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown keyword argument(s) {unknown} for model {name!r}; allowed: {allowed}.")
+    return builder(num_outputs, **kwargs)
+
+
+# ------------------------------------------------------------------------ variables, losses
+
+
+def init_params(model: nn.Module, key: jax.Array, example_x: jax.Array) -> PyTree:
+    """Initial parameters of ``model`` for inputs shaped like ``example_x``.
+
+    Drops any other collection; models with BatchNorm need :func:`init_variables`.
+    """
+    return model.init(key, example_x)["params"]
+
+
+def init_variables(model: nn.Module, key: jax.Array, example_x: jax.Array
+                   ) -> tuple[PyTree, dict[str, PyTree]]:
+    """Initial parameters and model state of ``model``, initialised in inference mode.
+
+    Args:
+      model: a flax module with ``__call__(x, train=False)``.
+      key: PRNG key for the parameter initialisers.
+      example_x: inputs of shape ``(n, ...)`` (``n = 1`` suffices).
+
+    Returns:
+      ``(params, model_state)``; ``model_state`` holds the non-"params" collections, e.g.
+      ``{"batch_stats": ...}`` (running means 0, variances 1), and is ``{}`` if there are none.
+    """
+    variables = dict(model.init(key, example_x, train=False))
+    params = variables.pop("params")
+    return params, variables
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+
+
+def _mean_loss(outputs: jax.Array, y: jax.Array, task: str) -> jax.Array:
+    if task == "classification":
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, y))
+    if jnp.shape(y) != jnp.shape(outputs):  # (n,) against (n, 1) would broadcast to (n, n).
+        raise ValueError(
+            f"regression targets of shape {jnp.shape(y)} for outputs of shape "
+            f"{jnp.shape(outputs)}; they must match.")
+    return jnp.mean((outputs - y) ** 2)
+
+
+def analysis_loss_fn(model: nn.Module, model_state: dict[str, PyTree], task: str) -> LossFn:
+    r"""The loss whose Hessian the toolkit analyses: ``loss(params, batch) -> scalar``.
+
+    .. math:: L(\theta) = \frac{1}{n}\sum_{a=1}^{n} \ell(f_\theta(x_a), y_a),
+
+    with :math:`\ell` the softmax cross-entropy against integer labels (classification); for
+    regression the loss is the mean squared error ``mean((f(x) - y) ** 2)`` over all entries of
+    ``(n, num_outputs)`` (for one output, the mean over examples). The model runs in **inference
+    mode** (``train=False``): dropout is off and BatchNorm uses the running statistics in
+    ``model_state``, which stay fixed. The loss is therefore a deterministic function of
+    ``params`` on a fixed analysis set, and examples do not interact, so the mean over the
+    analysis set is the weighted mean of the batch means (what ``dataset_hvp`` computes).
+
+    Args:
+      model: a flax module with ``__call__(x, train=False)``.
+      model_state: its non-"params" collections from :func:`init_variables` or training
+        (``{}`` if none).
+      task: "classification" (``batch = {"x": (n, ...), "y": int (n,)}``) or "regression"
+        (``batch = {"x": (n, ...), "y": float (n, num_outputs)}``).
+
+    Returns:
+      ``loss(params, batch) -> scalar``, pure and jit-compatible: a ``jax.tree_util.Partial``
+      binding ``model_state`` to one cached function per (model, task), so the state is a
+      dynamic input and a new checkpoint reuses compiled code.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from hessian_subspace import models
+      >>> model = models.build_model("fc", num_outputs=10, hidden=(100, 100))
+      >>> params, state = models.init_variables(model, jax.random.key(0), jnp.ones((1, 784)))
+      >>> models.param_count(params), state
+      (89610, {})
+      >>> loss = models.analysis_loss_fn(model, state, "classification")
+      >>> batch = {"x": jnp.zeros((4, 784)), "y": jnp.arange(4)}
+      >>> print(f"{loss(params, batch):.4f}")  # log(10): zero inputs give equal logits
+      2.3026
+    """
+    _check_task(task)
+    return jax.tree_util.Partial(_analysis_loss_impl(model, task), model_state)
+
+
+@functools.lru_cache(maxsize=None)
+def _analysis_loss_impl(model: nn.Module, task: str):
+    def loss(model_state: PyTree, params: PyTree, batch: Batch) -> jax.Array:
+        outputs = model.apply({"params": params, **model_state}, batch["x"], train=False)
+        return _mean_loss(outputs, batch["y"], task)
+
+    return loss
+
+
+def analysis_metrics_fn(model: nn.Module, model_state: dict[str, PyTree], task: str):
+    """``metrics(params, batch) -> {"loss", "accuracy"?}`` in inference mode, a Partial binding
+    ``model_state`` like :func:`analysis_loss_fn` (accuracy for classification only)."""
+    _check_task(task)
+    return jax.tree_util.Partial(_analysis_metrics_impl(model, task), model_state)
+
+
+@functools.lru_cache(maxsize=None)
+def _analysis_metrics_impl(model: nn.Module, task: str):
+    def metrics(model_state: PyTree, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
+        outputs = model.apply({"params": params, **model_state}, batch["x"], train=False)
+        return batch_metrics(outputs, batch, task)
+
+    return metrics
+
+
+def train_loss_fn(model: nn.Module, task: str) -> TrainLossFn:
+    """The training loss: ``loss(params, model_state, batch, dropout_key)``.
+
+    Same mean loss as :func:`analysis_loss_fn`, but with ``train=True``: dropout is on (driven
+    by ``dropout_key``) and BatchNorm normalises with the batch statistics and updates the
+    running averages, which are returned. Differentiate with
+    ``jax.value_and_grad(loss, has_aux=True)``; jit-compatible.
+
+    Args:
+      model: a flax module with ``__call__(x, train)``.
+      task: "classification" or "regression" (see :func:`analysis_loss_fn`).
+
+    Returns:
+      ``loss(params, model_state, batch, dropout_key) -> (loss, (new_model_state, outputs))``
+      where ``dropout_key`` is a PRNG key for the "dropout" rng stream (ignored by models
+      without dropout; ``None`` is allowed for them), ``new_model_state`` has the structure of
+      ``model_state`` and ``outputs`` has shape ``(n, num_outputs)``.
+    """
+    _check_task(task)
+
+    def loss(params: PyTree, model_state: dict[str, PyTree], batch: Batch, dropout_key: Any
+             ) -> tuple[jax.Array, tuple[dict[str, PyTree], jax.Array]]:
+        variables = {"params": params, **model_state}
+        rngs = {} if dropout_key is None else {"dropout": dropout_key}
+        if model_state:
+            outputs, new_state = model.apply(variables, batch["x"], train=True, rngs=rngs,
+                                             mutable=list(model_state))
+            new_state = dict(new_state)
+        else:
+            outputs = model.apply(variables, batch["x"], train=True, rngs=rngs)
+            new_state = {}
+        return _mean_loss(outputs, batch["y"], task), (new_state, outputs)
+
+    return loss
+
+
+def batch_metrics(outputs: jax.Array, batch: Batch, task: str) -> dict[str, jax.Array]:
+    """Mean loss (and accuracy) of ``outputs`` against ``batch["y"]``.
+
+    Args:
+      outputs: model outputs of shape ``(n, num_outputs)``.
+      batch: ``{"y": ...}`` as in :func:`analysis_loss_fn` (other keys are ignored).
+      task: "classification" or "regression".
+
+    Returns:
+      ``{"loss": scalar, "accuracy": scalar}`` for classification; ``{"loss": scalar}`` only
+      for regression (no accuracy key, rather than a NaN that would poison averages).
+    """
+    _check_task(task)
+    metrics = {"loss": _mean_loss(outputs, batch["y"], task)}
+    if task == "classification":
+        metrics["accuracy"] = jnp.mean(jnp.argmax(outputs, -1) == batch["y"])
+    return metrics
+
+
+def cross_entropy_loss(model: nn.Module) -> LossFn:
+    """``loss(params, batch)``: mean softmax cross-entropy of ``model`` over ``batch``.
+
+    For models without model state; :func:`analysis_loss_fn` is the general form.
+    """
 
     def loss(params, batch):
         logits = model.apply({"params": params}, batch["x"])
@@ -69,11 +475,53 @@ def cross_entropy_loss(model: nn.Module) -> Callable[[PyTree, dict], jax.Array]:
 
 
 def accuracy(model: nn.Module, params: PyTree, batch: dict) -> jax.Array:
-    """Fraction of ``batch`` classified correctly."""
+    """Fraction of ``batch`` classified correctly (models without model state)."""
     logits = model.apply({"params": params}, batch["x"])
     return jnp.mean(jnp.argmax(logits, -1) == batch["y"])
 
 
-def init_params(model: nn.Module, key: jax.Array, example_x: jax.Array) -> PyTree:
-    """Initial parameters of ``model`` for inputs shaped like ``example_x``."""
-    return model.init(key, example_x)["params"]
+# ------------------------------------------------------------------------------ parameters
+
+
+def _size(leaf: Any) -> int:
+    return math.prod(getattr(leaf, "shape", np.shape(leaf)))  # also for jax.ShapeDtypeStruct
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def layer_slices(params: PyTree) -> list[tuple[str, int, int]]:
+    """Where each parameter array sits in the flat vector of ``ravel_pytree(params)``.
+
+    Splits a flat eigenvector or gradient by layer (paper Figs. 6-7):
+    ``{name: flat[start:stop] for name, start, stop in layer_slices(params)}``.
+
+    Args:
+      params: a pytree of arrays.
+
+    Returns:
+      ``[(name, start, stop), ...]`` in ravel order, one per leaf, with ``name`` the
+      "/"-joined path (``"dense_0/kernel"``); the half-open ranges tile ``[0, p)``.
+    """
+    slices, start = [], 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        size = _size(leaf)
+        slices.append(("/".join(_key_name(k) for k in path), start, start + size))
+        start += size
+    return slices
+
+
+def param_count(params: PyTree) -> int:
+    """Number of scalar parameters in ``params`` (the length of ``ravel_pytree(params)[0]``)."""
+    return sum(_size(leaf) for leaf in jax.tree_util.tree_leaves(params))
+
+
+__all__ = [
+    "ACTIVATIONS", "MODEL_NAMES", "TASKS", "KerasConvNet", "MLP", "ResNet18", "SmallConvNet",
+    "accuracy", "analysis_loss_fn", "batch_metrics", "build_model", "cross_entropy_loss",
+    "init_params", "init_variables", "layer_slices", "param_count", "train_loss_fn",
+]

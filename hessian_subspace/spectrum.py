@@ -68,7 +68,7 @@ def gaussian_smoothing(nodes: jax.Array, weights: jax.Array, grid: jax.Array, si
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "num_steps", "probe", "probe_batch",
                                              "dtype"))
-def _slq(matvec, like, key, grid, sigma, *, num_probes, num_steps, probe, probe_batch, dtype):
+def _slq(matvec, like, key, *, num_probes, num_steps, probe, probe_batch, dtype):
     like_flat, unravel = flatten_util.ravel_pytree(like)
     mv, _ = _tree.flat_matvec(matvec, like, dtype)
     eps = krylov._breakdown_eps(like_flat, dtype)
@@ -84,9 +84,30 @@ def _slq(matvec, like, key, grid, sigma, *, num_probes, num_steps, probe, probe_
     keys = jax.random.split(key, num_probes)
     nodes, weights, nonfinite = jax.lax.map(one, keys, batch_size=probe_batch)
     nan = jnp.asarray(jnp.nan, dtype)
-    nodes = jnp.where(jnp.any(nonfinite), nan, nodes)
-    density = gaussian_smoothing(nodes, weights, grid.astype(dtype), sigma)
-    return SpectralDensity(grid=grid.astype(dtype), density=density, nodes=nodes, weights=weights)
+    return jnp.where(jnp.any(nonfinite), nan, nodes), weights
+
+
+def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_probes: int,
+                   num_steps: int, like: PyTree = None, probe: str = "gaussian",
+                   probe_batch: int | None = None, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """SLQ nodes and weights, ``(num_probes, num_steps)`` each, without smoothing.
+
+    Arguments as in :func:`spectral_density`. Padding after a breakdown has weight 0; a
+    non-finite matvec makes every node NaN.
+    """
+    matvec = krylov._as_operator(matvec)
+    like = _template(matvec, like)
+    dim = _tree.tree_size(like)
+    num_probes = krylov._check_int("num_probes", num_probes, 1)
+    num_steps = krylov._check_int("num_steps", num_steps, 1, dim)
+    if probe not in ("gaussian", "rademacher"):
+        raise ValueError(f"`probe` must be 'gaussian' or 'rademacher', got {probe!r}.")
+    if probe_batch is not None:
+        probe_batch = krylov._check_int("probe_batch", probe_batch, 1)
+    dtype = krylov._resolve_dtype(dtype, like)
+    with krylov._x64_scope(dtype):
+        return _slq(matvec, like, key, num_probes=num_probes, num_steps=num_steps, probe=probe,
+                    probe_batch=probe_batch, dtype=jnp.dtype(dtype))
 
 
 def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_probes: int,
@@ -123,25 +144,17 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
       >>> float(jnp.sum(jnp.where(sd.nodes > 2, sd.weights, 0.0)) / 8) > 0.2
       True
     """
-    matvec = krylov._as_operator(matvec)
-    like = _template(matvec, like)
-    dim = _tree.tree_size(like)
-    num_probes = krylov._check_int("num_probes", num_probes, 1)
-    num_steps = krylov._check_int("num_steps", num_steps, 1, dim)
-    if probe not in ("gaussian", "rademacher"):
-        raise ValueError(f"`probe` must be 'gaussian' or 'rademacher', got {probe!r}.")
-    if probe_batch is not None:
-        probe_batch = krylov._check_int("probe_batch", probe_batch, 1)
-    grid = jnp.asarray(grid)
+    grid = np.asarray(grid)
     if grid.ndim != 1 or grid.size < 1:
         raise ValueError(f"`grid` must be a non-empty 1-D array, got shape {grid.shape}.")
     if not float(sigma) > 0:
         raise ValueError(f"`sigma` must be > 0, got {sigma}.")
-    dtype = krylov._resolve_dtype(dtype, like)
-    with krylov._x64_scope(dtype):
-        return _slq(matvec, like, key, grid, jnp.asarray(sigma, dtype), num_probes=num_probes,
-                    num_steps=num_steps, probe=probe, probe_batch=probe_batch,
-                    dtype=jnp.dtype(dtype))
+    nodes, weights = slq_quadrature(matvec, key, num_probes=num_probes, num_steps=num_steps,
+                                    like=like, probe=probe, probe_batch=probe_batch, dtype=dtype)
+    with krylov._x64_scope(nodes.dtype):
+        grid = jnp.asarray(grid, nodes.dtype)
+        density = jax.jit(gaussian_smoothing)(nodes, weights, grid, jnp.asarray(sigma, nodes.dtype))
+    return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights)
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "probe_batch"))
