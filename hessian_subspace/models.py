@@ -75,11 +75,13 @@ class MLP(nn.Module):
       hidden: widths of the hidden layers.
       num_outputs: number of logits (or regression outputs).
       activation: one of ``ACTIVATIONS`` ("relu", "softplus", "tanh").
+      use_bias: whether every Dense layer has a bias (the toy model of §3 has none).
     """
 
     hidden: Sequence[int] = (100, 100)
     num_outputs: int = 10
     activation: str = "relu"
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -88,8 +90,9 @@ class MLP(nn.Module):
         act = ACTIVATIONS[self.activation]
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
-            x = act(nn.Dense(width, name=f"dense_{i}")(x))
-        return nn.Dense(self.num_outputs, name=f"dense_{len(self.hidden)}")(x)
+            x = act(nn.Dense(width, use_bias=self.use_bias, name=f"dense_{i}")(x))
+        return nn.Dense(self.num_outputs, use_bias=self.use_bias,
+                        name=f"dense_{len(self.hidden)}")(x)
 
 
 class SmallConvNet(nn.Module):
@@ -236,8 +239,8 @@ def _fc(num_outputs: int, hidden: Sequence[int] = (100, 100), activation: str = 
     return MLP(hidden=hidden, num_outputs=num_outputs, activation=activation)
 
 
-def _softmax(num_outputs: int) -> MLP:
-    return MLP(hidden=(), num_outputs=num_outputs)
+def _softmax(num_outputs: int, use_bias: bool = True) -> MLP:
+    return MLP(hidden=(), num_outputs=num_outputs, use_bias=bool(use_bias))
 
 
 def _convnet(num_outputs: int, dropout: bool = False, batch_norm: bool = False,
@@ -270,7 +273,7 @@ def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
     """Builds a model of the paper by name.
 
     Args:
-      name: one of ``MODEL_NAMES``: "softmax" (no kwargs), "fc" (``hidden=(100, 100)``,
+      name: one of ``MODEL_NAMES``: "softmax" (``use_bias=True``), "fc" (``hidden=(100, 100)``,
         ``activation="relu"``), "convnet" (``dropout``, ``batch_norm``, ``extra_dense``, all
         False by default), "resnet18" (no kwargs), "fc_regression" (like "fc"; the sine task
         uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``).

@@ -1,0 +1,124 @@
+r"""Benchmark of the metric pipeline; prints one JSON object.
+
+  python benchmarks/pipeline.py                       # FC 784-100-100-10 on Fashion-MNIST
+  python benchmarks/pipeline.py --num_analysis=60000  # the whole training set as analysis set
+
+Trains the FC net with SGD (η = 0.1, batch 64) for --train_steps steps with checkpoints, then
+runs the default transform set over every checkpoint twice: with the Lanczos start vector taken
+from the previous checkpoint's top subspace (warm) and from a random vector (cold). Reports,
+per checkpoint, the time spent, the HVPs used and the overhead of everything but the HVPs
+(time − HVPs × HVP time, with the HVP time measured in the same run), and warm-vs-cold HVPs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+import hessian_subspace as hs
+from hessian_subspace import experiment, models, pipeline
+
+FLAGS = flags.FLAGS
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+flags.DEFINE_string("fashion_mnist", os.path.join(os.path.dirname(_REPO), "shared", "data",
+                                                   "fashion-mnist"), "IDX directory.")
+flags.DEFINE_integer("train_steps", 300, "SGD steps of the benchmarked run.")
+flags.DEFINE_string("schedule", "1:10,10:100,50", "Checkpoint schedule.")
+flags.DEFINE_integer("num_analysis", 10000, "Analysis-set size (fixed subset of the 60k).")
+flags.DEFINE_integer("batch_size", 10000, "Examples per HVP batch.")
+flags.DEFINE_float("tol", 1e-3, "Relative residual of the eigenpairs.")
+flags.DEFINE_string("workdir", None, "Where to put the run and results (default: a temp dir).")
+flags.DEFINE_string("json_out", None, "Also write the JSON here.")
+
+
+def _hvp_seconds(pipe, params, model_state, repeats=5):
+    loss = models.analysis_loss_fn(pipe.model, model_state, pipe.task)
+    op = hs.dataset_hvp(loss, params, pipe.analysis, batch_size=pipe.settings.batch_size)
+    v = hs.random_start_vector(jax.random.key(0), params)
+    jax.block_until_ready(op(v))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(op(v))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _analyse(workdir, results, warm):
+    config_json, num_outputs = experiment.read_run_config(workdir)
+    config = experiment.ConfigDict(config_json)
+    config.data.num_analysis = FLAGS.num_analysis
+    data = experiment.load_data(config)
+    model = experiment.build_model(config, num_outputs)
+    settings = pipeline.Settings(batch_size=FLAGS.batch_size, tol=FLAGS.tol, warm_start=warm)
+    pipe = pipeline.Pipeline(model, config.task, data["analysis"], results, settings=settings,
+                             num_outputs=num_outputs, config=config_json)
+    records = pipe.run(os.path.join(workdir, "checkpoints"), progress=False)
+    return pipe, records
+
+
+def main(argv):
+    del argv
+    root = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_pipeline_")
+    workdir = os.path.join(root, "run")
+    config = experiment.default_config()
+    config.data.name = f"idx:{FLAGS.fashion_mnist}"
+    config.num_steps = FLAGS.train_steps
+    config.checkpoint_schedule = FLAGS.schedule
+    config.data.num_test = 2000
+    start = time.perf_counter()
+    state = experiment.train_from_config(config, workdir, progress=False)
+    train_seconds = time.perf_counter() - start
+
+    warm_pipe, warm = _analyse(workdir, os.path.join(root, "warm"), True)
+    _, cold = _analyse(workdir, os.path.join(root, "cold"), False)
+    t_hvp = _hvp_seconds(warm_pipe, state.params, state.model_state)
+
+    rows = []
+    for w, c in zip(warm, cold, strict=True):
+        rows.append(dict(
+            step=w["step"], seconds=w["seconds"], hvps=w["hvps"],
+            overhead_seconds=round(w["seconds"] - w["hvps"] * t_hvp, 3),
+            lanczos_hvps_warm=w["lanczos_hvps"], lanczos_hvps_cold=c["lanczos_hvps"],
+            converged_warm=w["all_converged"], converged_cold=c["all_converged"],
+            f_top=round(w["f_top"], 4)))
+    steady = rows[1:]  # the first checkpoint includes compilation
+    out = dict(
+        machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                     backend=jax.default_backend()),
+        versions=dict(python=sys.version.split()[0], jax=jax.__version__,
+                      numpy=np.__version__),
+        setup=dict(model="FC 784-100-100-10", data="Fashion-MNIST (IDX)",
+                   analysis_examples=FLAGS.num_analysis, hvp_batch=FLAGS.batch_size,
+                   transforms=list(pipeline.DEFAULT_TRANSFORMS), k=10, eigenpairs=20,
+                   tol=FLAGS.tol, train_steps=FLAGS.train_steps, schedule=FLAGS.schedule,
+                   precision="float32, default matmul precision"),
+        train_seconds=round(train_seconds, 2),
+        hvp_seconds=t_hvp,
+        first_checkpoint_seconds=rows[0]["seconds"],
+        mean_seconds_per_checkpoint=statistics.mean(r["seconds"] for r in steady),
+        mean_hvps_per_checkpoint=statistics.mean(r["hvps"] for r in steady),
+        mean_overhead_fraction=statistics.mean(
+            r["overhead_seconds"] / r["seconds"] for r in steady),
+        mean_lanczos_hvps_warm=statistics.mean(r["lanczos_hvps_warm"] for r in steady),
+        mean_lanczos_hvps_cold=statistics.mean(r["lanczos_hvps_cold"] for r in steady),
+        checkpoints=rows,
+    )
+    text = json.dumps(out, indent=1)
+    print(text)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,167 @@
+"""Experiment configs -> library calls: the one place (with the pipeline) that reads a ConfigDict.
+
+A run's config (see ``launch/configs/``) names the data set, label transform, model, optimizer,
+batch size, steps, seed and checkpoint schedule; this module unpacks it into explicit keyword
+arguments for :mod:`data`, :mod:`models` and :mod:`train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from hessian_subspace import data as data_lib
+from hessian_subspace import models
+from hessian_subspace import train as train_lib
+
+ConfigDict = ml_collections.ConfigDict
+
+# Config fields that do not change the trajectory: a run may be resumed with other values.
+_NOT_IDENTITY = ("num_steps", "log_every", "eval_batch_size", "checkpoint_schedule")
+
+
+def default_config() -> ConfigDict:
+    """The paper's default run: FC 784-100-100-10, ReLU, SGD η = 0.1, batch 64, on MNIST."""
+    c = ConfigDict()
+    c.seed = 0
+    c.task = "classification"
+    c.data = ConfigDict(dict(
+        name="mnist",  # tfds name, "idx:DIR", "gaussian_mixture" or "sine"
+        data_dir=None,  # pre-downloaded tfds data
+        kwargs=ConfigDict(),  # e.g. num_classes, dim, num_examples, sigma for gaussian_mixture
+        label_transform=None,  # None, "shuffle" (random labels) or "even_odd"
+        classes=None,  # keep only these classes (relabelled 0..)
+        num_train=None,  # a fixed random subset of the training set
+        num_test=None,  # test-set examples used for the evaluation at checkpoints
+        num_analysis=None,  # examples of the fixed analysis set (None: whole training set)
+    ))
+    c.model = ConfigDict(dict(name="fc", kwargs=ConfigDict(dict(hidden=(100, 100),
+                                                                 activation="relu"))))
+    c.optimizer = ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.9))
+    c.batch_size = 64
+    c.num_steps = 1000
+    c.checkpoint_schedule = "1:100,10:1000,100"
+    c.eval_batch_size = 1000
+    c.log_every = 50
+    return c
+
+
+def config_to_json(config: ConfigDict | dict) -> dict:
+    """A JSON-able plain dict of the config (stored in checkpoints and results)."""
+    if isinstance(config, ConfigDict):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=lambda o: list(o) if isinstance(o, tuple)
+                                 else str(o)))
+
+
+def load_data(config: ConfigDict) -> dict[str, Any]:
+    """Train, test and analysis sets of a config, with its transforms applied.
+
+    Returns:
+      ``{"train", "test", "analysis", "num_outputs", "task"}``; the sets are numpy dicts.
+    """
+    d = config.data
+    kwargs = dict(d.kwargs) if d.kwargs else {}
+    train = data_lib.load_dataset(d.name, "train", data_dir=d.data_dir, **kwargs)
+    test = data_lib.load_dataset(d.name, "test", data_dir=d.data_dir, **kwargs)
+    transforms = dict(label_transform=d.label_transform,
+                      classes=list(d.classes) if d.classes else None, seed=config.seed)
+    train = data_lib.apply_transforms(train, num_examples=d.num_train, **transforms)
+    # Random labels stay random in the test set too; the test subset is for evaluation only.
+    test = data_lib.apply_transforms(test, num_examples=d.num_test, **transforms)
+    analysis = data_lib.analysis_set(train, num_examples=d.num_analysis, seed=config.seed)
+    if config.task == "regression":
+        num_outputs = int(np.shape(train["y"])[-1])
+    else:
+        num_outputs = int(max(np.max(train["y"]), np.max(test["y"]))) + 1
+    return dict(train=train, test=test, analysis=analysis, num_outputs=num_outputs,
+                task=config.task)
+
+
+def build_model(config: ConfigDict, num_outputs: int):
+    """The flax model a config names."""
+    kwargs = dict(config.model.kwargs) if config.model.kwargs else {}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return models.build_model(config.model.name, num_outputs=num_outputs, **kwargs)
+
+
+def build_optimizer(config: ConfigDict):
+    o = config.optimizer
+    extra = {k: o[k] for k in ("momentum", "b1", "b2", "eps") if k in o}
+    if o.name != "momentum":
+        extra.pop("momentum", None)
+    return train_lib.make_optimizer(o.name, o.learning_rate, **extra)
+
+
+def train_from_config(config: ConfigDict, workdir: str, *,
+                      callbacks: Sequence[Callable] = (), progress: bool = True):
+    """Loads the data, builds model and optimizer, and trains with checkpoints in ``workdir``.
+
+    Resumes automatically from the last finalised checkpoint of the same config.
+    """
+    data = load_data(config)
+    model = build_model(config, data["num_outputs"])
+    identity = {k: v for k, v in config_to_json(config).items() if k not in _NOT_IDENTITY}
+    meta = dict(config=config_to_json(config), identity=identity,
+                num_outputs=data["num_outputs"])
+    return train_lib.train(
+        model=model, task=data["task"], train_set=data["train"], test_set=data["test"],
+        optimizer=build_optimizer(config), batch_size=config.batch_size,
+        num_steps=config.num_steps, seed=config.seed, workdir=workdir,
+        schedule=train_lib.CheckpointSchedule(config.checkpoint_schedule), meta=meta,
+        eval_batch_size=config.eval_batch_size, log_every=config.log_every,
+        callbacks=callbacks, progress=progress)
+
+
+def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: float = 1.0
+                    ) -> tuple[dict, int]:
+    """The config and number of outputs of a training run, from its first finalised checkpoint.
+
+    With ``wait_seconds`` > 0, waits that long for a first checkpoint (a run just started).
+    """
+    from hessian_subspace import checkpoint as ckpt_lib
+
+    ckpt_dir = os.path.join(workdir, train_lib.CHECKPOINT_DIR)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        steps = ckpt_lib.list_steps(ckpt_dir)
+        if steps:
+            _, _, meta = ckpt_lib.restore_model(ckpt_dir, steps[0])
+            if "config" not in meta:
+                raise ValueError(f"checkpoints in {ckpt_dir} carry no run config")
+            return meta["config"], int(meta["num_outputs"])
+        if time.monotonic() >= deadline:
+            raise FileNotFoundError(f"no finalised checkpoint in {ckpt_dir}")
+        time.sleep(poll_seconds)
+
+
+def analyze_run(workdir: str, results_dir: str, *, settings=None, steps=None,
+                watch: bool = False, poll_seconds: float = 2.0, timeout_seconds: float = 600.0,
+                num_analysis: int | None = None, test_metrics: bool = False,
+                progress: bool = True) -> list[dict]:
+    """Streams a run's checkpoints (finished, or live with ``watch``) through the pipeline.
+
+    The model and the analysis set are rebuilt from the config stored in the checkpoints.
+    ``num_analysis`` overrides the size of the analysis set (a fixed random subset).
+    """
+    from hessian_subspace import pipeline
+
+    config_json, num_outputs = read_run_config(workdir, wait_seconds=timeout_seconds if watch
+                                               else 0.0)
+    config = ConfigDict(config_json)
+    if num_analysis is not None:
+        config.data.num_analysis = int(num_analysis)
+    data = load_data(config)
+    model = build_model(config, num_outputs)
+    pipe = pipeline.Pipeline(
+        model, config.task, data["analysis"], results_dir,
+        settings=settings or pipeline.Settings(), test_set=data["test"] if test_metrics else None,
+        num_outputs=num_outputs, config=config_json)
+    return pipe.run(os.path.join(workdir, train_lib.CHECKPOINT_DIR), steps=steps, watch=watch,
+                    poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
+                    progress=progress)

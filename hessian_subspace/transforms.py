@@ -1,0 +1,135 @@
+r"""The paper's per-checkpoint measurements, as pure functions of (params, model state, analysis
+data, earlier results).
+
+Each function here is usable alone from Python; :mod:`hessian_subspace.pipeline` composes them
+over a stream of checkpoints. Every jitted function takes the parameters, the data and the
+loss (a ``jax.tree_util.Partial`` whose bound arrays are the frozen model state) as *inputs*, so
+analysing many checkpoints of one run compiles each program once.
+
+Notation (Gur-Ari et al. 2018): g = ∇L and H = ∇²L of the mean loss over the analysis set;
+V_top = top-k eigenvectors (k = number of classes), V_next = eigenvectors k+1 … 2k.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import flatten_util
+
+from hessian_subspace import curvature, krylov, metrics, models
+
+PyTree = Any
+Partial = jax.tree_util.Partial
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis loss and metrics of a model: Partials whose bound argument is the model state.
+
+
+def analysis_loss(model, task: str, model_state: PyTree) -> Partial:
+    """:func:`models.analysis_loss_fn`: the mean loss in inference mode, model state bound."""
+    return models.analysis_loss_fn(model, model_state, task)
+
+
+def analysis_metrics(model, task: str, model_state: PyTree) -> Partial:
+    """:func:`models.analysis_metrics_fn`: mean loss (and accuracy) in inference mode."""
+    return models.analysis_metrics_fn(model, model_state, task)
+
+
+# --------------------------------------------------------------------------------------------
+# Full-data quantities.
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def data_metrics(metrics_fn: Partial, params: PyTree, data: dict, *, batch_size: int) -> dict:
+    """Mean loss (and accuracy) over a whole data set, in inference mode."""
+    return curvature.dataset_mean(lambda b: metrics_fn(params, b), data, batch_size=batch_size)
+
+
+class Gradient(NamedTuple):
+    loss: jax.Array  # (); mean loss over the analysis set.
+    grad: PyTree  # g, like params.
+    norm: jax.Array  # (); ||g||.
+
+
+def gradient(loss_fn: Partial, params: PyTree, data: dict, *, batch_size: int) -> Gradient:
+    """Full-data loss and gradient g (the paper measures g on the entire training set)."""
+    loss, grad = curvature.dataset_value_and_grad(loss_fn, params, data, batch_size=batch_size)
+    return Gradient(loss=loss, grad=grad, norm=jnp.linalg.norm(flatten_util.ravel_pytree(grad)[0]))
+
+
+@jax.jit
+def minibatch_gradients(loss_fn: Partial, params: PyTree, batches: dict) -> jax.Array:
+    """Flat gradients ``(m, p)`` of ``m`` fixed mini-batches stacked along a leading axis."""
+    def one(batch):
+        return flatten_util.ravel_pytree(jax.grad(loss_fn)(params, batch))[0]
+
+    return jax.lax.map(one, batches)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantities of the top subspace.
+
+
+def warm_start_vector(key: jax.Array, previous_basis: jax.Array | None, like: PyTree,
+                      noise: float = 0.1) -> PyTree:
+    """A Lanczos start vector: a random combination of the previous checkpoint's top
+    eigenvectors plus a little noise (or a random vector when there is none)."""
+    cold = krylov.random_start_vector(key, like)
+    if previous_basis is None:
+        return cold
+    flat, unravel = flatten_util.ravel_pytree(like)
+    basis = jnp.asarray(previous_basis, flat.dtype)
+    coeffs = jax.random.normal(jax.random.fold_in(key, 1), (basis.shape[0],), flat.dtype)
+    warm = coeffs @ basis
+    cold_flat = flatten_util.ravel_pytree(cold)[0]
+    warm = warm / jnp.linalg.norm(warm) + noise * cold_flat / jnp.linalg.norm(cold_flat)
+    return unravel(warm)
+
+
+@jax.jit
+def subspace_fractions(g: jax.Array, eigenvectors: jax.Array, k: int | jax.Array) -> dict:
+    """f_top over V[:k], f_next over V[k:2k] and all c_i² (eq. 2, 12) for a flat gradient."""
+    c2 = metrics.eigenvector_overlaps(g, eigenvectors)
+    idx = jnp.arange(eigenvectors.shape[0])
+    return dict(f_top=jnp.sum(jnp.where(idx < k, c2, 0.0)),
+                f_next=jnp.sum(jnp.where(idx >= k, c2, 0.0)), c2=c2)
+
+
+def minibatch_f_top(minibatch_grads: jax.Array, eigenvectors: jax.Array, k: int) -> np.ndarray:
+    """f_top of each mini-batch gradient (rows of ``minibatch_grads``) in V[:k]."""
+    return np.asarray(jax.vmap(lambda g: metrics.gradient_fraction(g, eigenvectors[:k]))(
+        minibatch_grads))
+
+
+def layer_mass(vector: np.ndarray, slices: Sequence[tuple[str, int, int]]) -> dict[str, float]:
+    """Squared norm of a unit vector per parameter leaf (paper Fig. 6-7: the top eigenvector's
+    components by layer)."""
+    vector = np.asarray(vector, np.float64)
+    return {name: float(np.sum(vector[a:b] ** 2)) for name, a, b in slices}
+
+
+def subspace_overlaps(basis: np.ndarray, reference: np.ndarray, k: int,
+                      dims: Sequence[int]) -> dict:
+    """eq. 5 between the top-d subspaces of two checkpoints for each d in ``dims``, and between
+    their "next k" subspaces (eigenvectors k+1 … 2k)."""
+    basis, reference = np.asarray(basis, np.float64), np.asarray(reference, np.float64)
+    out = {f"top{d}": float(metrics.subspace_overlap(basis[:d], reference[:d]))
+           for d in dims if d <= min(basis.shape[0], reference.shape[0])}
+    if basis.shape[0] >= 2 * k and reference.shape[0] >= 2 * k:
+        out["next"] = float(metrics.subspace_overlap(basis[k:2 * k], reference[k:2 * k]))
+    return out
+
+
+def dense_spectrum(hessian: curvature.HessianOperator) -> np.ndarray:
+    """All eigenvalues of the full-data Hessian: p HVPs (``lax.map``) then a float64 ``eigh``.
+
+    Small models only (p² memory, p³ time); the paper's Fig. 4 uses a 32-32 FC net.
+    Returns ascending eigenvalues, float64.
+    """
+    h = np.asarray(jax.jit(curvature.dense_matrix)(hessian, hessian.params), np.float64)
+    return np.linalg.eigvalsh(0.5 * (h + h.T))

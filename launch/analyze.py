@@ -1,0 +1,66 @@
+r"""Stream a training run's checkpoints through the metric pipeline into result files.
+
+  python -m launch.analyze --workdir=runs/fc --results=runs/fc/analysis
+  python -m launch.analyze --workdir=runs/fc --watch          # follow a live run
+  python -m launch.analyze --workdir=runs/fc --steps=0,10,100 \
+      --transforms=loss,gradient,eigenpairs,f_top
+
+Restarting with the same arguments skips every checkpoint that already has a record. The
+checkpoint directory is only read. One line per checkpoint: time spent, HVPs used, metrics.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from hessian_subspace import experiment, pipeline
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
+flags.DEFINE_string("results", None, "Results directory (default: WORKDIR/analysis).")
+flags.DEFINE_bool("watch", False, "Follow a live run until its last step is analysed.")
+flags.DEFINE_list("steps", None, "Only these checkpoint steps.")
+flags.DEFINE_list("transforms", list(pipeline.DEFAULT_TRANSFORMS),
+                  f"Metric transforms, from {pipeline.TRANSFORMS}.")
+flags.DEFINE_integer("k", None, "Top-k size (default: number of classes).")
+flags.DEFINE_integer("lanczos_steps", None, "Krylov cap for the 2k eigenpairs.")
+flags.DEFINE_float("tol", 1e-3, "Relative residual tolerance of the eigenpairs.")
+flags.DEFINE_integer("block_size", 1, "Lanczos block size (>1 resolves repeated eigenvalues).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Analysis dtype.")
+flags.DEFINE_string("precision", None, "HVP matmul precision (default, high, highest).")
+flags.DEFINE_integer("batch_size", 1000, "Examples per HVP batch.")
+flags.DEFINE_integer("num_analysis", None, "Use a fixed random subset of the training set.")
+flags.DEFINE_list("reference_steps", ["0", "10", "50", "100", "200", "500", "1000"],
+                  "Steps t1 whose top subspaces each checkpoint is compared with.")
+flags.DEFINE_bool("warm_start", True, "Start Lanczos from the previous checkpoint's subspace.")
+flags.DEFINE_list("slq_steps", [], "Steps at which to estimate the spectral density (SLQ).")
+flags.DEFINE_list("dense_steps", [], "Steps at which to compute the full spectrum.")
+flags.DEFINE_bool("test_metrics", False, "Also measure test loss and accuracy.")
+flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
+flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    ints = lambda xs: tuple(int(x) for x in xs or ())  # noqa: E731
+    settings = pipeline.Settings(
+        transforms=tuple(FLAGS.transforms), k=FLAGS.k, lanczos_steps=FLAGS.lanczos_steps,
+        tol=FLAGS.tol, block_size=FLAGS.block_size, dtype=FLAGS.dtype,
+        precision=FLAGS.precision, batch_size=FLAGS.batch_size,
+        reference_steps=ints(FLAGS.reference_steps), warm_start=FLAGS.warm_start,
+        slq_steps=ints(FLAGS.slq_steps), dense_steps=ints(FLAGS.dense_steps))
+    results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
+    records = experiment.analyze_run(
+        FLAGS.workdir, results, settings=settings,
+        steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
+        poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
+        num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics)
+    failed = [r["step"] for r in records if r.get("status") == "failed"]
+    logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
+                 len(failed), failed)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
