@@ -23,15 +23,20 @@ PyTree = Any
 MODEL, OPTIMIZER, META = "model", "optimizer", "meta"
 
 
-class _QuietReadOnly(logging.Filter):
-    """Drops orbax's per-open warnings about read-only managers (we open read-only on purpose)."""
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's INFO chatter (several lines per save and restore) and its warnings about
+    read-only managers, which we open read-only on purpose; other orbax warnings stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
         message = record.getMessage()
         return not ("read only" in message or "read_only=True" in message)
 
 
-logging.getLogger("absl").addFilter(_QuietReadOnly())
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 class CheckpointError(RuntimeError):

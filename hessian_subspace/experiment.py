@@ -39,6 +39,7 @@ def default_config() -> ConfigDict:
         num_train=None,  # a fixed random subset of the training set
         num_test=None,  # test-set examples used for the evaluation at checkpoints
         num_analysis=None,  # examples of the fixed analysis set (None: whole training set)
+        input_shape=None,  # reshape inputs to (n, *input_shape), e.g. a mixture as images
     ))
     c.model = ConfigDict(dict(name="fc", kwargs=ConfigDict(dict(hidden=(100, 100),
                                                                  activation="relu"))))
@@ -69,6 +70,9 @@ def load_data(config: ConfigDict) -> dict[str, Any]:
     kwargs = dict(d.kwargs) if d.kwargs else {}
     train = data_lib.load_dataset(d.name, "train", data_dir=d.data_dir, **kwargs)
     test = data_lib.load_dataset(d.name, "test", data_dir=d.data_dir, **kwargs)
+    if d.get("input_shape"):
+        shape = tuple(d.input_shape)
+        train, test = ({**s, "x": np.reshape(s["x"], (-1, *shape))} for s in (train, test))
     transforms = dict(label_transform=d.label_transform,
                       classes=list(d.classes) if d.classes else None, seed=config.seed)
     train = data_lib.apply_transforms(train, num_examples=d.num_train, **transforms)

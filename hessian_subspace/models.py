@@ -126,12 +126,15 @@ class KerasConvNet(nn.Module):
       batch_norm: add BatchNorm (``bn_conv_i``, ``bn_dense_i``) after every conv and every hidden
         dense layer, before the relu. Convs and dense layers keep their biases, as in Keras.
       extra_dense: add ``dense_1``, a second Dense 512 + relu layer, before the output.
+      width: multiplies every channel count and dense width (1.0: the Keras example; smaller
+        values give fast smoke-test versions).
     """
 
     num_outputs: int = 10
     dropout: bool = False
     batch_norm: bool = False
     extra_dense: bool = False
+    width: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -157,7 +160,8 @@ class KerasConvNet(nn.Module):
                 return y
             return nn.Dropout(rate, deterministic=not train, name=f"dropout_{i}")(y)
 
-        for stage, width in enumerate((32, 64)):
+        scale = lambda n: max(1, int(round(n * self.width)))  # noqa: E731
+        for stage, width in enumerate((scale(32), scale(64))):
             for j, padding in enumerate(("SAME", "VALID")):
                 name = f"conv_{2 * stage + j}"
                 x = hidden(nn.Conv(width, (3, 3), padding=padding, name=name), x, name)
@@ -165,7 +169,7 @@ class KerasConvNet(nn.Module):
             x = drop(0.25, x, stage)
         x = jnp.reshape(x, (x.shape[0], -1))
         for i in range(2 if self.extra_dense else 1):
-            x = hidden(nn.Dense(512, name=f"dense_{i}"), x, f"dense_{i}")
+            x = hidden(nn.Dense(scale(512), name=f"dense_{i}"), x, f"dense_{i}")
         x = drop(0.5, x, 2)
         return nn.Dense(self.num_outputs, name="dense_out")(x)
 
@@ -201,9 +205,12 @@ class ResNet18(nn.Module):
 
     Attributes:
       num_outputs: number of logits.
+      width: channels of the stem and first stage (64 in the paper's model; the stages have
+        width, 2 width, 4 width, 8 width). Smaller values give fast smoke-test versions.
     """
 
     num_outputs: int = 10
+    width: int = 64
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -217,9 +224,10 @@ class ResNet18(nn.Module):
         Returns:
           Logits of shape ``(n, num_outputs)``.
         """
-        x = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv_stem")(x)
+        w = self.width
+        x = nn.Conv(w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv_stem")(x)
         x = nn.relu(_batch_norm(train, "bn_stem")(x))
-        for stage, width in enumerate((64, 128, 256, 512), start=1):
+        for stage, width in enumerate((w, 2 * w, 4 * w, 8 * w), start=1):
             for block in range(2):
                 strides = 2 if stage > 1 and block == 0 else 1
                 x = _BasicBlock(width, strides, name=f"stage_{stage}_block_{block}")(x, train)
@@ -244,13 +252,18 @@ def _softmax(num_outputs: int, use_bias: bool = True) -> MLP:
 
 
 def _convnet(num_outputs: int, dropout: bool = False, batch_norm: bool = False,
-             extra_dense: bool = False) -> KerasConvNet:
+             extra_dense: bool = False, width: float = 1.0) -> KerasConvNet:
+    if not width > 0:
+        raise ValueError(f"`width` must be > 0, got {width!r}.")
     return KerasConvNet(num_outputs=num_outputs, dropout=bool(dropout),
-                        batch_norm=bool(batch_norm), extra_dense=bool(extra_dense))
+                        batch_norm=bool(batch_norm), extra_dense=bool(extra_dense),
+                        width=float(width))
 
 
-def _resnet18(num_outputs: int) -> ResNet18:
-    return ResNet18(num_outputs=num_outputs)
+def _resnet18(num_outputs: int, width: int = 64) -> ResNet18:
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"`width` must be a positive int, got {width!r}.")
+    return ResNet18(num_outputs=num_outputs, width=width)
 
 
 def _small_convnet(num_outputs: int, channels: Sequence[int] = (8, 16)) -> SmallConvNet:
@@ -275,7 +288,7 @@ def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
     Args:
       name: one of ``MODEL_NAMES``: "softmax" (``use_bias=True``), "fc" (``hidden=(100, 100)``,
         ``activation="relu"``), "convnet" (``dropout``, ``batch_norm``, ``extra_dense``, all
-        False by default), "resnet18" (no kwargs), "fc_regression" (like "fc"; the sine task
+        False by default; ``width=1.0``), "resnet18" (``width=64``), "fc_regression" (like "fc"; the sine task
         uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``).
       num_outputs: number of classes (or of regression outputs), a positive int.
       **kwargs: the model's options listed above.

@@ -394,8 +394,10 @@ class Pipeline:
             record["overlap_g_hg"] = float(hs.hessian_gradient_overlap(grad, hg))
         if "layers" in todo and eig is not None:
             record["lambda_max"] = float(eig.eigenvalues[0])
+            slices = models.layer_slices(params)
             record["top_eigenvector_layer_mass"] = transforms.layer_mass(
-                np.asarray(eig.eigenvectors[0]), models.layer_slices(params))
+                np.asarray(eig.eigenvectors[0]), slices)
+            record["layer_slices"] = [list(s) for s in slices]
         if "subspace_overlap" in todo and eig is not None:
             record["subspace_overlap"] = self._overlaps(step, basis["eigenvectors"])
         if "slq" in todo and step in s.slq_steps:

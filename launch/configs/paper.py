@@ -1,0 +1,220 @@
+r"""Every experiment of the paper, by name (Gur-Ari, Roberts, Dyer 2018; see NOTES.md).
+
+  python -m launch.reproduce --experiment=fig1_fc_mnist
+  python -m launch.reproduce --experiment=table1 --dataset=idx:../shared/data/fashion-mnist
+  python -m launch.reproduce --experiment=fig2_subspace_overlap --dataset=gaussian_mixture
+  python -m launch.reproduce --experiment=appB_spectrum --smoke        # seconds, CPU
+
+Sizes below are the paper's settings (MNIST/CIFAR through tfds); --smoke shrinks any of them to
+CPU seconds, --dataset swaps the data (offline: idx:DIR or gaussian_mixture), --num_analysis
+measures g and H on a fixed subset instead of the whole training set. The FC-on-MNIST experiments
+(fig1_fc_mnist, fig2, fig3, fig6, fig8, fig11) share one run, trained and analysed once.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from hessian_subspace import reproduce
+
+ConfigDict = ml_collections.ConfigDict
+
+# Transforms needed for the FC-on-MNIST figures (one shared analysis).
+_FULL = ["loss", "gradient", "eigenpairs", "f_top", "overlap_g_hg", "c2", "layers",
+         "subspace_overlap"]
+_FTOP = ["loss", "gradient", "eigenpairs", "f_top"]
+_TABLE = ["loss", "gradient", "overlap_g_hg"]
+
+
+def _fc_mnist(**overrides):
+    base = dict(
+        data=dict(name="mnist"),
+        model=dict(name="fc", kwargs=dict(hidden=(100, 100), activation="relu")),
+        optimizer=dict(name="sgd", learning_rate=0.1), batch_size=64, num_steps=1000,
+        checkpoint_schedule="1:100,10:400,50",
+        analysis=dict(transforms=_FULL, reference_steps=[0, 10, 50, 100, 200, 400]))
+    return reproduce.make_run(**_deep_update(base, overrides))
+
+
+def _convnet_cifar10(**overrides):
+    base = dict(
+        data=dict(name="cifar10"),
+        model=dict(name="convnet", kwargs=dict(dropout=False, batch_norm=False,
+                                                extra_dense=False)),
+        optimizer=dict(name="sgd", learning_rate=0.1), batch_size=64, num_steps=1000,
+        checkpoint_schedule="1:20,10:100,50",
+        analysis=dict(transforms=_FTOP, reference_steps=[0]))
+    return reproduce.make_run(**_deep_update(base, overrides))
+
+
+def _deep_update(base: dict, overrides: dict) -> dict:
+    """Nested update; an empty dict replaces (``kwargs={}``: no options)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _experiment(name, kind, description, runs, **extra) -> ConfigDict:
+    config = ConfigDict()
+    config.name = name
+    config.kind = kind
+    config.description = description
+    config.runs = ConfigDict(runs)
+    config.plot = ConfigDict(extra.pop("plot", {}))
+    config.paper = ConfigDict(extra.pop("paper", {}))
+    config.labels = ConfigDict(extra.pop("labels", {}))
+    return config
+
+
+def _table1_run(make, **overrides):
+    # Mean overlap(g, Hg) over the last 1,000 of 3,000 steps, measured every 100 steps.
+    table = dict(num_steps=3000, checkpoint_schedule="100",
+                 analysis=dict(transforms=_TABLE, min_step=2000))
+    return make(**_deep_update(table, overrides))
+
+
+EXPERIMENTS = {
+    "fig1_fc_mnist": lambda: _experiment(
+        "fig1_fc_mnist", "fig1",
+        "Fig. 1(a,b): f_top, train loss and accuracy, FC 2x100 on MNIST, SGD batch 64, lr 0.1.",
+        {"fc_mnist": _fc_mnist()}),
+    "fig1_convnet_cifar10": lambda: _experiment(
+        "fig1_convnet_cifar10", "fig1",
+        "Fig. 1(c,d): f_top, loss, accuracy of the Keras ConvNet on CIFAR-10.",
+        {"convnet_cifar10": _convnet_cifar10()}),
+    "fig1_resnet18_cifar10": lambda: _experiment(
+        "fig1_resnet18_cifar10", "fig1",
+        "Fig. 1(e,f): f_top, loss, accuracy of ResNet-18 on CIFAR-10.",
+        {"resnet18_cifar10": _convnet_cifar10(model=dict(name="resnet18", kwargs={}))}),
+    "table1": lambda: _experiment(
+        "table1", "table1",
+        "Table 1: mean overlap(g, Hg) over the last 1,000 steps of 3,000.",
+        {
+            "mnist_softmax": _table1_run(_fc_mnist, model=dict(name="softmax", kwargs={})),
+            "mnist_fc_softplus": _table1_run(
+                _fc_mnist, model=dict(kwargs=dict(activation="softplus"))),
+            "mnist_fc_lr0.01": _table1_run(_fc_mnist, optimizer=dict(learning_rate=0.01)),
+            "mnist_fc_batch256": _table1_run(_fc_mnist, batch_size=256),
+            "mnist_fc_random_labels": _table1_run(
+                _fc_mnist, data=dict(label_transform="shuffle")),
+            "cifar10_convnet_random_labels": _table1_run(
+                _convnet_cifar10, data=dict(label_transform="shuffle")),
+            "cifar10_convnet_dropout_bn_dense": _table1_run(
+                _convnet_cifar10, model=dict(kwargs=dict(dropout=True, batch_norm=True,
+                                                         extra_dense=True))),
+            "cifar10_convnet_adam": _table1_run(
+                _convnet_cifar10, optimizer=dict(name="adam", learning_rate=1e-3)),
+            "sine_regression_fc": _table1_run(
+                _fc_mnist, task="regression",
+                data=dict(name="sine", kwargs=dict(num_examples=1000, noise=0.1)),
+                model=dict(name="fc_regression", kwargs=dict(hidden=(100, 100))),
+                batch_size=100),
+        },
+        paper={"mnist_softmax": 0.96, "mnist_fc_softplus": 0.96, "mnist_fc_lr0.01": 0.96,
+               "mnist_fc_batch256": 0.97, "mnist_fc_random_labels": 0.86,
+               "cifar10_convnet_random_labels": 0.86,
+               "cifar10_convnet_dropout_bn_dense": 0.93, "cifar10_convnet_adam": 0.89,
+               "sine_regression_fc": 0.99},
+        labels={"mnist_softmax": "MNIST softmax", "mnist_fc_softplus": "MNIST FC softplus",
+                "mnist_fc_lr0.01": "MNIST FC lr 0.01", "mnist_fc_batch256": "MNIST FC batch 256",
+                "mnist_fc_random_labels": "MNIST FC random labels",
+                "cifar10_convnet_random_labels": "CIFAR10 ConvNet random labels",
+                "cifar10_convnet_dropout_bn_dense": "CIFAR10 ConvNet dropout+BN+dense",
+                "cifar10_convnet_adam": "CIFAR10 ConvNet Adam",
+                "sine_regression_fc": "Regression (sine) FC batch 100"}),
+    "fig2_subspace_overlap": lambda: _experiment(
+        "fig2_subspace_overlap", "fig2",
+        "Fig. 2: overlap of the top-k (and next-k) subspaces at t1 and t2 vs t2 - t1.",
+        {"fc_mnist": _fc_mnist()}, plot=dict(t1=[0, 10, 50, 100, 200, 400])),
+    "fig3_overlap_vs_dim": lambda: _experiment(
+        "fig3_overlap_vs_dim", "fig3",
+        "Fig. 3/9/10: mean subspace overlap vs dimension d = 2..2k for fixed t1.",
+        {"fc_mnist": _fc_mnist()}, plot=dict(t1=[100, 200])),
+    "fig11_eigenvector_overlaps": lambda: _experiment(
+        "fig11_eigenvector_overlaps", "fig11",
+        "Fig. 11: c_i^2 for i = 1..20 at steps 0, 50, 100, 200 (FC 100-100, MNIST).",
+        {"fc_mnist": _fc_mnist()}, plot=dict(steps=[0, 50, 100, 200]),
+        paper={"sum_top_step_0": 0.20, "sum_top_step_50": 0.935, "sum_next": 0.01}),
+    "fig12_variants": lambda: _experiment(
+        "fig12_variants", "fig12",
+        "Fig. 12 / App. D: f_top for lr 0.01, batch 256, no hidden layer, softplus, random "
+        "labels, Adam.",
+        {
+            "baseline": _fc_mnist(analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                  checkpoint_schedule="1:10,10:100,50"),
+            "lr0.01": _fc_mnist(optimizer=dict(learning_rate=0.01),
+                                analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                checkpoint_schedule="1:10,10:100,50"),
+            "batch256": _fc_mnist(batch_size=256,
+                                  analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                  checkpoint_schedule="1:10,10:100,50"),
+            "no_hidden": _fc_mnist(model=dict(name="softmax", kwargs={}),
+                                   analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                   checkpoint_schedule="1:10,10:100,50"),
+            "softplus": _fc_mnist(model=dict(kwargs=dict(activation="softplus")),
+                                  analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                  checkpoint_schedule="1:10,10:100,50"),
+            "random_labels": _fc_mnist(data=dict(label_transform="shuffle"),
+                                       analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                       checkpoint_schedule="1:10,10:100,50"),
+            "adam": _fc_mnist(optimizer=dict(name="adam", learning_rate=1e-3),
+                              analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                              checkpoint_schedule="1:10,10:100,50"),
+        },
+        labels={"baseline": "SGD lr 0.1, batch 64", "lr0.01": "lr 0.01",
+                "batch256": "batch 256", "no_hidden": "no hidden layer",
+                "softplus": "softplus", "random_labels": "random labels",
+                "adam": "Adam lr 1e-3"}),
+    "fig8_lambda_max": lambda: _experiment(
+        "fig8_lambda_max", "fig8", "Fig. 8: the largest Hessian eigenvalue during training.",
+        {"fc_mnist": _fc_mnist()}),
+    "fig6_eigenvector_anatomy": lambda: _experiment(
+        "fig6_eigenvector_anatomy", "fig6",
+        "Fig. 6-7: components of the top eigenvector by layer at steps 0, 100, 200, 400.",
+        {"fc_mnist": _fc_mnist()}, plot=dict(steps=[0, 100, 200, 400])),
+    "appB_spectrum": lambda: _experiment(
+        "appB_spectrum", "spectrum",
+        "App. B: full spectrum of FC 32-32 on MNIST after 40 epochs (Fig. 4) and the SLQ "
+        "density of FC 256-256 on CIFAR-100 (Fig. 5).",
+        {
+            "fc32_mnist": _fc_mnist(
+                model=dict(kwargs=dict(hidden=(32, 32))), num_steps=37500,
+                checkpoint_schedule="37500",
+                analysis=dict(transforms=["loss", "gradient", "eigenpairs", "dense_spectrum"],
+                              dense_steps=[37500], steps=[37500], reference_steps=[])),
+            "fc256_cifar100": _fc_mnist(
+                data=dict(name="cifar100"), model=dict(kwargs=dict(hidden=(256, 256))),
+                num_steps=5000, checkpoint_schedule="5000",
+                analysis=dict(transforms=["loss", "gradient", "eigenpairs", "slq"],
+                              slq_steps=[5000], slq_probes=20, slq_lanczos_steps=120,
+                              steps=[5000], reference_steps=[])),
+        },
+        paper={"fc32_mnist_outliers": 10, "fc256_cifar100_outliers": 100}),
+    "appB_even_odd": lambda: _experiment(
+        "appB_even_odd", "labels",
+        "App. B: MNIST relabelled even/odd (2 classes) has 2 large eigenvalues.",
+        {"fc_mnist_even_odd": _fc_mnist(
+            data=dict(label_transform="even_odd"), num_steps=2000,
+            checkpoint_schedule="1:10,10:100,250",
+            analysis=dict(transforms=_FTOP, k=10, reference_steps=[0]))},
+        paper={"outliers": 2}),
+    "appB_random_labels": lambda: _experiment(
+        "appB_random_labels", "labels",
+        "App. B: with randomly permuted labels there are still k = 10 large eigenvalues.",
+        {"fc_mnist_random_labels": _fc_mnist(
+            data=dict(label_transform="shuffle"), num_steps=2000,
+            checkpoint_schedule="1:10,10:100,250",
+            analysis=dict(transforms=_FTOP, k=10, reference_steps=[0]))},
+        paper={"outliers": 10}),
+}
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    """The experiment named ``arg`` (see ``EXPERIMENTS``)."""
+    if arg not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {arg!r}; choose from {sorted(EXPERIMENTS)}")
+    return EXPERIMENTS[arg]()

@@ -1,0 +1,46 @@
+r"""Reproduce an experiment of the paper: train, analyse, plot, summarise. One command each.
+
+  python -m launch.reproduce --experiment=fig1_fc_mnist                 # MNIST via tfds
+  python -m launch.reproduce --experiment=table1 --dataset=idx:../shared/data/fashion-mnist
+  python -m launch.reproduce --experiment=fig2_subspace_overlap --dataset=gaussian_mixture
+  python -m launch.reproduce --experiment=all --smoke --dataset=gaussian_mixture
+
+Experiments: see launch/configs/paper.py. Results: ROOT/EXPERIMENT/{*.png,*.pdf,summary.json,
+summary.md}; runs (checkpoints, analyses) under ROOT/runs/, shared between experiments and
+resumed when a command is started again.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from hessian_subspace import pipeline, reproduce
+from launch.configs import paper
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("experiment", None, f"Experiments (or 'all'): {sorted(paper.EXPERIMENTS)}.")
+flags.DEFINE_string("dataset", None, "Data set override: idx:DIR, gaussian_mixture, or a tfds "
+                    "name.")
+flags.DEFINE_bool("smoke", False, "Tiny sizes: every experiment in well under a minute on CPU.")
+flags.DEFINE_integer("num_analysis", None, "Measure g and H on a fixed subset of this size.")
+flags.DEFINE_string("root", "results", "Output root directory.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.INFO)
+    names = sorted(paper.EXPERIMENTS) if FLAGS.experiment == ["all"] else FLAGS.experiment
+    for name in names:
+        summary = reproduce.run_experiment(
+            paper.get_config(name), FLAGS.root, dataset=FLAGS.dataset, smoke_size=FLAGS.smoke,
+            num_analysis=FLAGS.num_analysis, progress=FLAGS.progress)
+        text = reproduce.summary_markdown(summary)
+        path = os.path.join(FLAGS.root, name, "summary.md")
+        pipeline._atomic_write(path, lambda f, t=text: f.write(t.encode()))
+        print(text)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["experiment"])
+    app.run(main)
