@@ -107,6 +107,10 @@ def smoke(run: ConfigDict) -> ConfigDict:
     run = copy.deepcopy(run)
     if run.data.name == "gaussian_mixture":
         run.data.kwargs.num_examples = 512
+        shape = run.data.get("input_shape")
+        small = None if not shape else (12, 12, tuple(shape)[-1])  # convnet needs >= 10
+        run.data.kwargs.dim = int(np.prod(small)) if small else 64
+        run.data.input_shape = small
     elif run.data.name != "sine":
         run.data.num_train = 512
     else:
@@ -119,10 +123,14 @@ def smoke(run: ConfigDict) -> ConfigDict:
     if run.model.name == "convnet":
         run.model.kwargs.width = 0.125
     elif run.model.name == "resnet18":
-        run.model.kwargs = ConfigDict(dict(width=4))
+        run.model.kwargs = ConfigDict(dict(width=2))
+    elif run.model.name == "fc" and run.analysis.dense_steps:
+        run.model.kwargs.hidden = (4, 4)  # a dense spectrum in seconds
     elif run.model.name == "fc" and max(run.model.kwargs.get("hidden", (0,)) or (0,)) > 64:
         run.model.kwargs.hidden = tuple(32 for _ in run.model.kwargs.hidden)
     a = run.analysis
+    a.k = min(a.k or 10, 10)  # CIFAR-100 runs: 10, not 100, eigenpairs at smoke size
+    a.lanczos_steps = 60
     run.data.num_analysis = 256
     a.batch_size = 256
     a.tol = 1e-2
@@ -131,6 +139,14 @@ def smoke(run: ConfigDict) -> ConfigDict:
     a.slq_probes, a.slq_lanczos_steps = 2, 10
     a.steps = [0, 5, 10, 30]
     a.min_step = None if a.min_step is None else 10
+    if run.model.name in ("convnet", "resnet18"):
+        # XLA:CPU runs convolution gradients inside loops ~10-30x slower than outside
+        # (jax-ml/jax#12868), and every HVP here is inside a loop: keep the solve tiny.
+        run.data.num_analysis = 64
+        a.batch_size = 64
+        a.k, a.lanczos_steps = 2, 16
+        a.num_minibatches = 1
+        a.steps = [0, 30]
     a.slq_steps = [30] if a.slq_steps else []
     a.dense_steps = [30] if a.dense_steps else []
     return run
@@ -176,7 +192,7 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
 
 def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
                    smoke_size: bool = False, num_analysis: int | None = None,
-                   progress: bool = True) -> dict:
+                   only_runs=None, progress: bool = True) -> dict:
     """Runs every run of an experiment, then makes its figures and summary.
 
     Args:
@@ -185,6 +201,7 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
       dataset: optional data set override for every run (see :func:`override_dataset`).
       smoke_size: shrink every run (see :func:`smoke`).
       num_analysis: override the analysis-set size of every run.
+      only_runs: run only these of the experiment's runs (the others are reported as not run).
 
     Returns:
       The summary dict (also written to ``summary.json``).
@@ -193,7 +210,13 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
     out_dir = os.path.join(root, config.name)
     os.makedirs(out_dir, exist_ok=True)
     results = {}
+    unknown = set(only_runs or ()) - set(config.runs)
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)} for {config.name}: "
+                         f"{sorted(config.runs)}")
     for name, run in config.runs.items():
+        if only_runs and name not in only_runs:
+            continue
         if dataset:
             run = override_dataset(run, dataset)
         if num_analysis is not None:
@@ -213,6 +236,7 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
                          checkpoints_analysed=len(r["records"]),
                          failed=[x["step"] for x in r["records"] if x.get("status") != "ok"])
               for name, r in results.items()},
+        not_run=[n for n in config.runs if n not in results],
         figures=figures, numbers=numbers, paper=config.get("paper", {}).to_dict()
         if isinstance(config.get("paper"), ConfigDict) else config.get("paper", {}))
     pipeline.write_json(os.path.join(out_dir, "summary.json"), pipeline._to_jsonable(summary))
@@ -267,7 +291,12 @@ def _fig1(config, results, out_dir):
 
 def _table1(config, results, out_dir):
     rows, numbers = [], {}
-    for name, r in results.items():
+    for name in config.runs:
+        if name not in results:
+            rows.append(dict(experiment=config.labels.get(name, name), ours=None,
+                             paper=config.paper.get(name), steps="not run"))
+            continue
+        r = results[name]
         ok = [x for x in _ok(r["records"]) if x.get("overlap_g_hg") is not None]
         values = [x["overlap_g_hg"] for x in ok]
         paper = config.paper.get(name)
@@ -455,3 +484,92 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", "```json", json.dumps(summary.get("numbers", {}), indent=1)[:4000], "```", ""]
     return "\n".join(lines)
 
+
+
+def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = False,
+             progress: bool = True) -> dict:
+    """The toolkit's built-in default job (no network, a few minutes on a 2-core CPU).
+
+    1. The paper's Fig. 1 experiment with the FC net, on §3's Gaussian mixture (10 classes,
+       784 dimensions), checkpoints analysed on a fixed 2,000-example subset;
+    2. the toy model of §3 against its analytic late-time solution (d = 200 here; the paper's
+       d = 1000 is ``python -m launch.toy_model``);
+    3. ``root/summary.md`` and ``root/summary.json``: final f_top, mean overlap(g, Hg), top
+       eigenvalues, the toy model's errors and claims, and links to the figures.
+
+    Args:
+      fig1_config: the ``fig1_fc_mnist`` experiment config.
+      root: output directory.
+      quick: smoke sizes (seconds; for tests).
+      progress: progress bars.
+    """
+    from hessian_subspace import toy_model
+
+    start = time.perf_counter()
+    exp = copy.deepcopy(fig1_config)
+    exp.name = "fig1_gaussian_mixture"
+    for name in list(exp.runs):
+        run = override_dataset(exp.runs[name], "gaussian_mixture")
+        run.checkpoint_schedule = "1:20,10:100,50"
+        run.data.num_analysis = 2000
+        exp.runs[name] = run
+    fig1 = run_experiment(exp, root, smoke_size=quick, progress=progress)
+    (run_name, numbers), = fig1["numbers"].items()
+    records = _ok(pipeline.read_results(fig1["runs"][run_name]["results"]))
+    overlaps = [r["overlap_g_hg"] for r in records[-5:] if r.get("overlap_g_hg") is not None]
+
+    logging.info("toy model of §3 against its analytic solution")
+    toy_dir = os.path.join(root, "toy_model")
+    sizes = dict(dim=30, num_examples=120, measure_at=(0, 10, 100, 300)) if quick else dict(
+        dim=200, num_examples=500, measure_at=(0, 1, 3, 10, 30, 100, 300, 1000, 3000))
+    toy = toy_model.run_paper_configs(classes=(2, 5, 10), **sizes)
+    pipeline.write_json(os.path.join(toy_dir, "toy_model.json"), toy)
+    toy_fig = _save(plotting.toy_model_figure(toy), toy_dir, "toy_model")
+    late = toy["analytic"]["comparison"][-1]
+    summary = dict(
+        seconds=round(time.perf_counter() - start, 1),
+        fig1=dict(data="Gaussian mixture, 10 classes, " + (
+            "d = 64, sigma = 0.1, n = 512 (quick)" if quick else
+            "d = 784, sigma = 0.1, n = 10,000"),
+                  model="FC 784-100-100-10, SGD lr 0.1, batch 64",
+                  checkpoints=len(records), f_top_start=numbers.get("f_top_start"),
+                  f_top_final=numbers.get("f_top_final"),
+                  f_top_at=numbers.get("f_top_at"),
+                  mean_overlap_g_hg_last5=float(np.mean(overlaps)) if overlaps else None,
+                  top_eigenvalues_final=numbers.get("eigenvalues_final"),
+                  train_accuracy_final=numbers.get("train_accuracy_final"),
+                  figures=[os.path.join(exp.name, f) for f in fig1["figures"]]),
+        toy_model=dict(config=toy["config"], late_time_vs_analytic=late,
+                       claims={k: v.get("reproduced") for k, v in toy["claims"].items()
+                               if isinstance(v, dict) and "claim" in v},
+                       figures=[os.path.join("toy_model", f) for f in toy_fig]),
+    )
+    pipeline.write_json(os.path.join(root, "summary.json"), pipeline._to_jsonable(summary))
+    text = _main_summary_markdown(summary)
+    pipeline._atomic_write(os.path.join(root, "summary.md"), lambda f: f.write(text.encode()))
+    return summary
+
+
+def _main_summary_markdown(s: dict) -> str:
+    f1, toy = s["fig1"], s["toy_model"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lam = ", ".join(f"{x:.3g}" for x in (f1["top_eigenvalues_final"] or []))
+    late = toy["late_time_vs_analytic"]
+    lines = [
+        "# hessian_subspace: built-in default job", "",
+        f"{s['seconds']:.0f} s. Fig. 1 of Gur-Ari et al. (2018) on {f1['data']}; "
+        f"{f1['model']}; {f1['checkpoints']} checkpoints analysed.", "",
+        f"- f_top (fraction of the gradient in the top-10 Hessian subspace): "
+        f"{fmt(f1['f_top_start'])} at step 0 -> {fmt(f1['f_top_final'])} at the end",
+        f"- mean overlap(g, Hg) over the last 5 checkpoints: {fmt(f1['mean_overlap_g_hg_last5'])}",
+        f"- top-10 Hessian eigenvalues at the end: {lam}",
+        f"- train accuracy at the end: {fmt(f1['train_accuracy_final'])}", "",
+        "Toy model (softmax regression on a Gaussian mixture, §3) against the analytic "
+        f"late-time solution at eta*t = {late['eta_t']:.0f}: top eigenvalue relative error "
+        f"{late['eigenvalue_rel_error']:.2e}, top-2 subspace overlap "
+        f"{late['subspace_overlap']:.6f}, gradient cosine {late['gradient_cosine']:.6f}.",
+        "Claims of §3 reproduced: " + ", ".join(f"{k}: {v}" for k, v in toy["claims"].items()),
+        "",
+    ]
+    lines += [f"![{p}]({p})" for p in f1["figures"] + toy["figures"] if p.endswith(".png")]
+    return "\n".join(lines) + "\n"

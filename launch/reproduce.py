@@ -24,6 +24,7 @@ flags.DEFINE_string("dataset", None, "Data set override: idx:DIR, gaussian_mixtu
 flags.DEFINE_bool("smoke", False, "Tiny sizes: every experiment in well under a minute on CPU.")
 flags.DEFINE_integer("num_analysis", None, "Measure g and H on a fixed subset of this size.")
 flags.DEFINE_string("root", "results", "Output root directory.")
+flags.DEFINE_list("runs", None, "Only these runs of the experiment (e.g. the table1 rows).")
 flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
@@ -34,7 +35,7 @@ def main(argv):
     for name in names:
         summary = reproduce.run_experiment(
             paper.get_config(name), FLAGS.root, dataset=FLAGS.dataset, smoke_size=FLAGS.smoke,
-            num_analysis=FLAGS.num_analysis, progress=FLAGS.progress)
+            num_analysis=FLAGS.num_analysis, only_runs=FLAGS.runs, progress=FLAGS.progress)
         text = reproduce.summary_markdown(summary)
         path = os.path.join(FLAGS.root, name, "summary.md")
         pipeline._atomic_write(path, lambda f, t=text: f.write(t.encode()))

@@ -1,0 +1,68 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The toy model of §3 against its analytic solution
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/hessian-subspace/hessian_subspace/blob/main/colabs/03_toy_model.ipynb)
+#
+# Softmax regression on a mixture of k Gaussians with unit means, trained by gradient descent.
+# For k = 2, σ = 0, orthogonal means and no biases the paper (App. E) solves the late-time
+# dynamics: the Hessian has two eigenvectors (μ₁, −μ₁)/√2 and (μ₂, −μ₂)/√2 with eigenvalue
+# 1/(ηt), every other eigenvalue is zero, and the gradient lies in that fixed two-dimensional
+# subspace. Here the numerical trajectory meets the formula.
+
+# %%
+# Install from the repository (on Colab); skipped where the package is already installed (CI).
+import importlib.util
+import os
+import subprocess
+import sys
+
+if importlib.util.find_spec("hessian_subspace") is None:
+    subprocess.run(["git", "clone", "-q", "--depth=1",
+                    "https://github.com/hessian-subspace/hessian_subspace.git", "hs_repo"],
+                   check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "hs_repo"], check=True)
+    sys.path.insert(0, os.path.abspath("hs_repo"))  # the package and launch/configs
+
+# %%
+from hessian_subspace import data, plotting, toy_model
+
+SMOKE = os.environ.get("HS_SMOKE", "0") == "1"
+DIM, N = (30, 120) if SMOKE else (200, 500)
+MEASURE = (0, 10, 100, 300) if SMOKE else (0, 1, 3, 10, 30, 100, 300, 1000, 3000)
+ETA = 1.0
+
+records = toy_model.simulate(num_classes=2, dim=DIM, num_examples=N, sigma=0.0,
+                             use_bias=False, learning_rate=ETA, measure_at=MEASURE,
+                             orthogonal_means=True)
+means = data.gaussian_mixture(num_classes=2, dim=DIM, num_examples=N, sigma=0.0, seed=0,
+                              orthogonal_means=True)["means"]
+for row in toy_model.compare_with_analytic(records, means, ETA):
+    print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+
+# %% [markdown]
+# The eigenvalue error decays like log(ηt)/(ηt): the paper's solution is a late-time limit
+# that drops a logarithmic correction. The subspace, the gradient's direction in it and the
+# flat directions are exact at every step.
+#
+# ## The empirical claims of §3: noise, biases, more classes
+
+# %%
+results = toy_model.run_paper_configs(dim=DIM, num_examples=N, classes=(2, 5) if SMOKE
+                                      else (2, 5, 10), measure_at=MEASURE)
+for name, claim in results["claims"].items():
+    if isinstance(claim, dict) and "claim" in claim:
+        print(f"{name}: {claim['claim']} -> reproduced: {claim['reproduced']}")
+plotting.toy_model_figure(results)

@@ -1,0 +1,48 @@
+"""Colab notebooks: paired with their jupytext text copies, stripped of outputs, and executed top
+to bottom at smoke size (HS_SMOKE=1)."""
+
+import glob
+import os
+
+import jupytext
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colabs", "*.ipynb")))
+
+
+def test_there_are_four_notebooks():
+    names = [os.path.basename(p) for p in NOTEBOOKS]
+    assert names == ["01_quickstart.ipynb", "02_figure1.ipynb", "03_toy_model.ipynb",
+                     "04_spectra.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_paired_and_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    text = jupytext.read(path[: -len(".ipynb")] + ".py")
+    assert [c.source for c in nb.cells] == [c.source for c in text.cells]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert "pip" in first_code.source and "install" in first_code.source
+    assert "colab.research.google.com" in nb.cells[0].source
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_top_to_bottom_at_smoke_size(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HS_SMOKE", "1")
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nb = nbformat.read(path, as_version=4)
+    # Run from a scratch copy of the repository root so results land in tmp_path.
+    os.symlink(os.path.join(REPO, "launch"), tmp_path / "launch")
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors

@@ -1,0 +1,72 @@
+"""Experiments of the paper: configs, overrides, smoke runs end to end (figures + summary)."""
+
+import json
+import os
+
+import pytest
+
+from hessian_subspace import experiment, models, reproduce
+from launch.configs import paper
+
+
+def test_every_experiment_config_builds_valid_runs():
+    assert len(paper.EXPERIMENTS) == 13
+    for name in paper.EXPERIMENTS:
+        config = paper.get_config(name)
+        assert config.name == name and config.kind in reproduce.KINDS
+        for run_name, run in config.runs.items():
+            reproduce.settings_of(run)  # the analysis block is valid
+            for dataset in (None, "gaussian_mixture", "idx:/tmp/x"):
+                r = run if dataset is None else reproduce.override_dataset(run, dataset)
+                for variant in (r, reproduce.smoke(r)):
+                    kwargs = dict(variant.model.kwargs)
+                    kwargs = {k: tuple(v) if isinstance(v, list) else v
+                              for k, v in kwargs.items()}
+                    models.build_model(variant.model.name, num_outputs=10, **kwargs)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        paper.get_config("fig99")
+
+
+def test_overrides():
+    run = paper.get_config("fig1_convnet_cifar10").runs["convnet_cifar10"]
+    mix = reproduce.override_dataset(run, "gaussian_mixture")
+    assert mix.data.name == "gaussian_mixture" and tuple(mix.data.input_shape) == (32, 32, 3)
+    assert mix.data.kwargs.dim == 3072 and mix.data.kwargs.num_classes == 10
+    idx = reproduce.override_dataset(run, "idx:/data/fmnist")
+    assert idx.data.name == "idx:/data/fmnist" and idx.data.input_shape is None
+    sine = paper.get_config("table1").runs["sine_regression_fc"]
+    assert reproduce.override_dataset(sine, "gaussian_mixture").data.name == "sine"
+    small = reproduce.smoke(run)
+    assert small.num_steps == 30 and small.model.kwargs.width < 1
+    assert run.num_steps == 1000  # overrides copy, never modify
+
+
+def test_fig1_smoke_on_the_gaussian_mixture_end_to_end(tmp_path):
+    summary = reproduce.run_experiment(paper.get_config("fig1_fc_mnist"), str(tmp_path),
+                                       dataset="gaussian_mixture", smoke_size=True,
+                                       progress=False)
+    out = tmp_path / "fig1_fc_mnist"
+    assert (out / "fig1_fc_mnist.png").stat().st_size > 10_000
+    assert (out / "fig1_fc_mnist.pdf").exists()
+    saved = json.loads((out / "summary.json").read_text())
+    numbers = saved["numbers"]["fc_mnist"]
+    assert 0.0 <= numbers["f_top_final"] <= 1.0 and numbers["all_converged"]
+    assert saved["runs"]["fc_mnist"]["failed"] == []
+    # A second experiment on the same run reuses its checkpoints and analysis.
+    again = reproduce.run_experiment(paper.get_config("fig8_lambda_max"), str(tmp_path),
+                                     dataset="gaussian_mixture", smoke_size=True,
+                                     progress=False)
+    assert again["runs"]["fc_mnist"]["workdir"] == summary["runs"]["fc_mnist"]["workdir"]
+    assert os.path.exists(tmp_path / "fig8_lambda_max" / "fig8_lambda_max.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(paper.EXPERIMENTS))
+def test_every_experiment_at_smoke_size(name, tmp_path_factory, fashion_mnist_dir):
+    # One root for all experiments, so the shared FC run is trained and analysed once.
+    root = tmp_path_factory.getbasetemp() / "smoke_all"
+    for data in ("gaussian_mixture", f"idx:{fashion_mnist_dir}"):
+        summary = reproduce.run_experiment(paper.get_config(name), str(root / data[:3]),
+                                           dataset=data, smoke_size=True, progress=False)
+        assert all(not r["failed"] for r in summary["runs"].values()), summary["runs"]
+        assert summary["figures"], name
