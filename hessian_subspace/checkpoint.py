@@ -33,7 +33,9 @@ class _QuietOrbax(logging.Filter):
         if record.levelno < logging.WARNING:
             return False
         message = record.getMessage()
-        return not ("read only" in message or "read_only=True" in message)
+        # "Skipping merge of OCDBT checkpoints": an optimizer state without arrays (plain SGD).
+        return not ("read only" in message or "read_only=True" in message
+                    or "Skipping merge of OCDBT" in message)
 
 
 logging.getLogger("absl").addFilter(_QuietOrbax())

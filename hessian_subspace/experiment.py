@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -94,12 +96,45 @@ def build_model(config: ConfigDict, num_outputs: int):
     return models.build_model(config.model.name, num_outputs=num_outputs, **kwargs)
 
 
-def build_optimizer(config: ConfigDict):
+SUBSPACE_OPTIMIZERS = ("dom_sgd", "bulk_sgd", "low_rank_newton")
+
+
+def build_optimizer(config: ConfigDict, model=None, num_outputs: int | None = None):
+    """The optax transformation a config names: "sgd", "momentum", "adam", or one acting on the
+    top Hessian subspace (:mod:`optim`): "dom_sgd", "bulk_sgd" (SGD projected onto the top-k
+    subspace or its complement) and "low_rank_newton" (eq. 11); these need ``model`` and read
+    ``optimizer.k`` (default: number of classes), ``refresh_every``, ``damping``, ``step_size``,
+    ``curvature_batch_size``."""
     o = config.optimizer
+    if o.name in SUBSPACE_OPTIMIZERS:
+        import optax
+
+        from hessian_subspace import curvature, models, optim
+
+        if model is None:
+            raise ValueError(f"optimizer {o.name!r} needs the model (Hessian access)")
+        loss = models.analysis_loss_fn(model, {}, config.task)
+        batch_size = int(o.get("curvature_batch_size", 1000))
+
+        def hessian_fn(params, data):
+            return curvature.dataset_hvp(loss, params, data, batch_size=batch_size)
+
+        k = int(o.get("k") or num_outputs)
+        key = jax.random.fold_in(jax.random.key(config.seed), 0x0B7)
+        refresh = int(o.get("refresh_every", 10))
+        if o.name == "low_rank_newton":
+            return optim.low_rank_newton(k, float(o.get("damping", 1.0)), hessian_fn=hessian_fn,
+                                         key=key, refresh_every=refresh,
+                                         step_size=float(o.get("step_size", 1.0)))
+        mode = "dominant" if o.name == "dom_sgd" else "bulk"
+        return optax.chain(optax.sgd(o.learning_rate),
+                           optim.project_onto_subspace(mode, k, refresh, hessian_fn=hessian_fn,
+                                                       key=key))
     extra = {k: o[k] for k in ("momentum", "b1", "b2", "eps") if k in o}
     if o.name != "momentum":
         extra.pop("momentum", None)
     return train_lib.make_optimizer(o.name, o.learning_rate, **extra)
+
 
 
 def train_from_config(config: ConfigDict, workdir: str, *,
@@ -113,9 +148,16 @@ def train_from_config(config: ConfigDict, workdir: str, *,
     identity = {k: v for k, v in config_to_json(config).items() if k not in _NOT_IDENTITY}
     meta = dict(config=config_to_json(config), identity=identity,
                 num_outputs=data["num_outputs"])
+    curvature_data = None
+    if config.optimizer.name in SUBSPACE_OPTIMIZERS:
+        n = config.optimizer.get("curvature_examples", 2000)
+        subset = data_lib.analysis_set(data["train"], num_examples=min(
+            n, len(data["train"]["y"])), seed=config.seed)
+        curvature_data = {"x": jnp.asarray(subset["x"]), "y": jnp.asarray(subset["y"])}
     return train_lib.train(
         model=model, task=data["task"], train_set=data["train"], test_set=data["test"],
-        optimizer=build_optimizer(config), batch_size=config.batch_size,
+        optimizer=build_optimizer(config, model, data["num_outputs"]),
+        curvature_data=curvature_data, batch_size=config.batch_size,
         num_steps=config.num_steps, seed=config.seed, workdir=workdir,
         schedule=train_lib.CheckpointSchedule(config.checkpoint_schedule), meta=meta,
         eval_batch_size=config.eval_batch_size, log_every=config.log_every,

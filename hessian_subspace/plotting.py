@@ -945,3 +945,55 @@ def toy_model_figure(results: Mapping[str, Any]) -> Figure:
     handles, labels = axes[0, 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7)
     return fig
+
+
+def training_curves(logs: Mapping[str, Sequence[Record]], *, window: int | None = None,
+                    title: str = "") -> Figure:
+    """Training loss and accuracy of several runs (e.g. SGD vs Dom-SGD vs Bulk-SGD).
+
+    Args:
+        logs: {label: train_log} (``train_log.jsonl`` records); "train" events give the
+            mini-batch curves (running mean), "checkpoint" events the test loss/accuracy.
+        window: running-mean window (default: a few percent of the steps).
+        title: figure title.
+
+    Returns:
+        A figure with two axes: loss (log scale) and accuracy, against step.
+    """
+    fig, axes = _figure(1, 2, width=10.5, height=3.6)
+    colors = _colors(len(logs), "tab10")
+    drew = False
+    for color, (label, log) in zip(colors, logs.items(), strict=True):
+        train = [r for r in log if r.get("event") == "train" and _finite(r.get("loss"))]
+        test = [r for r in log if r.get("event") == "checkpoint" and _finite(r.get("test_loss"))]
+        if train:
+            s = np.array([r["step"] for r in train])
+            w = window or _default_window(len(train))
+            axes[0, 0].plot(s, _running_mean(np.array([r["loss"] for r in train]), w),
+                            color=color, label=f"{label} (train)")
+            if all(_finite(r.get("accuracy")) for r in train):
+                axes[0, 1].plot(s, _running_mean(np.array([r["accuracy"] for r in train]), w),
+                                color=color)
+            drew = True
+        if test:
+            s = np.array([r["step"] for r in test])
+            axes[0, 0].plot(s, [r["test_loss"] for r in test], "o--", ms=3, color=color,
+                            lw=0.8, label=f"{label} (test)")
+            if all(_finite(r.get("test_accuracy")) for r in test):
+                axes[0, 1].plot(s, [r["test_accuracy"] for r in test], "o--", ms=3,
+                                color=color, lw=0.8)
+            drew = True
+    if not drew:
+        raise ValueError("training_curves: no finite loss in any log.")
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set_xlabel("step")
+    axes[0, 0].set_ylabel("loss")
+    axes[0, 1].set_xlabel("step")
+    axes[0, 1].set_ylabel("accuracy")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -118,6 +118,9 @@ def smoke(run: ConfigDict) -> ConfigDict:
     run.data.num_test = 256
     run.num_steps = 30
     run.batch_size = min(run.batch_size, 64)
+    if run.optimizer.get("curvature_examples"):
+        run.optimizer.curvature_examples = 128
+        run.optimizer.curvature_batch_size = 128
     run.checkpoint_schedule = "1:10,5"
     run.log_every = 10
     if run.model.name == "convnet":
@@ -467,9 +470,47 @@ def _labels(config, results, out_dir):
     return figures, numbers
 
 
+def _optim(config, results, out_dir):
+    """Training curves, f_top and lambda_max of runs that differ only in the optimizer, and
+    whether Song et al.'s finding holds: Dom-SGD stalls while Bulk-SGD trains like SGD."""
+    label = lambda n: config.labels.get(n, n)  # noqa: E731
+    figures = _save(plotting.training_curves({label(n): r["train_log"]
+                                              for n, r in results.items()},
+                                             title=config.name), out_dir, "training_curves")
+    figures += _save(plotting.fig12_variants({label(n): r["records"]
+                                              for n, r in results.items()}), out_dir, "f_top")
+    numbers = {}
+    for n, r in results.items():
+        checkpoints = [x for x in r["train_log"] if x.get("event") == "checkpoint"]
+        ok = _ok(r["records"])
+        numbers[n] = dict(
+            test_loss_start=checkpoints[0].get("test_loss") if checkpoints else None,
+            test_loss_final=checkpoints[-1].get("test_loss") if checkpoints else None,
+            test_accuracy_final=checkpoints[-1].get("test_accuracy") if checkpoints else None,
+            train_loss_final=ok[-1].get("train_loss") if ok else None,
+            f_top_final=ok[-1].get("f_top") if ok else None,
+            lambda_max_final=(ok[-1].get("eigenvalues") or [None])[0] if ok else None)
+    if {"sgd", "dom_sgd", "bulk_sgd"} <= set(numbers):
+        sgd, dom, bulk = (numbers[n] for n in ("sgd", "dom_sgd", "bulk_sgd"))
+        if None not in (sgd["test_loss_start"], sgd["test_loss_final"], dom["test_loss_final"],
+                        bulk["test_loss_final"]):
+            drop = lambda x: sgd["test_loss_start"] - x  # noqa: E731
+            numbers["song_et_al_2024"] = dict(
+                claim="Dom-SGD stalls while Bulk-SGD trains",
+                dom_fraction_of_sgd_loss_drop=drop(dom["test_loss_final"]) / drop(
+                    sgd["test_loss_final"]),
+                bulk_fraction_of_sgd_loss_drop=drop(bulk["test_loss_final"]) / drop(
+                    sgd["test_loss_final"]),
+                holds=bool(drop(dom["test_loss_final"]) < 0.2 * drop(sgd["test_loss_final"])
+                           and drop(bulk["test_loss_final"]) > 0.8 * drop(
+                               sgd["test_loss_final"])))
+    return figures, numbers
+
+
 KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
     "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
     "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
+    "optim": _optim,
 }
 
 

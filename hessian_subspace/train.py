@@ -77,20 +77,23 @@ def init_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
 
 def make_train_step(model, tx: optax.GradientTransformation, task: str, seed: int
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A jitted ``step(state, batch) -> (state, metrics)``.
+    """A jitted ``step(state, batch, **extra_args) -> (state, metrics)``.
 
     Dropout (if any) uses the key ``fold_in(key(seed), step)``, so a resumed run repeats it.
     ``metrics`` holds the mini-batch loss (and accuracy), measured in training mode on θ_t.
+    ``extra_args`` go to ``tx.update`` (e.g. ``curvature_data`` for :mod:`optim`'s
+    transformations): inputs of the compiled step, not captured constants.
     """
     loss_fn = models.train_loss_fn(model, task)
     base_key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
+    tx = optax.with_extra_args_support(tx)
 
     @jax.jit
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, **extra_args) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(base_key, state.step)
         (loss, (model_state, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.model_state, batch, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
         params = optax.apply_updates(state.params, updates)
         metrics = models.batch_metrics(outputs, batch, task)
         metrics["loss"] = loss
@@ -222,7 +225,7 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
           workdir: str, schedule: CheckpointSchedule = CheckpointSchedule(),
           meta: dict | None = None, eval_batch_size: int = 1000, log_every: int = 50,
           callbacks: Sequence[Callable[[int, TrainState], None]] = (),
-          progress: bool = True) -> TrainState:
+          curvature_data: dict | None = None, progress: bool = True) -> TrainState:
     """Trains ``model`` with ``optimizer``, checkpointing into ``workdir/checkpoints``.
 
     If ``workdir`` already holds checkpoints of the same run (same ``meta["identity"]``),
@@ -246,6 +249,8 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
       log_every: steps between log flushes / progress lines.
       callbacks: ``fn(step, state)`` called after each checkpoint is saved (e.g. the metric
         pipeline, in-process).
+      curvature_data: fixed data passed to the optimizer's update at every step as
+        ``curvature_data=`` (the Hessian access of :mod:`optim`'s transformations).
       progress: show a progress bar.
 
     Returns:
@@ -325,7 +330,10 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
         for step in range(start, num_steps):
             idx = data_lib.batch_indices(n, batch_size, step, seed)
             batch = {"x": train_set["x"][idx], "y": train_set["y"][idx]}
-            state, metrics = step_fn(state, batch)
+            if curvature_data is None:
+                state, metrics = step_fn(state, batch)
+            else:
+                state, metrics = step_fn(state, batch, curvature_data=curvature_data)
             pending.append((step, metrics))  # loss of θ_step on its mini-batch
             bar.update(1)
             if schedule.should_save(step + 1, num_steps):

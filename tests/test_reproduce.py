@@ -10,7 +10,7 @@ from launch.configs import paper
 
 
 def test_every_experiment_config_builds_valid_runs():
-    assert len(paper.EXPERIMENTS) == 13
+    assert len(paper.EXPERIMENTS) == 15
     for name in paper.EXPERIMENTS:
         config = paper.get_config(name)
         assert config.name == name and config.kind in reproduce.KINDS

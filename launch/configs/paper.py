@@ -4,6 +4,7 @@ r"""Every experiment of the paper, by name (Gur-Ari, Roberts, Dyer 2018; see NOT
   python -m launch.reproduce --experiment=table1 --dataset=idx:../shared/data/fashion-mnist
   python -m launch.reproduce --experiment=fig2_subspace_overlap --dataset=gaussian_mixture
   python -m launch.reproduce --experiment=appB_spectrum --smoke        # seconds, CPU
+  python -m launch.reproduce --experiment=dom_bulk_sgd --dataset=gaussian_mixture
 
 Sizes below are the paper's settings (MNIST/CIFAR through tfds); --smoke shrinks any of them to
 CPU seconds, --dataset swaps the data (offline: idx:DIR or gaussian_mixture), --num_analysis
@@ -211,6 +212,37 @@ EXPERIMENTS = {
             analysis=dict(transforms=_FTOP, k=10, reference_steps=[0]))},
         paper={"outliers": 10}),
 }
+
+
+def _subspace_run(name, **optimizer):
+    # SGD, Dom-SGD, Bulk-SGD, low-rank Newton: same init, data order, steps, analysis.
+    return _fc_mnist(
+        optimizer=dict(name=name, learning_rate=0.1, refresh_every=10,
+                       curvature_examples=2000, curvature_batch_size=1000, **optimizer),
+        checkpoint_schedule="1:10,10:100,50",
+        analysis=dict(transforms=_FTOP, reference_steps=[0]))
+
+
+EXPERIMENTS.update({
+    "dom_bulk_sgd": lambda: _experiment(
+        "dom_bulk_sgd", "optim",
+        "SGD vs Dom-SGD (updates projected onto the top-k Hessian subspace) vs Bulk-SGD (onto "
+        "its complement), same initialisation and data order; the basis is recomputed every 10 "
+        "steps on a fixed 2,000-example set (Song, Ahn, Yun 2024).",
+        {"sgd": _subspace_run("sgd"), "dom_sgd": _subspace_run("dom_sgd"),
+         "bulk_sgd": _subspace_run("bulk_sgd")},
+        labels={"sgd": "SGD", "dom_sgd": "Dom-SGD", "bulk_sgd": "Bulk-SGD"}),
+    "low_rank_newton": lambda: _experiment(
+        "low_rank_newton", "optim",
+        "SGD vs low-rank Newton (eq. 11: step -(|H_top| + delta)^-1 g_top, top-k refreshed every "
+        "10 steps) for damping delta = 0.1, 1, 10.",
+        {"sgd": _subspace_run("sgd"),
+         **{f"newton_damping_{tag}": _subspace_run("low_rank_newton", damping=d, step_size=1.0)
+            for tag, d in (("0p1", 0.1), ("1", 1.0), ("10", 10.0))}},
+        labels={"sgd": "SGD", "newton_damping_0p1": "low-rank Newton, δ = 0.1",
+                "newton_damping_1": "low-rank Newton, δ = 1",
+                "newton_damping_10": "low-rank Newton, δ = 10"}),
+})
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
