@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -83,7 +85,8 @@ for t in range(801):
         loss, g = hs.dataset_value_and_grad(loss_fn, params, train, batch_size=1000)
         print(f"step {t:3d}  loss {loss:.3f}  f_top {hs.gradient_fraction(g, top.eigenvectors):.3f}"
               f"  overlap(g, Hg) {hs.hessian_gradient_overlap(g, H(g)):.3f}")
-    batch = jax.tree_util.tree_map(lambda x: x[(t * 64) % 3936:(t * 64) % 3936 + 64], train)
+    i = (t * 64) % 3936
+    batch = {name: x[i:i + 64] for name, x in train.items()}
     params, opt_state = sgd(params, opt_state, batch)
 
 # %% [markdown]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -40,7 +42,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import hessian_subspace as hs
 from hessian_subspace import data, models, plotting, train

@@ -1,4 +1,4 @@
-r"""Hessian-vector products by forward-over-reverse autodiff, on a batch or on a whole data set.
+r"""Curvature-vector products (Hessian, Gauss-Newton, their blocks), on a batch or a data set.
 
 Everything here depends on one contract: ``loss_fn(params, *args) -> scalar``. For data sets,
 ``loss_fn(params, batch)`` must return the **mean** loss over the examples of ``batch``; then
@@ -9,8 +9,17 @@ Everything here depends on one contract: ``loss_fn(params, *args) -> scalar``. F
 where batch :math:`j` holds :math:`n_j` examples and :math:`L_j` is its mean loss, so a ragged
 last batch is weighted exactly. The Hessian is never formed (Pearlmutter 1994).
 
+The same weighting gives the generalised Gauss-Newton matrix :math:`G` (:func:`ggn_vp`,
+:func:`dataset_ggn`), which needs the model split into ``output_fn(params, batch) -> (n, m)``
+and ``output_loss(outputs, batch) -> mean loss``; and :func:`restrict` turns either operator
+into its diagonal block on a subset of the parameter leaves (one layer, say). All three
+operators are pytrees with ``dim``, ``like`` and ``describe()``, so the eigensolvers, spectra and
+metrics take any of them.
+
 References:
   Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
+  Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
+  Neural Computation 2002 (the Gauss-Newton product).
   Gur-Ari, Roberts, Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv:1812.04754, App. A.
 """
 
@@ -18,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +38,8 @@ from hessian_subspace import _tree
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
+OutputFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> outputs (n, m).
+OutputLoss = Callable[[jax.Array, Any], jax.Array]  # (outputs, batch) -> mean loss.
 
 _PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
@@ -178,30 +189,25 @@ def as_loss_pytree(loss_fn: LossFn) -> jax.tree_util.Partial:
     return jax.tree_util.Partial(loss_fn)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["params", "data", "loss_fn"],
-    meta_fields=["batch_size", "precision"],
-)
-@dataclasses.dataclass(frozen=True)
-class HessianOperator:
-    r"""The linear map :math:`v \mapsto Hv` of the mean loss over a fixed data set.
+class _DatasetOperator:
+    """What the curvature operators of a mean loss over a fixed data set have in common.
 
-    A pytree: ``params``, ``data`` and the arrays bound in ``loss_fn`` (a
-    ``jax.tree_util.Partial``) are leaves; ``batch_size`` and ``precision`` are static. Passing
-    the operator to a jitted function (``lanczos``, ``top_eigenpairs``, ...) therefore compiles
-    once per shape, whatever the parameter values: analysing many checkpoints reuses one
-    program. Build it with :func:`dataset_hvp`.
+    A subclass is a frozen dataclass registered as a pytree, with leaves ``params``, ``data`` and
+    its loss functions (``jax.tree_util.Partial``) and static ``batch_size`` and ``precision``.
+    It names itself in ``curvature`` and defines ``_batch_product(v, batch)``: its curvature
+    matrix for one batch's mean loss applied to ``v``. The data-set product is the
+    example-weighted mean of those (:func:`dataset_mean`), so ragged batches count exactly.
     """
 
-    params: PyTree
-    data: PyTree
-    loss_fn: jax.tree_util.Partial
-    batch_size: int
-    precision: str | None
+    curvature: ClassVar[str]
 
     def __call__(self, v: PyTree) -> PyTree:
-        return _apply_hessian(self, v)
+        return _apply(self, v)
+
+    def _matvec(self, v: PyTree) -> PyTree:
+        with _matmul_precision(self.precision):
+            return dataset_mean(lambda batch: self._batch_product(v, batch), self.data,
+                                batch_size=self.batch_size)
 
     @property
     def num_examples(self) -> int:
@@ -221,7 +227,7 @@ class HessianOperator:
         """Static facts about the operator, for result records."""
         dtypes = sorted({str(jnp.result_type(x)) for x in jax.tree_util.tree_leaves(self.params)})
         return dict(
-            curvature="hessian",
+            curvature=self.curvature,
             reduction="mean over examples",
             num_examples=self.num_examples,
             batch_size=min(self.batch_size, self.num_examples),
@@ -232,12 +238,41 @@ class HessianOperator:
 
 
 @jax.jit
-def _apply_hessian(op: HessianOperator, v: PyTree) -> PyTree:
-    def batch_hvp(batch):
-        return jax.jvp(lambda p: jax.grad(op.loss_fn)(p, batch), (op.params,), (v,))[1]
+def _apply(op, v: PyTree) -> PyTree:
+    """``op(v)`` for any operator of this module, as one compiled program per operator type and
+    shape (the operator's arrays are inputs, its static fields part of the cache key)."""
+    return op._matvec(v)
 
-    with _matmul_precision(op.precision):
-        return dataset_mean(batch_hvp, op.data, batch_size=op.batch_size)
+
+_apply_hessian = _apply  # The name under which the HLO of a Hessian product is inspected.
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params", "data", "loss_fn"],
+    meta_fields=["batch_size", "precision"],
+)
+@dataclasses.dataclass(frozen=True)
+class HessianOperator(_DatasetOperator):
+    r"""The linear map :math:`v \mapsto Hv` of the mean loss over a fixed data set.
+
+    A pytree: ``params``, ``data`` and the arrays bound in ``loss_fn`` (a
+    ``jax.tree_util.Partial``) are leaves; ``batch_size`` and ``precision`` are static. Passing
+    the operator to a jitted function (``lanczos``, ``top_eigenpairs``, ...) therefore compiles
+    once per shape, whatever the parameter values: analysing many checkpoints reuses one
+    program. Build it with :func:`dataset_hvp`.
+    """
+
+    params: PyTree
+    data: PyTree
+    loss_fn: jax.tree_util.Partial
+    batch_size: int
+    precision: str | None
+
+    curvature: ClassVar[str] = "hessian"
+
+    def _batch_product(self, v: PyTree, batch: PyTree) -> PyTree:
+        return jax.jvp(lambda p: jax.grad(self.loss_fn)(p, batch), (self.params,), (v,))[1]
 
 
 def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: int,
@@ -279,6 +314,299 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: in
     _num_examples(data)
     return HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
                            batch_size=batch_size, precision=precision)
+
+
+# --------------------------------------------------------------------------------------------
+# Generalised Gauss-Newton products.
+
+
+def _ggn_product(output_fn, output_loss, params, v, batch):
+    f = lambda p: output_fn(p, batch)  # noqa: E731
+    outputs, jvp_fn = jax.linearize(f, params)  # One forward pass; jvp_fn: v -> J v.
+    hjv = jax.jvp(jax.grad(lambda o: output_loss(o, batch)), (outputs,), (jvp_fn(v),))[1]
+    return jax.linear_transpose(jvp_fn, params)(hjv)[0]  # J^T (H_l J v).
+
+
+def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTree,
+           batch: PyTree, *, precision: str | None = None) -> PyTree:
+    r"""Generalised Gauss-Newton product :math:`G v` for the mean loss over one batch.
+
+    With outputs :math:`f_a = f(\theta, x_a) \in \mathbb{R}^m`, per-example loss
+    :math:`\ell(f_a, y_a)` and :math:`L = \frac{1}{n}\sum_a \ell(f_a, y_a)`,
+
+    .. math:: G = \frac{1}{n}\sum_{a=1}^{n} J_a^\top H_{\ell,a} J_a, \qquad
+              J_a = \partial f_a/\partial\theta,\quad
+              H_{\ell,a} = \partial^2 \ell/\partial f_a^2,
+
+    i.e. the Hessian :math:`H = G + \frac{1}{n}\sum_{a,c} (\partial\ell/\partial f_{ac})\,
+    \nabla^2_\theta f_{ac}` without its second term. :math:`G` is positive semi-definite when
+    :math:`\ell` is convex in the outputs and equals :math:`H` when :math:`f` is linear in
+    :math:`\theta`. For softmax cross-entropy :math:`H_{\ell} = \mathrm{diag}(p) - pp^\top`; for
+    ``mean((f - y) ** 2)`` over the ``(n, m)`` outputs, :math:`\frac{1}{n}H_\ell = 2I/(nm)`.
+
+    Computed as ``J v`` (``jax.linearize``: one forward pass), the output-space product
+    (forward-over-reverse on ``output_loss``, which holds the :math:`1/n`), then ``J^T``
+    (``jax.linear_transpose``). Pure and jit-compatible.
+
+    Args:
+      output_fn: ``output_fn(params, batch) -> outputs`` of shape ``(n, m)``.
+      output_loss: ``output_loss(outputs, batch) -> scalar``, the **mean** loss over the batch.
+      params: pytree of floating-point arrays.
+      v: pytree like ``params``.
+      batch: passed to both functions.
+      precision: matmul precision while tracing ("default", "high", "highest", ...).
+
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hessian_subspace as hs
+      >>> f = lambda w, batch: batch["x"] @ w  # linear model: G = H = 2 X^T X / (n m)
+      >>> loss = lambda out, batch: jnp.mean((out - batch["y"]) ** 2)
+      >>> batch = {"x": jnp.eye(2), "y": jnp.zeros((2, 2))}
+      >>> hs.ggn_vp(f, loss, jnp.zeros((2, 2)), jnp.ones((2, 2)), batch)
+      Array([[0.5, 0.5],
+             [0.5, 0.5]], dtype=float32)
+
+    References:
+      Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
+      Neural Computation 14 (2002).
+      Martens, "New insights and perspectives on the natural gradient method", JMLR 21 (2020).
+    """
+    precision = _check_precision(precision)
+    _check_like("v", v, params)
+    _tree.check_finite("params", params)
+    with _matmul_precision(precision):
+        return _ggn_product(output_fn, output_loss, params, v, batch)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params", "data", "output_fn", "output_loss"],
+    meta_fields=["batch_size", "precision"],
+)
+@dataclasses.dataclass(frozen=True)
+class GGNOperator(_DatasetOperator):
+    r"""The linear map :math:`v \mapsto Gv` of the Gauss-Newton matrix of the mean loss over a
+    fixed data set (see :func:`ggn_vp`). A pytree like :class:`HessianOperator`, with the same
+    methods; ``describe()`` reports ``curvature="ggn"``. Build it with :func:`dataset_ggn`."""
+
+    params: PyTree
+    data: PyTree
+    output_fn: jax.tree_util.Partial
+    output_loss: jax.tree_util.Partial
+    batch_size: int
+    precision: str | None
+
+    curvature: ClassVar[str] = "ggn"
+
+    def _batch_product(self, v: PyTree, batch: PyTree) -> PyTree:
+        return _ggn_product(self.output_fn, self.output_loss, self.params, v, batch)
+
+
+def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, data: PyTree, *,
+                batch_size: int, precision: str | None = None) -> GGNOperator:
+    r"""Returns ``v ↦ G v``, the Gauss-Newton matrix of the **mean** loss over ``data``.
+
+    :math:`G v = \sum_j (n_j/n)\, G_j v` with :math:`G_j` the GGN of batch j's mean loss
+    (:func:`ggn_vp`), batched exactly like :func:`dataset_hvp` (one compiled loop, ragged last
+    batch weighted by its share, data parallel when ``data`` is sharded).
+
+    Args:
+      output_fn: ``output_fn(params, batch) -> (n, m)`` outputs (logits); a
+        ``jax.tree_util.Partial`` binding the model state keeps it dynamic.
+      output_loss: ``output_loss(outputs, batch) -> scalar``, the mean loss over the batch.
+      params: pytree of floating-point arrays; must be finite.
+      data: pytree of arrays with a common leading example axis.
+      batch_size: examples per batch (clamped to the data set size).
+      precision: matmul precision of the product; reported by ``describe()``.
+
+    Returns:
+      A :class:`GGNOperator`, callable on pytrees shaped like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hessian_subspace as hs
+      >>> f = lambda w, batch: batch["x"] @ w[:, None]
+      >>> loss = lambda out, batch: 0.5 * jnp.mean(out ** 2)
+      >>> op = hs.dataset_ggn(f, loss, jnp.zeros(3), {"x": jnp.eye(3)}, batch_size=2)
+      >>> op(jnp.array([3.0, 0.0, 0.0]))  # G = H = X^T X / n = I / 3
+      Array([1., 0., 0.], dtype=float32)
+    """
+    batch_size = _validate_batch_size(batch_size)
+    precision = _check_precision(precision)
+    _tree.check_floating("params", params)
+    _tree.check_finite("params", params)
+    _num_examples(data)
+    return GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
+                       output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
+                       precision=precision)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks on a subset of the parameters.
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["operator", "full_like"],
+    meta_fields=["mask"],
+)
+@dataclasses.dataclass(frozen=True)
+class RestrictedOperator:
+    r"""The diagonal block :math:`H_{SS}` of an operator on a subset S of the parameter leaves:
+    :math:`v_S \mapsto [H\,(v_S \oplus 0)]_S`. Build it with :func:`restrict`.
+
+    Vectors are pytrees with the structure of the parameters in which the leaves outside S are
+    ``None`` (empty subtrees), so ``ravel_pytree`` order is the full order with the other
+    leaves skipped and :func:`models.layer_slices` of ``like`` names the block's leaves. A
+    pytree (``operator`` and the template are leaves, the mask is static), so eigensolvers
+    compile once per shape, as for the full operator.
+    """
+
+    operator: Any
+    full_like: PyTree
+    mask: tuple[bool, ...]
+
+    def __call__(self, v: PyTree) -> PyTree:
+        return _apply(self, v)
+
+    def _matvec(self, v: PyTree) -> PyTree:
+        return self.select(self.operator(self.embed(v)))
+
+    def embed(self, v: PyTree) -> PyTree:
+        """A block vector as a full one, zero outside S."""
+        leaves, treedef = jax.tree_util.tree_flatten(self.full_like)
+        sub = iter(jax.tree_util.tree_leaves(v))
+        out = [jnp.asarray(next(sub), jnp.result_type(x)) if m
+               else jnp.zeros(np.shape(x), jnp.result_type(x))
+               for x, m in zip(leaves, self.mask, strict=True)]
+        return treedef.unflatten(out)
+
+    def select(self, tree: PyTree) -> PyTree:
+        """The block part of a full vector (``None`` at the leaves outside S)."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if len(leaves) != len(self.mask):
+            raise ValueError(f"expected a pytree with {len(self.mask)} leaves like the "
+                             f"parameters, got {len(leaves)}.")
+        return treedef.unflatten([x if m else None
+                                  for x, m in zip(leaves, self.mask, strict=True)])
+
+    @property
+    def like(self) -> PyTree:
+        """A template for block vectors (the parameters in S, ``None`` elsewhere)."""
+        return self.select(self.full_like)
+
+    @property
+    def dim(self) -> int:
+        """|S|, the number of parameters in the block."""
+        return _tree.tree_size(self.like)
+
+    @property
+    def leaf_names(self) -> tuple[str, ...]:
+        """Paths of the leaves in S, "/"-joined (:func:`models.layer_slices` naming)."""
+        return tuple(n for n, m in zip(_leaf_names(self.full_like), self.mask, strict=True) if m)
+
+    @property
+    def flat_indices(self) -> np.ndarray:
+        """Positions of the block's entries in the full ``ravel_pytree`` vector, ``(|S|,)``:
+        ``full_flat[flat_indices]`` is the block vector raveled."""
+        sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(self.full_like)]
+        starts = np.cumsum([0] + sizes[:-1])
+        ranges = [np.arange(s, s + n)
+                  for s, n, m in zip(starts, sizes, self.mask, strict=True) if m]
+        return np.concatenate(ranges or [np.zeros(0, int)])
+
+    @property
+    def num_examples(self) -> int:
+        return self.operator.num_examples
+
+    def describe(self) -> dict:
+        """The full operator's facts, plus the block (its leaves and size)."""
+        info = dict(self.operator.describe()) if hasattr(self.operator, "describe") else {}
+        info["block"] = dict(leaves=list(self.leaf_names), num_params=self.dim,
+                             of_num_params=_tree.tree_size(self.full_like))
+        return info
+
+
+def _leaf_names(tree: PyTree) -> list[str]:
+    # models imports flax; imported here so that `import hessian_subspace` stays light.
+    from hessian_subspace import models
+    return [name for name, _, _ in models.layer_slices(tree)]
+
+
+def _block_mask(subset, like: PyTree) -> tuple[bool, ...]:
+    names = _leaf_names(like)
+    if isinstance(subset, str) or (isinstance(subset, (list, tuple)) and subset
+                                   and all(isinstance(s, str) for s in subset)):
+        prefixes = (subset,) if isinstance(subset, str) else tuple(subset)
+        mask = [False] * len(names)
+        for prefix in prefixes:
+            stem = prefix.rstrip("/")
+            hits = [i for i, n in enumerate(names) if n == stem or n.startswith(stem + "/")]
+            if not stem or not hits:
+                raise ValueError(f"prefix {prefix!r} matches no parameter; the parameters are "
+                                 f"{names}.")
+            for i in hits:
+                mask[i] = True
+        return tuple(mask)
+    if jax.tree_util.tree_structure(subset) != jax.tree_util.tree_structure(like):
+        raise ValueError("`subset` must be a prefix, a sequence of prefixes, or a pytree of bools "
+                         "with the structure of the parameters.")
+    mask = tuple(bool(np.all(m)) for m in jax.tree_util.tree_leaves(subset))
+    if not any(mask):
+        raise ValueError("`subset` selects no parameter.")
+    return mask
+
+
+def restrict(operator: Callable[[PyTree], PyTree], subset: Any, *, like: PyTree = None
+             ) -> RestrictedOperator:
+    r"""The block :math:`H_{SS}` of a symmetric operator on a subset S of the parameter leaves.
+
+    :math:`v_S \mapsto [H\,(v_S \oplus 0)]_S` costs one product with the full operator. The
+    result is itself an operator (``dim``, ``like``, ``describe()``), so
+    :func:`top_eigenpairs`, :func:`spectral_density` and the metrics apply to it unchanged: the
+    top eigenvectors of one layer's Hessian (or GGN) block, its spectrum, f_top of that
+    layer's gradient.
+
+    Args:
+      operator: ``v -> H v`` on parameter pytrees, e.g. :func:`dataset_hvp` or
+        :func:`dataset_ggn` (or a :class:`RestrictedOperator`, to restrict further).
+      subset: which leaves form S: a prefix of their "/"-joined paths
+        (:func:`models.layer_slices` naming), matched on whole path components ("dense_1"
+        selects "dense_1/kernel" and "dense_1/bias", not "dense_10/..."), a sequence of such
+        prefixes, or a pytree of bools with the structure of the parameters (one per leaf).
+      like: the parameter template (default ``operator.like``).
+
+    Returns:
+      A :class:`RestrictedOperator` acting on pytrees shaped like its ``like``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hessian_subspace as hs
+      >>> h = jnp.arange(1.0, 10.0).reshape(3, 3); h = h + h.T
+      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+      >>> def matvec(v):
+      ...     out = h @ jnp.concatenate([v["a"], v["b"]])
+      ...     return {"a": out[:2], "b": out[2:]}
+      >>> block = hs.restrict(matvec, "a", like=params)
+      >>> block.dim, block({"a": jnp.array([1.0, 0.0]), "b": None})["a"]  # H[:2, 0]
+      (2, Array([2., 6.], dtype=float32))
+    """
+    if like is None:
+        like = getattr(operator, "like", None)
+        if like is None:
+            raise ValueError("`like` is required for an operator without a `like` attribute.")
+    operator = operator if _is_pytree_operator(operator) else jax.tree_util.Partial(operator)
+    return RestrictedOperator(operator=operator, full_like=like, mask=_block_mask(subset, like))
+
+
+def _is_pytree_operator(operator) -> bool:
+    if not callable(operator):
+        raise ValueError(f"`operator` must be callable, got {type(operator).__name__}.")
+    leaves = jax.tree_util.tree_leaves(operator)
+    return not (len(leaves) == 1 and leaves[0] is operator)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

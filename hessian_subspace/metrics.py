@@ -7,16 +7,23 @@ leading axis k. All functions are pure and jit-compatible; inner products use
 ``Precision.HIGHEST``. Notation follows Gur-Ari, Roberts, Dyer (2018): :math:`P` is the
 orthogonal projector onto the span of a basis.
 
+Computed eigenvectors are not exact, so the metrics of a computed subspace carry an error:
+:func:`subspace_error_bound` turns Ritz residuals and the next Ritz value into bounds on the
+projector error (Davis-Kahan), and :func:`gradient_fraction_bound` and
+:func:`subspace_overlap_bound` into error bars on f_top and on eq. 5.
+
 References:
   Gur-Ari, Roberts, Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv:1812.04754,
   eqs. 2-5 and 12.
   Knyazev, Argentati, "Principal angles between subspaces in an A-based scalar product",
   SIAM J. Sci. Comput. 23 (2002) (the sine/cosine formula for principal angles).
+  Davis, Kahan, "The rotation of eigenvectors by a perturbation. III", SIAM J. Numer. Anal. 7
+  (1970) (the sin θ theorem behind the error bars).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +181,171 @@ def random_vertex_overlap(eigenvalues: jax.Array) -> jax.Array:
     """
     lam = jnp.asarray(eigenvalues)
     return jnp.sum(lam) / jnp.sqrt(lam.shape[0] * jnp.sum(lam**2))
+
+
+# --------------------------------------------------------------------------------------------
+# Error bars from Ritz residuals.
+
+
+class SubspaceErrorBound(NamedTuple):
+    """Output of :func:`subspace_error_bound`: how far the computed top-k projector
+    :math:`\\hat P` can be from the exact one :math:`P` (θ_i: principal angles between them)."""
+
+    spectral: jax.Array  # (); bound on ||P̂ - P||_2 = max_i sin θ_i.
+    frobenius: jax.Array  # (); bound on ||P̂ - P||_F = sqrt(2) ||sin Θ||_F.
+    sine_sum: jax.Array  # (); bound on Σ_i sin θ_i = ||P̂ - P||_* / 2 (trace norm).
+    gap: jax.Array  # (); δ = λ̂_k - λ̂_{k+1} - ρ; if <= 0 there is no bound (the above are inf).
+    k: jax.Array  # () int; dimension of the subspace.
+
+
+def subspace_error_bound(residuals: jax.Array, eigenvalues: jax.Array,
+                         next_eigenvalue: jax.Array, next_residual: jax.Array
+                         ) -> SubspaceErrorBound:
+    r"""A posteriori bound on the error of a computed top-k eigenspace, from Ritz residuals.
+
+    Let :math:`\hat V` (p x k) hold orthonormal computed eigenvectors with values
+    :math:`\hat\lambda_1..\hat\lambda_k`, residuals :math:`r_i = \|H\hat v_i -
+    \hat\lambda_i\hat v_i\|`, :math:`R = H\hat V - \hat V\hat\Lambda`
+    (:math:`\|R\|_F = (\sum_i r_i^2)^{1/2}`), and :math:`(\hat\lambda_{k+1}, r_{k+1})` the next
+    Ritz pair, with its vector orthonormal to :math:`\hat V`. :math:`P` projects on the exact
+    top-k eigenspace :math:`V` of H, assumed separated: :math:`\lambda_k > \lambda_{k+1}`.
+
+    *Gap.* Kahan's theorem (Parlett, *The Symmetric Eigenvalue Problem*, Thm. 11.5.1) applied to
+    the k+1 Ritz pairs: k+1 eigenvalues of H lie, in order, within
+    :math:`\rho = \|[R, r_{k+1}]\|_2 \le (\|R\|_F^2 + r_{k+1}^2)^{1/2}` of the Ritz values. If
+    they are the top k+1 (**assumption**: Lanczos missed none of them, which no residual can
+    reveal: an eigenvector orthogonal to the Krylov space leaves every residual small), then
+    :math:`\lambda_{k+1} \le \hat\lambda_{k+1} + \rho`, and the computed values, all
+    :math:`\ge \hat\lambda_k = \min_i \hat\lambda_i`, are separated from the rest of the
+    spectrum by :math:`\delta = \hat\lambda_k - \hat\lambda_{k+1} - \rho`.
+
+    *Angles.* With :math:`U_\perp` the eigenvectors of :math:`\lambda_{k+1}, \dots`,
+    :math:`U_\perp^\top R = \Lambda_\perp X - X\hat\Lambda` for :math:`X = U_\perp^\top\hat V`,
+    whose singular values are the :math:`\sin\theta_i`; spectra separated by δ give
+    :math:`\|\Lambda_\perp X - X\hat\Lambda\| \ge \delta\|X\|` (Davis & Kahan 1970, sin θ
+    theorem), so :math:`\|\sin\Theta\|_F \le \|R\|_F/\delta`, and also
+    :math:`\max_i\sin\theta_i \le \|R\|_2/\delta \le \|R\|_F/\delta`. For equal-rank projectors
+    the eigenvalues of :math:`\hat P - P` are :math:`\pm\sin\theta_i`, hence
+
+    .. math:: \|\hat P - P\|_2 \le \frac{\|R\|_F}{\delta},\quad
+              \|\hat P - P\|_F \le \frac{\sqrt2\,\|R\|_F}{\delta},\quad
+              \sum_i \sin\theta_i \le \frac{\sqrt k\,\|R\|_F}{\delta}.
+
+    The bounds are first order in the residuals; values >= 1 (spectral) say nothing, since
+    :math:`\|\hat P - P\|_2 \le 1` always.
+
+    Args:
+      residuals: ``(k,)`` residual norms of the computed top-k pairs.
+      eigenvalues: ``(k,)`` their Ritz values (any order).
+      next_eigenvalue: scalar :math:`\hat\lambda_{k+1}`, the next Ritz value.
+      next_residual: scalar :math:`r_{k+1}`, its residual norm (0 if ``next_eigenvalue`` is
+        known to bound the rest of the spectrum from above, e.g. an exact eigenvalue).
+
+    Returns:
+      A :class:`SubspaceErrorBound`; its bounds are ``inf`` when :math:`\delta \le 0`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> b = subspace_error_bound(jnp.array([1e-3, 1e-3]), jnp.array([10.0, 9.0]), 1.0, 1e-3)
+      >>> print(f"{float(b.gap):.4f} {float(b.spectral):.2e}")
+      7.9983 1.77e-04
+
+    References:
+      C. Davis, W. M. Kahan, "The rotation of eigenvectors by a perturbation. III", SIAM J.
+      Numer. Anal. 7 (1970). B. N. Parlett, *The Symmetric Eigenvalue Problem* (1998), §11.5.
+    """
+    return jax.tree_util.tree_map(
+        lambda x: x[-1],
+        subspace_error_bounds(jnp.append(jnp.asarray(residuals), next_residual),
+                              jnp.append(jnp.asarray(eigenvalues), next_eigenvalue)))
+
+
+def subspace_error_bounds(residuals: jax.Array, eigenvalues: jax.Array) -> SubspaceErrorBound:
+    r""":func:`subspace_error_bound` for every leading block of m computed Ritz pairs at once.
+
+    Entry d - 1 bounds the span of pairs 1..d, with pair d + 1 as the next one, for
+    d = 1 .. m - 1 (e.g. every top-d subspace of eq. 5 from one Lanczos run). Vectorised
+    (cumulative sums and minima), so one compilation serves every d.
+
+    Args:
+      residuals: ``(m,)`` residual norms, in the order of ``eigenvalues``.
+      eigenvalues: ``(m,)`` Ritz values, largest first (the blocks are leading entries).
+
+    Returns:
+      A :class:`SubspaceErrorBound` whose fields have shape ``(m - 1,)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> b = subspace_error_bounds(jnp.zeros(3), jnp.array([3.0, 2.0, 2.0]))
+      >>> b.spectral.tolist(), b.gap.tolist()  # exact pairs; no gap between 2 and 2
+      ([0.0, inf], [1.0, 0.0])
+    """
+    r = jnp.asarray(residuals)
+    dtype = jnp.result_type(r, jnp.asarray(eigenvalues), float)
+    r = r.astype(dtype)
+    lam = jnp.asarray(eigenvalues, dtype)
+    res = jnp.sqrt(jnp.cumsum(r**2))[:-1]  # ||R_d||_F for d = 1 .. m-1.
+    rho = jnp.sqrt(res**2 + r[1:] ** 2)
+    gap = jax.lax.cummin(lam)[:-1] - lam[1:] - rho
+    sine = jnp.where(gap > 0, res / jnp.where(gap > 0, gap, 1.0), jnp.inf)
+    k = jnp.arange(1, lam.shape[0])
+    return SubspaceErrorBound(spectral=sine, frobenius=jnp.sqrt(2.0).astype(dtype) * sine,
+                              sine_sum=jnp.sqrt(k.astype(dtype)) * sine, gap=gap, k=k)
+
+
+def gradient_fraction_bound(residuals: jax.Array, eigenvalues: jax.Array,
+                            next_eigenvalue: jax.Array, next_residual: jax.Array) -> jax.Array:
+    r"""Bound on :math:`|\hat f_{top} - f_{top}|` for f_top computed in a computed eigenspace.
+
+    :math:`\hat f - f = g^\top(\hat P - P)g/\|g\|^2`, a Rayleigh quotient of
+    :math:`\hat P - P`, so :math:`|\hat f - f| \le \|\hat P - P\|_2`, bounded by
+    :func:`subspace_error_bound` (same arguments and assumption). Attained when g lies along
+    the top eigenvector of :math:`\hat P - P`. For :math:`f_{next}` (eigenvectors k+1..2k),
+    :math:`P_{next} = P_{2k} - P_k` gives the sum of this bound at 2k and at k.
+
+    Returns:
+      Scalar bound (``inf`` when the gap is not positive).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> b = gradient_fraction_bound(jnp.array([1e-3]), jnp.array([10.0]), 2.0, 0.0)
+      >>> print(f"{float(b):.3e}")
+      1.250e-04
+    """
+    return subspace_error_bound(residuals, eigenvalues, next_eigenvalue, next_residual).spectral
+
+
+def subspace_overlap_bound(error_a: SubspaceErrorBound, error_b: SubspaceErrorBound
+                           ) -> jax.Array:
+    r"""Bound on the error of :func:`subspace_overlap` between two computed eigenspaces.
+
+    With :math:`E = \hat P - P`,
+    :math:`\mathrm{Tr}(\hat P_a\hat P_b) - \mathrm{Tr}(P_a P_b)
+    = \mathrm{Tr}(E_a\hat P_b) + \mathrm{Tr}(P_a E_b)`. E has eigenvalues
+    :math:`\pm\sin\theta_i` (trace 0) and :math:`0 \preceq M \preceq I` for a projector M, so
+    :math:`|\mathrm{Tr}(E M)| \le \sum_i \sin\theta_i`: the positive part of E weighted by
+    numbers in [0, 1]. Hence
+
+    .. math:: |\hat O - O| \le \frac{\sum_i\sin\theta^a_i + \sum_i\sin\theta^b_i}
+              {\sqrt{k_a k_b}} \le \frac{\sqrt{k_a}\,\|R_a\|_F/\delta_a
+              + \sqrt{k_b}\,\|R_b\|_F/\delta_b}{\sqrt{k_a k_b}},
+
+    tighter by :math:`\sqrt{2k_b/k_a}` than Cauchy-Schwarz,
+    :math:`|\mathrm{Tr}(E_a\hat P_b)| \le \|E_a\|_F\sqrt{k_b}`. Attained to first order when
+    :math:`P_b` contains the directions :math:`\hat P_a` rotated towards with equal angles.
+
+    Args:
+      error_a: :func:`subspace_error_bound` of the first subspace.
+      error_b: that of the second.
+
+    Returns:
+      Scalar bound (``inf`` if either gap is not positive).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = subspace_error_bound(jnp.array([1e-3, 1e-3]), jnp.array([10.0, 9.0]), 1.0, 0.0)
+      >>> print(f"{float(subspace_overlap_bound(a, a)):.3e}")
+      2.500e-04
+    """
+    norm = jnp.sqrt(error_a.k * error_b.k).astype(jnp.result_type(error_a.sine_sum))
+    return (error_a.sine_sum + error_b.sine_sum) / norm

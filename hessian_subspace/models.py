@@ -288,8 +288,8 @@ def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
     Args:
       name: one of ``MODEL_NAMES``: "softmax" (``use_bias=True``), "fc" (``hidden=(100, 100)``,
         ``activation="relu"``), "convnet" (``dropout``, ``batch_norm``, ``extra_dense``, all
-        False by default; ``width=1.0``), "resnet18" (``width=64``), "fc_regression" (like "fc"; the sine task
-        uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``).
+        False by default; ``width=1.0``), "resnet18" (``width=64``), "fc_regression" (like "fc";
+        the sine task uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``).
       num_outputs: number of classes (or of regression outputs), a positive int.
       **kwargs: the model's options listed above.
 

@@ -9,16 +9,27 @@ follows a live one (``watch=True``); :class:`Callback` calls it from inside a tr
 Results directory (every file written atomically: temporary file, fsync, rename):
 
 - ``records/step_00000123.json``: one record per checkpoint: step, every scalar metric,
-  eigenvalues, residuals, converged flags, precision, dtype, versions, config, timings, HVPs;
-  or ``status: "failed"`` with the reason.
-- ``bases/step_00000123.npz``: the top-2k eigenvectors (rows, ``ravel_pytree`` order) and
-  eigenvalues, so any pair of steps can be compared afterwards without recomputing.
+  eigenvalues, residuals, converged flags, error bars (``f_top_bound``, ``f_next_bound``,
+  ``subspace_overlap[t]["top{d}_bound"]``), the curvature used, precision, dtype, versions,
+  config, timings, HVPs; or ``status: "failed"`` with the reason.
+  ``hessian`` holds the operator's ``describe()``, whose ``curvature`` says which it is.
+- ``bases/step_00000123.npz``: the top-2k eigenvectors (rows, ``ravel_pytree`` order),
+  eigenvalues and residuals, so any pair of steps can be compared (with error bars) afterwards
+  without recomputing.
 - ``spectra/step_00000123.npz``: SLQ nodes/weights and dense spectra where asked for.
 - ``results.jsonl``: all records in step order (rebuilt after each checkpoint).
 - ``pipeline.json``: the analysis settings; a restart with other settings is refused.
 
 A killed analysis restarted with the same arguments skips every step that has a record and
 recomputes nothing it finished. Nothing is written or read with pickle.
+
+The curvature operator is the Hessian by default; ``Settings.curvature="ggn"`` measures every
+curvature quantity (eigenpairs, f_top, c_i², overlap(g, Hg), layers, subspace overlaps, SLQ,
+dense spectra) with the Gauss-Newton matrix instead, ``Settings.also_ggn`` adds the GGN's top-k
+and f_top next to the Hessian's, and ``Settings.block`` restricts the analysis to the diagonal
+block of some parameter leaves (and the gradient to those leaves). Error bars come from the
+Ritz residuals (:func:`hessian_subspace.metrics.subspace_error_bound`); they assume that
+Lanczos missed none of the top eigenvalues.
 """
 
 from __future__ import annotations
@@ -85,6 +96,10 @@ class Settings:
     dense_steps: tuple[int, ...] = ()
     dense_max_params: int = 5000
     seed: int = 0
+    curvature: str = "hessian"  # "hessian" or "ggn": the operator of every curvature transform
+    also_ggn: bool = False  # with the Hessian, also GGN top-k eigenvalues, f_top_ggn
+    block: str | tuple[str, ...] | None = None  # analyse only these parameter leaves (prefixes)
+    next_bound: bool = False  # one more Ritz pair (2k + 1) for f_next and next-k error bars
 
     def __post_init__(self):
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
@@ -96,6 +111,25 @@ class Settings:
                 raise ValueError(f"transform {t!r} needs {missing} in `transforms`")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.curvature not in transforms.CURVATURES:
+            raise ValueError(f"`curvature` must be one of {transforms.CURVATURES}, got "
+                             f"{self.curvature!r}")
+        if self.also_ggn and (self.curvature != "hessian" or "eigenpairs" not in self.transforms):
+            raise ValueError("`also_ggn` needs curvature='hessian' and 'eigenpairs' in "
+                             "`transforms`")
+        if isinstance(self.block, list):
+            object.__setattr__(self, "block", tuple(self.block))
+        if self.block is not None and not (
+                isinstance(self.block, str) and self.block
+                or isinstance(self.block, tuple) and self.block
+                and all(isinstance(b, str) and b for b in self.block)):
+            raise ValueError(f"`block` must be a parameter-path prefix or a tuple of them, got "
+                             f"{self.block!r}")
+
+    @property
+    def block_prefixes(self) -> tuple[str, ...] | None:
+        """``block`` as a tuple of prefixes (None: all parameters)."""
+        return (self.block,) if isinstance(self.block, str) else self.block
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -251,6 +285,9 @@ class Pipeline:
                 lambda x: jnp.asarray(x[idx]), self.analysis)
         self._previous_basis: np.ndarray | None = None
         self._previous_step: int | None = None
+        if settings.block is not None:  # Fail now, not at the first checkpoint.
+            hs.restrict(lambda v: v, settings.block_prefixes,
+                        like=self.restore_target()["params"])
         self._check_settings_file()
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -280,6 +317,8 @@ class Pipeline:
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
+            # Settings added later take their defaults in directories written before them.
+            old["settings"] = dict(Settings().to_json(), **old.get("settings", {}))
             if old != current:
                 raise ValueError(
                     f"{self.store.directory} holds results made with other settings "
@@ -340,9 +379,13 @@ class Pipeline:
             versions=_versions(), config=self.config, settings=s.to_json())
         basis = spectra = None
         hvps = 0
-        hessian = hs.dataset_hvp(loss_fn, params, self.analysis, batch_size=s.batch_size,
-                                 precision=s.precision)
-        record["hessian"] = hessian.describe()
+        # The curvature operator: H or G of the mean analysis loss, or its block on s.block.
+        op = self._operator(s.curvature, params, model_state)
+        record["hessian"] = op.describe()
+        record["curvature"] = s.curvature
+        if s.block is not None:
+            record["block"] = dict(prefixes=list(s.block_prefixes), leaves=list(op.leaf_names),
+                                   num_params=op.dim)
 
         if "loss" in todo:
             m = transforms.data_metrics(metrics_fn, params, self.analysis,
@@ -359,78 +402,119 @@ class Pipeline:
             record["grad_norm"] = float(gr.norm)
             if not np.isfinite(record["grad_norm"]):
                 raise FloatingPointError("the full-data gradient is not finite")
-        eig = None
+            if s.block is not None:  # From here on g is the block's part of the gradient.
+                grad = op.select(grad)
+                record["block_grad_norm"] = float(
+                    jnp.linalg.norm(flatten_util.ravel_pytree(grad)[0]))
+        g_flat = None if grad is None else flatten_util.ravel_pytree(grad)[0]
+        eig = bounds = None
         if "eigenpairs" in todo:
             key = jax.random.fold_in(jax.random.key(s.seed), step)
             warm = s.warm_start and self._previous_basis is not None
             v0 = transforms.warm_start_vector(
-                key, self._previous_basis if warm else None, params)
-            num = min(2 * k, hessian.dim - 1)
-            eig = hs.top_eigenpairs(hessian, v0, num, num_steps=self._lanczos_steps(num, hessian),
+                key, self._previous_basis if warm else None, op.like)
+            num = min(2 * k + int(s.next_bound), op.dim - 1)
+            eig = hs.top_eigenpairs(op, v0, num, num_steps=self._lanczos_steps(num, op),
                                     tol=s.tol, block_size=s.block_size, key=key)
             hvps += int(eig.num_matvecs)
             values = np.asarray(eig.eigenvalues, np.float64)
             record.update(
-                eigenvalues=values[:k], next_eigenvalues=values[k:],
+                eigenvalues=values[:k], next_eigenvalues=values[k:2 * k],
                 residuals=np.asarray(eig.residuals), converged=np.asarray(eig.converged),
                 all_converged=bool(np.all(eig.converged)), lanczos_hvps=int(eig.num_matvecs),
                 warm_start=bool(warm))
             basis = dict(eigenvectors=np.asarray(eig.eigenvectors, np.float32),
                          eigenvalues=values, residuals=np.asarray(eig.residuals))
-        if grad is not None and eig is not None and ("f_top" in todo or "c2" in todo):
-            g_flat = flatten_util.ravel_pytree(grad)[0]
-            fr = transforms.subspace_fractions(g_flat, eig.eigenvectors, k)
+            bounds = transforms.error_bounds(eig.residuals, eig.eigenvalues)
+        if g_flat is not None and eig is not None and ("f_top" in todo or "c2" in todo):
+            vectors = eig.eigenvectors[:2 * k] if s.next_bound else eig.eigenvectors
+            fr = transforms.subspace_fractions(g_flat, vectors, k)
             if "f_top" in todo:
                 record.update(f_top=float(fr["f_top"]), f_next=float(fr["f_next"]))
+                record.update(transforms.fraction_bounds(bounds, k))
                 if self.minibatches is not None:
                     mg = transforms.minibatch_gradients(loss_fn, params, self.minibatches)
+                    if s.block is not None:
+                        mg = mg[:, op.flat_indices]
                     mb = transforms.minibatch_f_top(mg, eig.eigenvectors, k)
                     record.update(f_top_minibatch=mb, f_top_minibatch_mean=float(np.mean(mb)))
             if "c2" in todo:
                 record["c2"] = np.asarray(fr["c2"])
+        if s.also_ggn and eig is not None:
+            hvps += self._also_ggn(record, step, params, model_state, eig, g_flat)
         if "overlap_g_hg" in todo and grad is not None:
-            hg = hessian(grad)
+            hg = op(grad)
             hvps += 1
             record["overlap_g_hg"] = float(hs.hessian_gradient_overlap(grad, hg))
         if "layers" in todo and eig is not None:
             record["lambda_max"] = float(eig.eigenvalues[0])
-            slices = models.layer_slices(params)
+            slices = models.layer_slices(op.like)
             record["top_eigenvector_layer_mass"] = transforms.layer_mass(
                 np.asarray(eig.eigenvectors[0]), slices)
             record["layer_slices"] = [list(s) for s in slices]
         if "subspace_overlap" in todo and eig is not None:
-            record["subspace_overlap"] = self._overlaps(step, basis["eigenvectors"])
+            record["subspace_overlap"] = self._overlaps(step, basis["eigenvectors"], bounds)
         if "slq" in todo and step in s.slq_steps:
-            nodes, weights = self._slq(hessian, step)
+            nodes, weights = self._slq(op, step)
             hvps += s.slq_probes * s.slq_lanczos_steps
             spectra = dict(slq_nodes=np.asarray(nodes), slq_weights=np.asarray(weights))
             record["slq"] = dict(probes=s.slq_probes, lanczos_steps=s.slq_lanczos_steps)
         if "dense_spectrum" in todo and step in s.dense_steps:
-            if hessian.dim > s.dense_max_params:
-                record["dense_spectrum"] = (f"skipped: {hessian.dim} parameters > "
+            if op.dim > s.dense_max_params:
+                record["dense_spectrum"] = (f"skipped: {op.dim} parameters > "
                                             f"dense_max_params={s.dense_max_params}")
             else:
-                lam = transforms.dense_spectrum(hessian)
-                hvps += hessian.dim
+                lam = transforms.dense_spectrum(op)
+                hvps += op.dim
                 spectra = dict(spectra or {}, dense_eigenvalues=lam)
                 record["dense_spectrum"] = dict(num=int(lam.size), max=float(lam[-1]),
                                                 min=float(lam[0]))
         record["hvps"] = hvps
         return record, basis, spectra
 
-    def _lanczos_steps(self, num, hessian) -> int | None:
+    def _operator(self, curvature_name: str, params: PyTree, model_state: PyTree):
+        s = self.settings
+        return transforms.curvature_operator(
+            curvature_name, self.model, self.task, model_state, params, self.analysis,
+            batch_size=s.batch_size, precision=s.precision, block=s.block_prefixes)
+
+    def _also_ggn(self, record: dict, step: int, params: PyTree, model_state: PyTree,
+                  eig: hs.Eigenpairs, g_flat: jax.Array | None) -> int:
+        """GGN top-k (k + 1 pairs, for the error bar), f_top in it, and the overlap (eq. 5) of
+        the GGN and Hessian top-k subspaces; started from the Hessian's top k. Returns HVPs."""
+        s, k = self.settings, self.k
+        ggn = self._operator("ggn", params, model_state)
+        key = jax.random.fold_in(jax.random.key(s.seed + 1), step)
+        num = min(k + 1, ggn.dim - 1)
+        v0 = transforms.warm_start_vector(key, eig.eigenvectors[:k], ggn.like)
+        geig = hs.top_eigenpairs(ggn, v0, num, num_steps=self._lanczos_steps(num, ggn),
+                                 tol=s.tol, block_size=s.block_size, key=key)
+        values = np.asarray(geig.eigenvalues, np.float64)
+        record.update(ggn_eigenvalues=values[:k], ggn_residuals=np.asarray(geig.residuals),
+                      ggn_all_converged=bool(np.all(geig.converged)),
+                      ggn_lanczos_hvps=int(geig.num_matvecs),
+                      ggn_hessian_overlap=float(hs.subspace_overlap(eig.eigenvectors[:k],
+                                                                    geig.eigenvectors[:k])))
+        if g_flat is not None and "f_top" in s.transforms:
+            fr = transforms.subspace_fractions(g_flat, geig.eigenvectors, k)
+            bounds = transforms.fraction_bounds(
+                transforms.error_bounds(geig.residuals, geig.eigenvalues), k)
+            record.update(f_top_ggn=float(fr["f_top"]), f_top_ggn_bound=bounds["f_top_bound"])
+        return int(geig.num_matvecs)
+
+    def _lanczos_steps(self, num, op) -> int | None:
         if self.settings.lanczos_steps is None:
             return None
-        return int(min(max(self.settings.lanczos_steps, num), hessian.dim))
+        return int(min(max(self.settings.lanczos_steps, num), op.dim))
 
-    def _slq(self, hessian, step):
+    def _slq(self, op, step):
         s = self.settings
         return spectrum.slq_quadrature(
-            hessian, jax.random.fold_in(jax.random.key(s.seed + 7), step),
-            num_probes=s.slq_probes, num_steps=min(s.slq_lanczos_steps, hessian.dim),
+            op, jax.random.fold_in(jax.random.key(s.seed + 7), step),
+            num_probes=s.slq_probes, num_steps=min(s.slq_lanczos_steps, op.dim),
             probe_batch=1)
 
-    def _overlaps(self, step: int, current: np.ndarray) -> dict:
+    def _overlaps(self, step: int, current: np.ndarray, bounds) -> dict:
         k = self.k
         dims = list(range(2, 2 * k + 1))
         out = {}
@@ -442,6 +526,9 @@ class Pipeline:
             if ref is None:
                 continue
             out[str(t)] = transforms.subspace_overlaps(current, ref["eigenvectors"], k, dims)
+            if "residuals" in ref and ref["residuals"].shape[0] >= 2:
+                ref_bounds = transforms.error_bounds(ref["residuals"], ref["eigenvalues"])
+                out[str(t)].update(transforms.subspace_overlap_bounds(bounds, ref_bounds, k, dims))
         if self._previous_step is not None and str(self._previous_step) in out:
             out["previous"] = dict(out[str(self._previous_step)], step=self._previous_step)
         return out

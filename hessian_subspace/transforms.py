@@ -40,6 +40,67 @@ def analysis_metrics(model, task: str, model_state: PyTree) -> Partial:
     return models.analysis_metrics_fn(model, model_state, task)
 
 
+def analysis_output_fn(model, model_state: PyTree) -> Partial:
+    """``outputs(params, batch) -> (n, num_outputs)``: the model in inference mode (dropout off,
+    BatchNorm on its frozen statistics), the output function of the Gauss-Newton matrix.
+
+    A ``jax.tree_util.Partial`` binding ``model_state`` to one cached function per model, like
+    :func:`models.analysis_loss_fn`, so a new checkpoint reuses compiled code.
+    """
+    return Partial(_analysis_output_impl(model), model_state)
+
+
+@functools.lru_cache(maxsize=None)
+def _analysis_output_impl(model):
+    def outputs(model_state: PyTree, params: PyTree, batch: dict) -> jax.Array:
+        return model.apply({"params": params, **model_state}, batch["x"], train=False)
+
+    return outputs
+
+
+def output_loss(task: str) -> Partial:
+    r"""``loss(outputs, batch) -> scalar``: the mean loss of model outputs, the loss of the
+    Gauss-Newton matrix: softmax cross-entropy against integer labels (classification), or
+    ``mean((outputs - y) ** 2)`` over all ``(n, m)`` entries (regression), exactly the
+    normalisation of :func:`models.batch_metrics` and :func:`models.analysis_loss_fn`, so that
+    ``output_loss(task)(analysis_output_fn(model, state)(params, b), b)`` is the analysis loss.
+    Its output-space Hessian per example is :math:`\mathrm{diag}(p) - pp^\top` or
+    :math:`2I/m`, divided by n by the mean.
+    """
+    if task not in models.TASKS:
+        raise ValueError(f"`task` must be one of {models.TASKS}, got {task!r}.")
+    return Partial(_output_loss_impl(task))
+
+
+@functools.lru_cache(maxsize=None)
+def _output_loss_impl(task: str):
+    def loss(outputs: jax.Array, batch: dict) -> jax.Array:
+        return models.batch_metrics(outputs, batch, task)["loss"]
+
+    return loss
+
+
+CURVATURES = ("hessian", "ggn")
+
+
+def curvature_operator(curvature_name: str, model, task: str, model_state: PyTree,
+                       params: PyTree, data: dict, *, batch_size: int,
+                       precision: str | None = None, block=None):
+    """The operator the paper's quantities are measured with: the Hessian (``"hessian"``,
+    :func:`curvature.dataset_hvp`) or the Gauss-Newton matrix (``"ggn"``,
+    :func:`curvature.dataset_ggn`) of the analysis loss over ``data``, restricted to the
+    parameter block ``block`` (prefixes, see :func:`curvature.restrict`) unless it is None."""
+    if curvature_name == "hessian":
+        op = curvature.dataset_hvp(analysis_loss(model, task, model_state), params, data,
+                                   batch_size=batch_size, precision=precision)
+    elif curvature_name == "ggn":
+        op = curvature.dataset_ggn(analysis_output_fn(model, model_state), output_loss(task),
+                                   params, data, batch_size=batch_size, precision=precision)
+    else:
+        raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature_name!r}.")
+    return op if block is None else curvature.restrict(op, block)
+
+
 # --------------------------------------------------------------------------------------------
 # Full-data quantities.
 
@@ -127,11 +188,54 @@ def subspace_overlaps(basis: np.ndarray, reference: np.ndarray, k: int,
     return out
 
 
-def dense_spectrum(hessian: curvature.HessianOperator) -> np.ndarray:
-    """All eigenvalues of the full-data Hessian: p HVPs (``lax.map``) then a float64 ``eigh``.
+# --------------------------------------------------------------------------------------------
+# Error bars (metrics.subspace_error_bounds; assumption: Lanczos missed none of the top pairs).
+
+# Bases are stored in float32 (rounding unit u): each stored row moves by at most u in norm
+# relative, which moves eq. 5 by at most about 4u; this allowance covers it.
+BASIS_ROUNDING = 5 * 2.0**-24
+
+
+@jax.jit
+def error_bounds(residuals: jax.Array, eigenvalues: jax.Array) -> metrics.SubspaceErrorBound:
+    """:func:`metrics.subspace_error_bounds` of m Ritz pairs: entry d-1 bounds the top-d
+    subspace (d = 1 .. m-1). Compiled once per m."""
+    return metrics.subspace_error_bounds(residuals, eigenvalues)
+
+
+def fraction_bounds(bounds: metrics.SubspaceErrorBound, k: int) -> dict:
+    """Error bars on f_top (top k) and f_next (pairs k+1 .. 2k, ``P_2k - P_k``) from
+    :func:`error_bounds` of m pairs; None where m is too small (k + 1 and 2k + 1 pairs)."""
+    spectral = np.asarray(bounds.spectral, np.float64)
+    m = spectral.shape[0] + 1
+    return dict(f_top_bound=float(spectral[k - 1]) if m > k else None,
+                f_next_bound=float(spectral[2 * k - 1] + spectral[k - 1]) if m > 2 * k else None)
+
+
+def subspace_overlap_bounds(bounds: metrics.SubspaceErrorBound,
+                            reference: metrics.SubspaceErrorBound, k: int,
+                            dims: Sequence[int]) -> dict:
+    """Error bars for :func:`subspace_overlaps`: ``top{d}_bound`` (:func:`metrics.
+    subspace_overlap_bound`) for each d with d + 1 Ritz pairs at both steps, and ``next_bound``
+    (``P_next = P_2k - P_k``, so the sine sums of both blocks add up) with 2k + 1 pairs; plus
+    :data:`BASIS_ROUNDING` for the float32 storage of the bases."""
+    a = np.asarray(bounds.sine_sum, np.float64)
+    b = np.asarray(reference.sine_sum, np.float64)
+    m = min(a.shape[0], b.shape[0]) + 1
+    out = {f"top{d}_bound": float((a[d - 1] + b[d - 1]) / d + BASIS_ROUNDING)
+           for d in dims if d < m}
+    if m > 2 * k:
+        out["next_bound"] = float((a[k - 1] + a[2 * k - 1] + b[k - 1] + b[2 * k - 1]) / k
+                                  + BASIS_ROUNDING)
+    return out
+
+
+def dense_spectrum(operator) -> np.ndarray:
+    """All eigenvalues of a curvature operator (the full-data Hessian, its GGN or a block):
+    p products (``lax.map``) then a float64 ``eigh``.
 
     Small models only (p² memory, p³ time); the paper's Fig. 4 uses a 32-32 FC net.
     Returns ascending eigenvalues, float64.
     """
-    h = np.asarray(jax.jit(curvature.dense_matrix)(hessian, hessian.params), np.float64)
+    h = np.asarray(jax.jit(curvature.dense_matrix)(operator, operator.like), np.float64)
     return np.linalg.eigvalsh(0.5 * (h + h.T))

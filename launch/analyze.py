@@ -36,6 +36,11 @@ flags.DEFINE_bool("warm_start", True, "Start Lanczos from the previous checkpoin
 flags.DEFINE_list("slq_steps", [], "Steps at which to estimate the spectral density (SLQ).")
 flags.DEFINE_list("dense_steps", [], "Steps at which to compute the full spectrum.")
 flags.DEFINE_bool("test_metrics", False, "Also measure test loss and accuracy.")
+flags.DEFINE_enum("curvature", "hessian", ["hessian", "ggn"],
+                  "Curvature operator of every curvature metric: Hessian or Gauss-Newton.")
+flags.DEFINE_bool("also_ggn", False, "With the Hessian, also the GGN top-k and f_top in it.")
+flags.DEFINE_list("block", None, "Only these parameter leaves (path prefixes, e.g. dense_1).")
+flags.DEFINE_bool("next_bound", False, "One more Ritz pair: error bars on next-k quantities.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
 flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
 
@@ -49,7 +54,9 @@ def main(argv):
         tol=FLAGS.tol, block_size=FLAGS.block_size, dtype=FLAGS.dtype,
         precision=FLAGS.precision, batch_size=FLAGS.batch_size,
         reference_steps=ints(FLAGS.reference_steps), warm_start=FLAGS.warm_start,
-        slq_steps=ints(FLAGS.slq_steps), dense_steps=ints(FLAGS.dense_steps))
+        slq_steps=ints(FLAGS.slq_steps), dense_steps=ints(FLAGS.dense_steps),
+        curvature=FLAGS.curvature, also_ggn=FLAGS.also_ggn,
+        block=tuple(FLAGS.block) if FLAGS.block else None, next_bound=FLAGS.next_bound)
     results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
     records = experiment.analyze_run(
         FLAGS.workdir, results, settings=settings,

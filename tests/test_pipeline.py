@@ -16,7 +16,7 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import checkpoint, data, experiment, models, pipeline, train
+from hessian_subspace import checkpoint, data, experiment, models, pipeline, train, transforms
 
 from _helpers import count_compilations
 
@@ -159,6 +159,115 @@ def test_one_compilation_per_transform_and_shape(tmp_path):
         for t in range(2, 5):
             pipe.process(t, jax.tree_util.tree_map(lambda x, t=t: x * (1 + 0.1 * t), params),
                          state)
+    assert n[0] == 0
+
+
+def _dense_curvatures(model, ds, params):
+    """Dense float64 g, H and GGN of the tiny problem (the GGN from jacfwd, as in test_ggn),
+    each under one `jax.jit`."""
+    from test_ggn import _dense_ggn
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+        batch = {"x": jnp.asarray(ds["x"], jnp.float64), "y": jnp.asarray(ds["y"])}
+        loss = models.analysis_loss_fn(model, {}, "classification")
+        flat, unravel = flatten_util.ravel_pytree(p64)
+        g = np.asarray(jax.jit(jax.grad(lambda x, b: loss(unravel(x), b)))(flat, batch))
+        h = np.asarray(jax.jit(hs.dense_hessian)(loss, p64, batch))
+        ggn = _dense_ggn(transforms.analysis_output_fn(model, {}), p64, batch, "classification")
+    return g, h, ggn
+
+
+def _eig_desc(m):
+    w, v = np.linalg.eigh(m)
+    return w[::-1], v[:, ::-1].T
+
+
+def test_block_analysis_and_ggn_alongside_match_dense_blocks(tmp_path):
+    model, ds, params, state = _tiny_problem()
+    settings = pipeline.Settings(
+        block="dense_1", also_ggn=True, dtype="float64", tol=1e-9, lanczos_steps=18,
+        batch_size=45, num_minibatches=2, minibatch_size=16,
+        transforms=("loss", "gradient", "eigenpairs", "f_top", "layers"))
+    pipe = pipeline.Pipeline(model, "classification", ds, str(tmp_path), settings=settings,
+                             num_outputs=3)
+    rec = pipe.process(0, params, state)
+    g, h, ggn = _dense_curvatures(model, ds, params)
+    idx = np.concatenate([np.arange(a, b) for name, a, b in models.layer_slices(params)
+                          if name.startswith("dense_1/")])  # 5 x 3 kernel + 3 biases
+    assert rec["block"] == dict(prefixes=["dense_1"], leaves=["dense_1/bias", "dense_1/kernel"],
+                                num_params=18)
+    assert rec["hessian"]["block"]["num_params"] == 18
+    gs = g[idx]
+    np.testing.assert_allclose(rec["block_grad_norm"], np.linalg.norm(gs), rtol=1e-10)
+    np.testing.assert_allclose(rec["grad_norm"], np.linalg.norm(g), rtol=1e-10)
+    w, v = _eig_desc(h[np.ix_(idx, idx)])
+    np.testing.assert_allclose(rec["eigenvalues"], w[:3], rtol=1e-9)
+    np.testing.assert_allclose(rec["f_top"], np.sum((v[:3] @ gs) ** 2) / (gs @ gs), rtol=1e-6)
+    assert set(rec["top_eigenvector_layer_mass"]) == {"dense_1/bias", "dense_1/kernel"}
+    assert pipe.store.basis(0)["eigenvectors"].shape == (6, 18)
+    assert len(rec["f_top_minibatch"]) == 2
+    wg, vg = _eig_desc(ggn[np.ix_(idx, idx)])
+    np.testing.assert_allclose(rec["ggn_eigenvalues"], wg[:3], rtol=1e-8)
+    np.testing.assert_allclose(rec["f_top_ggn"], np.sum((vg[:3] @ gs) ** 2) / (gs @ gs),
+                               rtol=1e-6)
+    np.testing.assert_allclose(rec["ggn_hessian_overlap"],
+                               hs.subspace_overlap(v[:3], vg[:3]), rtol=1e-6)
+    pipe.process(1, jax.tree_util.tree_map(lambda x: 1.1 * x, params), state)
+    with count_compilations() as n:  # block and GGN-alongside transforms compile once.
+        pipe.process(2, jax.tree_util.tree_map(lambda x: 1.2 * x, params), state)
+    assert n[0] == 0
+    with pytest.raises(ValueError, match="matches no parameter"):
+        pipeline.Pipeline(model, "classification", ds, str(tmp_path / "bad"), num_outputs=3,
+                          settings=pipeline.Settings(block="dense_7"))
+    with pytest.raises(ValueError, match="curvature"):
+        pipeline.Settings(curvature="fisher")
+
+
+def test_ggn_curvature_and_its_error_bars_against_dense_float64_in_a_float32_analysis(
+        tmp_path):
+    # Every curvature transform with the GGN, 2k + 1 Ritz pairs for the next-k error bars.
+    # (The bounds do not depend on the operator; one Lanczos compilation keeps this fast.)
+    model, ds, params, state = _tiny_problem()
+    settings = pipeline.Settings(
+        curvature="ggn", next_bound=True, batch_size=45, num_minibatches=0,
+        reference_steps=(0,), transforms=("loss", "gradient", "eigenpairs", "f_top",
+                                          "overlap_g_hg", "layers", "subspace_overlap"))
+    pipe = pipeline.Pipeline(model, "classification", ds, str(tmp_path), settings=settings,
+                             num_outputs=3)
+    moved = jax.tree_util.tree_map(lambda x: x + 0.3 * jnp.sin(jnp.arange(x.size).reshape(
+        x.shape)), params)
+    vectors = {}
+    for step, p in ((0, params), (7, moved)):
+        rec = pipe.process(step, p, state)
+        assert rec["curvature"] == "ggn" and rec["hessian"]["curvature"] == "ggn"
+        assert rec["dtype"] == "float32" and len(rec["residuals"]) == 7  # 2k + 1 pairs
+        g, h, ggn = _dense_curvatures(model, ds, p)
+        w, v = _eig_desc(ggn)
+        vectors[step] = v
+        # Ritz values within their residuals of the dense GGN's (and not the Hessian's).
+        np.testing.assert_allclose(rec["eigenvalues"], w[:3], rtol=0,
+                                   atol=2 * max(rec["residuals"][:3]))
+        np.testing.assert_allclose(rec["next_eigenvalues"], w[3:6], rtol=0,
+                                   atol=2 * max(rec["residuals"][3:6]))
+        assert not np.allclose(rec["eigenvalues"], _eig_desc(h)[0][:3], rtol=1e-2)
+        np.testing.assert_allclose(rec["lambda_max"], w[0], rtol=1e-4)
+        gg = ggn @ g
+        np.testing.assert_allclose(rec["overlap_g_hg"],
+                                   g @ gg / np.linalg.norm(g) / np.linalg.norm(gg), rtol=1e-4)
+        # The error bars hold against the dense float64 eigenvectors, and say something.
+        f_top = np.sum((v[:3] @ g) ** 2) / (g @ g)
+        f_next = np.sum((v[3:6] @ g) ** 2) / (g @ g)
+        assert abs(rec["f_top"] - f_top) <= rec["f_top_bound"] < 0.1
+        assert abs(rec["f_next"] - f_next) <= rec["f_next_bound"] < 0.1
+    over = rec["subspace_overlap"]["0"]
+    for d in range(2, 7):
+        want = np.sum((vectors[7][:d] @ vectors[0][:d].T) ** 2) / d
+        assert abs(over[f"top{d}"] - want) <= over[f"top{d}_bound"], d
+    want = np.sum((vectors[7][3:6] @ vectors[0][3:6].T) ** 2) / 3
+    assert abs(over["next"] - want) <= over["next_bound"]
+    assert over["top3_bound"] < 0.1
+    with count_compilations() as n:  # GGN transforms and error bars compile once too.
+        pipe.process(8, jax.tree_util.tree_map(lambda x: 1.1 * x, moved), state)
     assert n[0] == 0
 
 

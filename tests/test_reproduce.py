@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hessian_subspace import experiment, models, reproduce
+from hessian_subspace import models, reproduce
 from launch.configs import paper
 
 
@@ -14,7 +14,7 @@ def test_every_experiment_config_builds_valid_runs():
     for name in paper.EXPERIMENTS:
         config = paper.get_config(name)
         assert config.name == name and config.kind in reproduce.KINDS
-        for run_name, run in config.runs.items():
+        for run in config.runs.values():
             reproduce.settings_of(run)  # the analysis block is valid
             for dataset in (None, "gaussian_mixture", "idx:/tmp/x"):
                 r = run if dataset is None else reproduce.override_dataset(run, dataset)
