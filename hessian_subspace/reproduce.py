@@ -63,6 +63,18 @@ def _hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# Analysis settings added after result directories existed. At their defaults they are left out
+# of the directory name, so a rerun finds and resumes the analyses made before they existed.
+_LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound")
+
+
+def analysis_identity(settings: pipeline.Settings) -> dict:
+    """What names an analysis directory: the settings, less later additions at their defaults."""
+    current, defaults = settings.to_json(), pipeline.Settings().to_json()
+    return {k: v for k, v in current.items()
+            if not (k in _LATER_SETTINGS and v == defaults[k])}
+
+
 def _train_part(run: ConfigDict) -> ConfigDict:
     config = copy.deepcopy(run)
     del config["analysis"]
@@ -102,6 +114,19 @@ def override_dataset(run: ConfigDict, dataset: str) -> ConfigDict:
     return run
 
 
+SMOKE_REFERENCE_STEPS = (0, 5, 10)
+
+
+def smoke_plot(config: ConfigDict) -> ConfigDict:
+    """An experiment's plot options at smoke size: reference steps t1 that a smoke run stores
+    (the paper's t1 = 100, 200 lie beyond its 30 steps)."""
+    config = copy.deepcopy(config)
+    if "plot" in config and "t1" in config.plot:
+        kept = [t for t in config.plot.t1 if t in SMOKE_REFERENCE_STEPS]
+        config.plot.t1 = kept or list(SMOKE_REFERENCE_STEPS[:2])
+    return config
+
+
 def smoke(run: ConfigDict) -> ConfigDict:
     """A CPU-seconds version of a run: small data, few steps, small conv nets, loose solves."""
     run = copy.deepcopy(run)
@@ -138,7 +163,7 @@ def smoke(run: ConfigDict) -> ConfigDict:
     a.batch_size = 256
     a.tol = 1e-2
     a.num_minibatches = 2
-    a.reference_steps = [0, 5, 10]
+    a.reference_steps = list(SMOKE_REFERENCE_STEPS)
     a.slq_probes, a.slq_lanczos_steps = 2, 10
     a.steps = [0, 5, 10, 30]
     a.min_step = None if a.min_step is None else 10
@@ -170,7 +195,7 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
     identity = {k: v for k, v in identity.items() if k not in ("log_every",)}
     workdir = os.path.join(root, "runs", f"{name}-{_hash(identity)}")
     settings = settings_of(run)
-    results = os.path.join(workdir, f"analysis-{_hash(settings.to_json())}")
+    results = os.path.join(workdir, f"analysis-{_hash(analysis_identity(settings))}")
     start = time.perf_counter()
     logging.info("run %s: training in %s", name, workdir)
     experiment.train_from_config(train_config, workdir, progress=progress)
@@ -228,7 +253,8 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
         if smoke_size:
             run = smoke(run)
         results[name] = run_one(run, root, name, progress=progress)
-    figures, numbers = KINDS[config.kind](config, results, out_dir)
+    plot_config = smoke_plot(config) if smoke_size else config
+    figures, numbers = KINDS[config.kind](plot_config, results, out_dir)
     summary = dict(
         experiment=config.name, description=config.description, kind=config.kind,
         dataset=dataset or "as configured", smoke=smoke_size,
@@ -350,7 +376,7 @@ def _fig3(config, results, out_dir):
         ok = [x for x in _ok(r["records"]) if str(t1) in x.get("subspace_overlap", {})]
         if ok:
             dims = sorted({int(key[3:]) for x in ok for key in x["subspace_overlap"][str(t1)]
-                           if key.startswith("top")})
+                           if key.startswith("top") and key[3:].isdigit()})
             numbers[str(t1)] = {str(d): float(np.mean([
                 x["subspace_overlap"][str(t1)][f"top{d}"] for x in ok
                 if f"top{d}" in x["subspace_overlap"][str(t1)]])) for d in dims}

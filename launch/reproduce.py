@@ -18,7 +18,8 @@ from hessian_subspace import pipeline, reproduce
 from launch.configs import paper
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("experiment", None, f"Experiments (or 'all'): {sorted(paper.EXPERIMENTS)}.")
+flags.DEFINE_list("experiment", None,
+                  f"Experiments, 'all', or 'list' (print them): {sorted(paper.EXPERIMENTS)}.")
 flags.DEFINE_string("dataset", None, "Data set override: idx:DIR, gaussian_mixture, or a tfds "
                     "name.")
 flags.DEFINE_bool("smoke", False, "Tiny sizes: every experiment in well under a minute on CPU.")
@@ -31,6 +32,10 @@ flags.DEFINE_bool("progress", True, "Progress bars.")
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
+    if FLAGS.experiment == ["list"]:
+        for name in sorted(paper.EXPERIMENTS):
+            print(f"{name:28s} {paper.get_config(name).description}")
+        return
     names = sorted(paper.EXPERIMENTS) if FLAGS.experiment == ["all"] else FLAGS.experiment
     for name in names:
         summary = reproduce.run_experiment(
