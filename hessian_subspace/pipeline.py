@@ -30,6 +30,12 @@ and f_top next to the Hessian's, and ``Settings.block`` restricts the analysis t
 block of some parameter leaves (and the gradient to those leaves). Error bars come from the
 Ritz residuals (:func:`hessian_subspace.metrics.subspace_error_bound`); they assume that
 Lanczos missed none of the top eigenvalues.
+
+Warm start (default on): Lanczos starts from a random combination of the previous checkpoint's
+eigenvectors. ``Settings.tracker`` instead runs :func:`hessian_subspace.track_eigenpairs` from
+the previous basis and falls back to Lanczos when it does not converge in ``tracker_blocks``
+blocks (records: ``tracker_hvps``, ``tracker_converged``); it pays only when checkpoints are
+close together.
 """
 
 from __future__ import annotations
@@ -100,6 +106,11 @@ class Settings:
     also_ggn: bool = False  # with the Hessian, also GGN top-k eigenvalues, f_top_ggn
     block: str | tuple[str, ...] | None = None  # analyse only these parameter leaves (prefixes)
     next_bound: bool = False  # one more Ritz pair (2k + 1) for f_next and next-k error bars
+    # Warm start by hs.track_eigenpairs (block Krylov from the previous basis, at most
+    # tracker_blocks blocks); cold-started Lanczos when it does not converge. Off by default:
+    # on FC-net Hessians it needed more HVPs than a warm-started Lanczos (BUILD_NOTES, issue 6).
+    tracker: bool = False
+    tracker_blocks: int = 4
 
     def __post_init__(self):
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
@@ -117,6 +128,11 @@ class Settings:
         if self.also_ggn and (self.curvature != "hessian" or "eigenpairs" not in self.transforms):
             raise ValueError("`also_ggn` needs curvature='hessian' and 'eigenpairs' in "
                              "`transforms`")
+        if self.tracker and not self.warm_start:
+            raise ValueError("`tracker` needs `warm_start`")
+        if not (isinstance(self.tracker_blocks, int) and self.tracker_blocks >= 1):
+            raise ValueError(f"`tracker_blocks` must be a positive int, got "
+                             f"{self.tracker_blocks!r}")
         if isinstance(self.block, list):
             object.__setattr__(self, "block", tuple(self.block))
         if self.block is not None and not (
@@ -222,6 +238,10 @@ def read_results(directory: str) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------
 # The pipeline.
+
+
+def _dtype_of(tree: PyTree):
+    return jnp.result_type(*jax.tree_util.tree_leaves(tree))
 
 
 def _versions() -> dict:
@@ -414,9 +434,21 @@ class Pipeline:
             v0 = transforms.warm_start_vector(
                 key, self._previous_basis if warm else None, op.like)
             num = min(2 * k + int(s.next_bound), op.dim - 1)
-            eig = hs.top_eigenpairs(op, v0, num, num_steps=self._lanczos_steps(num, op),
-                                    tol=s.tol, block_size=s.block_size, key=key)
-            hvps += int(eig.num_matvecs)
+            eig = None
+            if warm and s.tracker and self._previous_basis.shape[0] >= num:
+                tracked = hs.track_eigenpairs(
+                    op, jnp.asarray(self._previous_basis[:num], _dtype_of(op.like)), num,
+                    like=op.like, tol=s.tol, key=key,
+                    max_blocks=min(s.tracker_blocks, max(1, op.dim // num)))
+                hvps += int(tracked.num_matvecs)
+                record.update(tracker_hvps=int(tracked.num_matvecs),
+                              tracker_converged=bool(np.all(tracked.converged)))
+                if record["tracker_converged"]:
+                    eig = tracked
+            if eig is None:
+                eig = hs.top_eigenpairs(op, v0, num, num_steps=self._lanczos_steps(num, op),
+                                        tol=s.tol, block_size=s.block_size, key=key)
+                hvps += int(eig.num_matvecs)
             values = np.asarray(eig.eigenvalues, np.float64)
             record.update(
                 eigenvalues=values[:k], next_eigenvalues=values[k:2 * k],

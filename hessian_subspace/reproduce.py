@@ -65,7 +65,7 @@ def _hash(obj) -> str:
 
 # Analysis settings added after result directories existed. At their defaults they are left out
 # of the directory name, so a rerun finds and resumes the analyses made before they existed.
-_LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound")
+_LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks")
 
 
 def analysis_identity(settings: pipeline.Settings) -> dict:
@@ -310,6 +310,9 @@ def _fig1(config, results, out_dir):
             f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 50, 100, 200, 500, 1000)},
             f_top_final=last.get("f_top"), f_top_minibatch_final=last.get(
                 "f_top_minibatch_mean"),
+            # Largest Ritz-residual error bar on any f_top value of the run (None: no gap).
+            f_top_bound_max=max((x["f_top_bound"] for x in ok
+                                 if x.get("f_top_bound") is not None), default=None),
             train_loss_final=last.get("train_loss"),
             train_accuracy_final=last.get("train_accuracy"),
             eigenvalues_final=last.get("eigenvalues"),
@@ -602,6 +605,7 @@ def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = Fa
                   checkpoints=len(records), f_top_start=numbers.get("f_top_start"),
                   f_top_final=numbers.get("f_top_final"),
                   f_top_at=numbers.get("f_top_at"),
+                  f_top_bound_max=numbers.get("f_top_bound_max"),
                   mean_overlap_g_hg_last5=float(np.mean(overlaps)) if overlaps else None,
                   top_eigenvalues_final=numbers.get("eigenvalues_final"),
                   train_accuracy_final=numbers.get("train_accuracy_final"),
@@ -622,12 +626,14 @@ def _main_summary_markdown(s: dict) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     lam = ", ".join(f"{x:.3g}" for x in (f1["top_eigenvalues_final"] or []))
     late = toy["late_time_vs_analytic"]
+    bound = "n/a" if f1.get("f_top_bound_max") is None else f"{f1['f_top_bound_max']:.1e}"
     lines = [
         "# hessian_subspace: built-in default job", "",
         f"{s['seconds']:.0f} s. Fig. 1 of Gur-Ari et al. (2018) on {f1['data']}; "
         f"{f1['model']}; {f1['checkpoints']} checkpoints analysed.", "",
         f"- f_top (fraction of the gradient in the top-10 Hessian subspace): "
-        f"{fmt(f1['f_top_start'])} at step 0 -> {fmt(f1['f_top_final'])} at the end",
+        f"{fmt(f1['f_top_start'])} at step 0 -> {fmt(f1['f_top_final'])} at the end "
+        f"(largest error bar over the run, from the Ritz residuals: {bound})",
         f"- mean overlap(g, Hg) over the last 5 checkpoints: {fmt(f1['mean_overlap_g_hg_last5'])}",
         f"- top-10 Hessian eigenvalues at the end: {lam}",
         f"- train accuracy at the end: {fmt(f1['train_accuracy_final'])}", "",

@@ -41,6 +41,7 @@ flags.DEFINE_enum("curvature", "hessian", ["hessian", "ggn"],
 flags.DEFINE_bool("also_ggn", False, "With the Hessian, also the GGN top-k and f_top in it.")
 flags.DEFINE_list("block", None, "Only these parameter leaves (path prefixes, e.g. dense_1).")
 flags.DEFINE_bool("next_bound", False, "One more Ritz pair: error bars on next-k quantities.")
+flags.DEFINE_bool("tracker", False, "Warm start by block Krylov from the previous basis.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
 flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
 
@@ -56,7 +57,8 @@ def main(argv):
         reference_steps=ints(FLAGS.reference_steps), warm_start=FLAGS.warm_start,
         slq_steps=ints(FLAGS.slq_steps), dense_steps=ints(FLAGS.dense_steps),
         curvature=FLAGS.curvature, also_ggn=FLAGS.also_ggn,
-        block=tuple(FLAGS.block) if FLAGS.block else None, next_bound=FLAGS.next_bound)
+        block=tuple(FLAGS.block) if FLAGS.block else None, next_bound=FLAGS.next_bound,
+        tracker=FLAGS.tracker)
     results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
     records = experiment.analyze_run(
         FLAGS.workdir, results, settings=settings,

@@ -162,6 +162,29 @@ def test_one_compilation_per_transform_and_shape(tmp_path):
     assert n[0] == 0
 
 
+def test_tracker_warm_start_agrees_with_lanczos_and_counts_its_hvps(tmp_path):
+    model, ds, params, state = _tiny_problem()
+    # Checkpoints close together (the tracker's regime): it converges and replaces Lanczos.
+    steps = [jax.tree_util.tree_map(lambda x, t=t: x * (1 + 1e-3 * t), params) for t in range(3)]
+    out = {}
+    for tracker in (False, True):
+        pipe = pipeline.Pipeline(
+            model, "classification", ds, str(tmp_path / str(tracker)), num_outputs=3,
+            settings=pipeline.Settings(batch_size=32, k=2, tol=1e-4, tracker=tracker,
+                                       tracker_blocks=6,
+                                       transforms=("loss", "gradient", "eigenpairs", "f_top")))
+        out[tracker] = [pipe.process(t, p, state) for t, p in enumerate(steps)]
+    assert "tracker_hvps" not in out[True][0]  # nothing to track from at the first step
+    for plain, tracked in zip(out[False][1:], out[True][1:], strict=True):
+        assert tracked["tracker_hvps"] > 0 and isinstance(tracked["tracker_converged"], bool)
+        np.testing.assert_allclose(tracked["eigenvalues"], plain["eigenvalues"], rtol=1e-3)
+        assert abs(tracked["f_top"] - plain["f_top"]) < 1e-3
+        assert tracked["tracker_converged"] and tracked["all_converged"]
+        assert tracked["hvps"] == tracked["lanczos_hvps"] == tracked["tracker_hvps"]
+    with pytest.raises(ValueError, match="tracker"):
+        pipeline.Settings(tracker=True, warm_start=False)
+
+
 def _dense_curvatures(model, ds, params):
     """Dense float64 g, H and GGN of the tiny problem (the GGN from jacfwd, as in test_ggn),
     each under one `jax.jit`."""
