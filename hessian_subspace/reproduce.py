@@ -228,7 +228,8 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
       root: output root; figures and ``summary.json`` go to ``root/NAME``.
       dataset: optional data set override for every run (see :func:`override_dataset`).
       smoke_size: shrink every run (see :func:`smoke`).
-      num_analysis: override the analysis-set size of every run.
+      num_analysis: override the analysis-set size of every classification run (the sine
+        regression data keep theirs, as with ``dataset``).
       only_runs: run only these of the experiment's runs (the others are reported as not run).
 
     Returns:
@@ -247,7 +248,8 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
             continue
         if dataset:
             run = override_dataset(run, dataset)
-        if num_analysis is not None:
+        if num_analysis is not None and run.task != "regression":
+            # Like --dataset, not for the sine task: its 1,000 examples are all analysed.
             run = copy.deepcopy(run)
             run.data.num_analysis = num_analysis
         if smoke_size:
