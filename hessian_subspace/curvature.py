@@ -307,13 +307,19 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: in
       >>> op(jnp.array([3.0, 0.0, 0.0]))  # H = X^T X / n = I / 3
       Array([1., 0., 0.], dtype=float32)
     """
+    batch_size, precision = _check_operator_args(params, data, batch_size, precision)
+    return HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
+                           batch_size=batch_size, precision=precision)
+
+
+def _check_operator_args(params, data, batch_size, precision):
+    """Validates what every data-set operator takes; returns (batch_size, precision)."""
     batch_size = _validate_batch_size(batch_size)
     precision = _check_precision(precision)
     _tree.check_floating("params", params)
     _tree.check_finite("params", params)
     _num_examples(data)
-    return HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
-                           batch_size=batch_size, precision=precision)
+    return batch_size, precision
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,11 +440,7 @@ def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, da
       >>> op(jnp.array([3.0, 0.0, 0.0]))  # G = H = X^T X / n = I / 3
       Array([1., 0., 0.], dtype=float32)
     """
-    batch_size = _validate_batch_size(batch_size)
-    precision = _check_precision(precision)
-    _tree.check_floating("params", params)
-    _tree.check_finite("params", params)
-    _num_examples(data)
+    batch_size, precision = _check_operator_args(params, data, batch_size, precision)
     return GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
                        output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
                        precision=precision)
