@@ -853,7 +853,9 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], *, digits: int = 2) -> st
 
     Args:
         rows: dicts with ``"experiment"``, ``"ours"``, ``"paper"`` and optionally ``"std"``
-            (written as ``ours ± std``) and ``"steps"`` (a column added when any row has it).
+            (written as ``ours ± std``), ``"train_loss"`` (mean full-data train loss over the
+            same checkpoints: a run that did not train shows here) and ``"steps"`` (columns
+            added when any row has them).
             Missing or non-finite numbers print as "—".
         digits: decimals.
 
@@ -868,7 +870,9 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], *, digits: int = 2) -> st
         | MNIST Softmax | 0.96 ± 0.01 | 0.96 |
     """
     with_steps = any(r.get("steps") is not None for r in rows)
-    header = ["Experiment", "ours", "paper"] + (["steps"] if with_steps else [])
+    with_loss = any(r.get("train_loss") is not None for r in rows)
+    header = (["Experiment", "ours", "paper"] + (["train loss"] if with_loss else [])
+              + (["steps"] if with_steps else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ours = _fmt(r.get("ours"), digits)
@@ -876,6 +880,8 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], *, digits: int = 2) -> st
             ours += f" ± {_fmt(r['std'], digits)}"
         cells = [str(r.get("experiment", "")).replace("|", r"\|"), ours,
                  _fmt(r.get("paper"), digits)]
+        if with_loss:
+            cells.append(_fmt(r.get("train_loss"), 3))
         if with_steps:
             st = r.get("steps")
             cells.append("—" if st is None else str(st))

@@ -337,6 +337,8 @@ def _table1(config, results, out_dir):
         row = dict(experiment=config.labels.get(name, name),
                    ours=float(np.mean(values)) if values else None,
                    std=float(np.std(values)) if values else None, paper=paper,
+                   train_loss=float(np.mean([x["train_loss"] for x in ok]))
+                   if ok and all("train_loss" in x for x in ok) else None,
                    steps=f"{ok[0]['step']}-{ok[-1]['step']} ({len(ok)} checkpoints)"
                    if ok else "none")
         rows.append(row)

@@ -230,15 +230,15 @@ def test_sine_regression():
     ds = data.load_dataset("sine", "train", num_examples=20000, noise=0.1, seed=3)
     assert ds["x"].shape == ds["y"].shape == (20000, 1)
     assert ds["x"].dtype == ds["y"].dtype == np.float32
-    assert 0.0 <= ds["x"].min() and ds["x"].max() < 2 * np.pi and ds["x"].max() > 6.2
-    residual = ds["y"] - np.sin(ds["x"].astype(np.float64))
+    assert -1.0 <= ds["x"].min() < -0.999 and 0.999 < ds["x"].max() < 1.0
+    residual = ds["y"] - np.sin(np.pi * (ds["x"].astype(np.float64) + 1.0))
     assert abs(residual.std() - 0.1) < 0.005 and abs(residual.mean()) < 0.005
     again = data.sine_regression(20000, noise=0.1, seed=3)
     np.testing.assert_array_equal(again["x"], ds["x"])
     test = data.load_dataset("sine", "test", num_examples=20000, noise=0.1, seed=3)
     assert not np.array_equal(test["x"], ds["x"])
     clean = data.sine_regression(50, noise=0.0)
-    np.testing.assert_allclose(clean["y"], np.sin(clean["x"]), atol=1e-6)
+    np.testing.assert_allclose(clean["y"], np.sin(np.pi * (clean["x"] + 1.0)), atol=1e-6)
     with pytest.raises(ValueError, match="split"):
         data.sine_regression(5, split="validation")
 
