@@ -42,6 +42,7 @@ flags.DEFINE_bool("also_ggn", False, "With the Hessian, also the GGN top-k and f
 flags.DEFINE_list("block", None, "Only these parameter leaves (path prefixes, e.g. dense_1).")
 flags.DEFINE_bool("next_bound", False, "One more Ritz pair: error bars on next-k quantities.")
 flags.DEFINE_bool("tracker", False, "Warm start by block Krylov from the previous basis.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
 flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
 
@@ -64,7 +65,8 @@ def main(argv):
         FLAGS.workdir, results, settings=settings,
         steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
         poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
-        num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics)
+        num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics,
+        progress=FLAGS.progress)
     failed = [r["step"] for r in records if r.get("status") == "failed"]
     logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
                  len(failed), failed)
