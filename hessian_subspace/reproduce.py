@@ -312,9 +312,12 @@ def _fig1(config, results, out_dir):
             f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 50, 100, 200, 500, 1000)},
             f_top_final=last.get("f_top"), f_top_minibatch_final=last.get(
                 "f_top_minibatch_mean"),
-            # Largest Ritz-residual error bar on any f_top value of the run (None: no gap).
+            # Largest finite Ritz-residual error bar on f_top over the run, and the number of
+            # checkpoints with no bound at all (no gap after the k-th Ritz value: stored as None).
             f_top_bound_max=max((x["f_top_bound"] for x in ok
                                  if x.get("f_top_bound") is not None), default=None),
+            f_top_unbounded=sum(1 for x in ok
+                                if x.get("f_top") is not None and x.get("f_top_bound") is None),
             train_loss_final=last.get("train_loss"),
             train_accuracy_final=last.get("train_accuracy"),
             eigenvalues_final=last.get("eigenvalues"),
