@@ -14,11 +14,8 @@ Measured, all in one run and on the same data:
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -30,6 +27,7 @@ import scipy.sparse.linalg as sla
 from absl import app, flags
 from jax import flatten_util
 
+import _common
 import hessian_subspace as hs
 from hessian_subspace import data as data_lib
 from hessian_subspace import krylov, models
@@ -157,12 +155,8 @@ def _train(loss_fn, params, data, steps, seed=0):
 def main(argv):
     del argv
     result = dict(
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), device=str(jax.devices()[0].device_kind),
-                     backend=jax.default_backend()),
-        versions=dict(python=sys.version.split()[0], jax=jax.__version__,
-                      jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                      numpy=np.__version__, scipy=scipy.__version__),
+        machine=_common.machine(),
+        versions=_common.versions(scipy=scipy.__version__),
         precision=dict(hvp="float32, default matmul precision", lanczos="float32",
                        arpack="float64 recurrence over the float32 HVP"),
     )
@@ -185,11 +179,7 @@ def main(argv):
 
     if FLAGS.conv:
         result["small_convnet_cifar_shaped"] = _conv_benchmark()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            f.write(text)
+    _common.emit(result, FLAGS.json_out)
 
 
 def _conv_benchmark():

@@ -12,18 +12,15 @@ per checkpoint, the time spent, the HVPs used and the overhead of everything but
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
+import _common
 import hessian_subspace as hs
 from hessian_subspace import experiment, models, pipeline
 
@@ -93,10 +90,8 @@ def main(argv):
             f_top=round(w["f_top"], 4)))
     steady = rows[1:]  # the first checkpoint includes compilation
     out = dict(
-        machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                     backend=jax.default_backend()),
-        versions=dict(python=sys.version.split()[0], jax=jax.__version__,
-                      numpy=np.__version__),
+        machine=_common.machine(),
+        versions=_common.versions(),
         setup=dict(model="FC 784-100-100-10", data="Fashion-MNIST (IDX)",
                    analysis_examples=FLAGS.num_analysis, hvp_batch=FLAGS.batch_size,
                    transforms=list(pipeline.DEFAULT_TRANSFORMS), k=10, eigenpairs=20,
@@ -113,11 +108,7 @@ def main(argv):
         mean_lanczos_hvps_cold=statistics.mean(r["lanczos_hvps_cold"] for r in steady),
         checkpoints=rows,
     )
-    text = json.dumps(out, indent=1)
-    print(text)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            f.write(text)
+    _common.emit(out, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ not depend on the pixels); BatchNorm runs on its frozen statistics, as in every 
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 
 import jax
@@ -31,6 +28,7 @@ import optax
 from absl import app, flags
 from jax import flatten_util
 
+import _common
 import hessian_subspace as hs
 from hessian_subspace import models, transforms
 
@@ -120,9 +118,7 @@ def main(argv):
         warm, warm_s = _timed(_solve, op_warm, w0, wkey)
 
     out = dict(
-        device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-        machine=dict(platform=platform.platform(), cpu_count=os.cpu_count()),
-        versions=dict(jax=jax.__version__),
+        machine=_common.machine(), versions=_common.versions(),
         setup=dict(num_examples=n, width=FLAGS.width, num_params=num_params, k=FLAGS.k,
                    tol=FLAGS.tol, batch_size=FLAGS.batch_size, precision=FLAGS.precision,
                    warm_steps=FLAGS.warm_steps, warm_method="tracker" if FLAGS.tracker
@@ -142,11 +138,7 @@ def main(argv):
                 np.max(np.abs(lam - lam_ref) / np.abs(lam_ref))),
                 reference_converged=int(np.sum(np.asarray(ref.converged))))
         out["error_vs_highest_precision"] = refs
-    text = json.dumps(out, indent=1)
-    print(text)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            f.write(text)
+    _common.emit(out, FLAGS.json_out)
 
 
 if __name__ == "__main__":

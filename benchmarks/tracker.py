@@ -12,11 +12,8 @@ matvecs, the ratio tracked/cold, residuals and eigenvalue differences.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -24,6 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+import _common
 import hessian_subspace as hs
 from hessian_subspace import checkpoint, experiment, models, train
 
@@ -95,20 +93,15 @@ def main(argv):
         previous = np.asarray(cold.eigenvectors)
     measured = [r for r in rows if "ratio" in r]
     out = dict(
-        machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                     backend=jax.default_backend()),
-        versions=dict(python=sys.version.split()[0], jax=jax.__version__),
+        machine=_common.machine(),
+        versions=_common.versions(),
         setup=dict(workdir=workdir, k=k, guard=FLAGS.guard, tol=FLAGS.tol,
                    analysis_examples=FLAGS.num_analysis, min_step=FLAGS.min_step,
                    precision="float32, default matmul precision"),
         mean_ratio=statistics.mean(r["ratio"] for r in measured) if measured else None,
         max_ratio=max(r["ratio"] for r in measured) if measured else None,
         checkpoints=rows)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            f.write(text)
+    _common.emit(out, FLAGS.json_out)
 
 
 if __name__ == "__main__":

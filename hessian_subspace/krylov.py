@@ -481,6 +481,16 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
     )
 
 
+def _resolve_tol(tol: float | None, like: PyTree) -> float:
+    """The residual tolerance: ``default_tol`` of the vectors' dtype unless given; must be > 0."""
+    if tol is None:
+        return default_tol(jnp.result_type(*jax.tree_util.tree_leaves(like)))
+    tol = float(tol)
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    return tol
+
+
 def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None = None,
                    which: str = "LA", tol: float | None = None, block_size: int = 1,
                    reorthogonalize: int = 2, dtype=None, key: jax.Array | None = None,
@@ -571,10 +581,7 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
         check_every = max(1, num_blocks // 32)
     check_every = _check_int("check_every", check_every, 1)
     dtype = _resolve_dtype(dtype, v0)
-    op_dtype = jnp.result_type(*jax.tree_util.tree_leaves(v0))
-    tol = default_tol(op_dtype) if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    tol = _resolve_tol(tol, v0)
     with _x64_scope(dtype):
         key = jax.random.key(1) if key is None else key
         out = _top_jit(matvec, v0, key, k=k, num_blocks=num_blocks, block_size=block_size,
@@ -727,10 +734,7 @@ def track_eigenpairs(matvec: Matvec, start: jax.Array, k: int, *, like: PyTree,
     if which not in _WHICH:
         raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}.")
     dtype = _resolve_dtype(dtype, like)
-    op_dtype = jnp.result_type(*jax.tree_util.tree_leaves(like))
-    tol = default_tol(op_dtype) if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    tol = _resolve_tol(tol, like)
     with _x64_scope(dtype):
         key = jax.random.key(2) if key is None else key
         out = _track_jit(matvec, start, like, key, k=k, max_blocks=max_blocks, which=which,

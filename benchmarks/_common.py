@@ -1,0 +1,34 @@
+"""What every benchmark script reports the same way: the machine, the versions, the JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import jax
+import numpy as np
+
+
+def machine() -> dict:
+    """The machine and accelerator a number was measured on."""
+    return dict(platform=platform.platform(), processor=platform.processor(),
+                cpu_count=os.cpu_count(), device=str(jax.devices()[0].device_kind),
+                backend=jax.default_backend())
+
+
+def versions(**extra: str) -> dict:
+    """Python, jax, jaxlib and numpy versions, plus ``extra`` (e.g. scipy=scipy.__version__)."""
+    jaxlib = getattr(jax.lib, "__version__", None)
+    return dict(python=sys.version.split()[0], jax=jax.__version__, jaxlib=jaxlib,
+                numpy=np.__version__, **extra)
+
+
+def emit(result: dict, json_out: str | None) -> None:
+    """Prints ``result`` as indented JSON, and writes the same text to ``json_out`` if given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if json_out:
+        with open(json_out, "w") as f:
+            f.write(text)
