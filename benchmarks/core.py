@@ -29,8 +29,10 @@ from jax import flatten_util
 
 import _common
 import hessian_subspace as hs
-from hessian_subspace import data as data_lib
-from hessian_subspace import krylov, models
+from hessian_subspace import krylov
+from hessian_subspace.paper import data as data_lib
+from hessian_subspace.paper import models
+from hessian_subspace.training import tasks
 
 FLAGS = flags.FLAGS
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +167,7 @@ def main(argv):
     n = FLAGS.fc_examples
     fc_data = {"x": jnp.asarray(ds["x"][:n]), "y": jnp.asarray(ds["y"][:n])}
     fc = models.MLP(hidden=(100, 100), num_outputs=10)
-    fc_loss = models.cross_entropy_loss(fc)
+    fc_loss = tasks.cross_entropy_loss(fc)
     fc_params = models.init_params(fc, jax.random.key(0), fc_data["x"][:1])
     timing, op = _ratios(fc_loss, fc_params, fc_data, FLAGS.batch_size, FLAGS.repeats)
     fc_out = dict(model="FC 784-100-100-10", data=f"Fashion-MNIST, {n} examples",
@@ -189,7 +191,7 @@ def _conv_benchmark():
     conv_data = {"x": jnp.asarray(rng.normal(size=(m, 32, 32, 3)), jnp.float32),
                  "y": jnp.asarray(rng.integers(0, 10, m), jnp.int32)}
     conv = models.SmallConvNet(channels=(16, 32), num_outputs=10)
-    conv_loss = models.cross_entropy_loss(conv)
+    conv_loss = tasks.cross_entropy_loss(conv)
     conv_params = models.init_params(conv, jax.random.key(0), conv_data["x"][:1])
     timing, op = _ratios(conv_loss, conv_params, conv_data, min(FLAGS.batch_size, m // 2),
                          max(1, FLAGS.repeats // 2), steps=FLAGS.conv_lanczos_steps)

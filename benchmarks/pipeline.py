@@ -22,7 +22,9 @@ from absl import app, flags
 
 import _common
 import hessian_subspace as hs
-from hessian_subspace import experiment, models, pipeline
+from hessian_subspace.analysis import presets
+from hessian_subspace.paper import experiment
+from hessian_subspace.training import checkpoint, tasks
 
 FLAGS = flags.FLAGS
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +39,9 @@ flags.DEFINE_string("workdir", None, "Where to put the run and results (default:
 flags.DEFINE_string("json_out", None, "Also write the JSON here.")
 
 
-def _hvp_seconds(pipe, params, model_state, repeats=5):
-    loss = models.analysis_loss_fn(pipe.model, model_state, pipe.task)
-    op = hs.dataset_hvp(loss, params, pipe.analysis, batch_size=pipe.settings.batch_size)
+def _hvp_seconds(analyzer, model, task, params, model_state, repeats=5):
+    loss = hs.curvature.bind_state(tasks.inference_loss(model, task), model_state)
+    op = hs.dataset_hvp(loss, params, analyzer.data, batch_size=analyzer.batch_size)
     v = hs.random_start_vector(jax.random.key(0), params)
     jax.block_until_ready(op(v))
     times = []
@@ -56,11 +58,11 @@ def _analyse(workdir, results, warm):
     config.data.num_analysis = FLAGS.num_analysis
     data = experiment.load_data(config)
     model = experiment.build_model(config, num_outputs)
-    settings = pipeline.Settings(batch_size=FLAGS.batch_size, tol=FLAGS.tol, warm_start=warm)
-    pipe = pipeline.Pipeline(model, config.task, data["analysis"], results, settings=settings,
-                             num_outputs=num_outputs, config=config_json)
-    records = pipe.run(os.path.join(workdir, "checkpoints"), progress=False)
-    return pipe, records
+    settings = presets.Settings(batch_size=FLAGS.batch_size, tol=FLAGS.tol, warm_start=warm)
+    analyzer = experiment.analyzer_for(config, num_outputs, data["analysis"], results,
+                                       settings=settings, progress=False)
+    records = analyzer.run(checkpoint.run_checkpoints(os.path.join(workdir, "checkpoints")))
+    return analyzer, model, config.task, records
 
 
 def main(argv):
@@ -76,9 +78,9 @@ def main(argv):
     state = experiment.train_from_config(config, workdir, progress=False)
     train_seconds = time.perf_counter() - start
 
-    warm_pipe, warm = _analyse(workdir, os.path.join(root, "warm"), True)
-    _, cold = _analyse(workdir, os.path.join(root, "cold"), False)
-    t_hvp = _hvp_seconds(warm_pipe, state.params, state.model_state)
+    analyzer, model, task, warm = _analyse(workdir, os.path.join(root, "warm"), True)
+    *_, cold = _analyse(workdir, os.path.join(root, "cold"), False)
+    t_hvp = _hvp_seconds(analyzer, model, task, state.params, state.model_state)
 
     rows = []
     for w, c in zip(warm, cold, strict=True):
@@ -94,7 +96,7 @@ def main(argv):
         versions=_common.versions(),
         setup=dict(model="FC 784-100-100-10", data="Fashion-MNIST (IDX)",
                    analysis_examples=FLAGS.num_analysis, hvp_batch=FLAGS.batch_size,
-                   transforms=list(pipeline.DEFAULT_TRANSFORMS), k=10, eigenpairs=20,
+                   transforms=list(presets.DEFAULT_TRANSFORMS), k=10, eigenpairs=20,
                    tol=FLAGS.tol, train_steps=FLAGS.train_steps, schedule=FLAGS.schedule,
                    precision="float32, default matmul precision"),
         train_seconds=round(train_seconds, 2),

@@ -12,7 +12,7 @@ untimed-for-the-goal solve pays the compilation (its time is reported too).
 
 "Cold" starts Lanczos from a random vector at the initial parameters. "Warm" moves the
 parameters by --warm_steps SGD steps (lr 0.1, batch 128) and starts from the cold solve's
-eigenvectors (`transforms.warm_start_vector`, as the pipeline does) — or with --tracker, runs
+eigenvectors (`builtins.warm_start_vector`, as the pipeline does) — or with --tracker, runs
 `track_eigenpairs` from them. The data are Gaussian images with random labels (the speed does
 not depend on the pixels); BatchNorm runs on its frozen statistics, as in every analysis.
 """
@@ -30,7 +30,9 @@ from jax import flatten_util
 
 import _common
 import hessian_subspace as hs
-from hessian_subspace import models, transforms
+from hessian_subspace.analysis import builtins
+from hessian_subspace.paper import models
+from hessian_subspace.training import tasks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_examples", 50000, "CIFAR-shaped examples in the data set.")
@@ -72,8 +74,8 @@ def main(argv):
     y = jax.random.randint(jax.random.fold_in(key, 2), (n,), 0, 10)
     data = {"x": x, "y": y}
     model = models.build_model("resnet18", num_outputs=10, width=FLAGS.width)
-    params, state = models.init_variables(model, jax.random.fold_in(key, 3), x[:2])
-    loss_fn = models.analysis_loss_fn(model, state, "classification")
+    params, state = tasks.init_variables(model, jax.random.fold_in(key, 3), x[:2])
+    loss_fn = hs.curvature.bind_state(tasks.inference_loss(model, "classification"), state)
     num_params = int(flatten_util.ravel_pytree(params)[0].size)
 
     def operator(p, precision):
@@ -114,7 +116,7 @@ def main(argv):
         warm, warm_s = _timed(lambda: hs.track_eigenpairs(op_warm, cold.eigenvectors, FLAGS.k,
                                                           like=moved, tol=FLAGS.tol, key=wkey))
     else:
-        w0 = transforms.warm_start_vector(wkey, cold.eigenvectors, moved)
+        w0 = builtins.warm_start_vector(wkey, cold.eigenvectors, moved)
         warm, warm_s = _timed(_solve, op_warm, w0, wkey)
 
     out = dict(

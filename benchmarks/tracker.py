@@ -23,7 +23,9 @@ from absl import app, flags
 
 import _common
 import hessian_subspace as hs
-from hessian_subspace import checkpoint, experiment, models, train
+from hessian_subspace import training
+from hessian_subspace.paper import experiment
+from hessian_subspace.training import checkpoint, tasks
 
 FLAGS = flags.FLAGS
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,14 +58,14 @@ def main(argv):
     data = experiment.load_data(config)
     model = experiment.build_model(config, num_outputs)
     analysis = {"x": data["analysis"]["x"], "y": data["analysis"]["y"]}
-    ckpt_dir = os.path.join(workdir, train.CHECKPOINT_DIR)
+    ckpt_dir = os.path.join(workdir, training.CHECKPOINT_DIR)
     steps = [s for s in checkpoint.list_steps(ckpt_dir) if s >= FLAGS.min_step]
     steps = steps[: FLAGS.max_checkpoints + 1]
     k, m = FLAGS.k, FLAGS.k + FLAGS.guard
     rows, previous = [], None
     for step in steps:
-        params, model_state, _ = checkpoint.restore_model(ckpt_dir, step)
-        loss = models.analysis_loss_fn(model, model_state, config.task)
+        params, model_state = checkpoint.run_checkpoints(ckpt_dir).load(step)
+        loss = hs.curvature.bind_state(tasks.inference_loss(model, config.task), model_state)
         op = hs.dataset_hvp(loss, params, analysis, batch_size=FLAGS.num_analysis)
         v0 = hs.random_start_vector(jax.random.fold_in(jax.random.key(0), step), params)
         hs.top_eigenpairs(op, v0, m, tol=FLAGS.tol)  # compile

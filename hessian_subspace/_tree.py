@@ -1,7 +1,13 @@
-"""Small pytree and validation helpers shared by the numerical modules (private)."""
+"""Small pytree and validation helpers shared by the numerical modules (private).
+
+Everything here is pure: no I/O, no flax, no global JAX config (the x64 scope is a context
+manager around one call).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any, Callable
 
 import jax
@@ -91,3 +97,75 @@ def flat_matvec(matvec: Callable[[PyTree], PyTree], like: PyTree, dtype) -> tupl
         return as_flat(out).astype(dtype)
 
     return mv, like_flat
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and scopes shared by the solvers (run before any tracing).
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]``, or a `ValueError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`{name}` must be an int, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be {bound}, got {value}.")
+    return int(value)
+
+
+def resolve_dtype(dtype, like: PyTree):
+    """``dtype`` as a floating numpy dtype; None means the result type of ``like``'s leaves."""
+    if dtype is None:
+        return jnp.result_type(*jax.tree_util.tree_leaves(like))
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"`dtype` must be a floating dtype, got {dtype}.")
+    return dtype
+
+
+def x64_scope(dtype):
+    """Scoped ``jax.enable_x64`` for a float64 computation; never touches the global flag."""
+    if jnp.dtype(dtype).itemsize == 8:
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+def as_operator(matvec: Callable[[PyTree], PyTree]):
+    """``matvec`` as a pytree: operators that are pytrees stay dynamic (no recompilation when
+    their arrays change); plain functions become ``Partial`` (static, hashed by identity)."""
+    if not callable(matvec):
+        raise ValueError(f"`matvec` must be callable, got {type(matvec).__name__}.")
+    leaves, _ = jax.tree_util.tree_flatten(matvec)
+    if len(leaves) == 1 and leaves[0] is matvec:
+        return jax.tree_util.Partial(matvec)
+    return matvec
+
+
+# --------------------------------------------------------------------------------------------
+# Leaf paths: names of parameter leaves without knowing the framework that made them.
+
+
+def key_name(key: Any) -> str:
+    """One path component as text: a dict key, an attribute name or a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_name(path: tuple) -> str:
+    """A key path (``tree_flatten_with_path``) as a "/"-joined name, e.g. "dense_0/kernel"."""
+    return "/".join(key_name(k) for k in path)
+
+
+def leaf_slices(tree: PyTree) -> list[tuple[str, int, int]]:
+    """``[(name, start, stop), ...]``: where each leaf of ``tree`` sits in its
+    ``ravel_pytree`` vector, in ravel order, ``name`` the "/"-joined path; the half-open ranges
+    tile ``[0, p)``. Works on arrays and ``jax.ShapeDtypeStruct`` leaves of any pytree (dicts,
+    flax, nnx states, Equinox modules); ``None`` leaves are skipped, as ``ravel_pytree`` does."""
+    slices, start = [], 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        size = math.prod(getattr(leaf, "shape", np.shape(leaf)))
+        slices.append((path_name(path), start, start + size))
+        start += size
+    return slices

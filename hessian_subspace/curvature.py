@@ -189,6 +189,36 @@ def as_loss_pytree(loss_fn: LossFn) -> jax.tree_util.Partial:
     return jax.tree_util.Partial(loss_fn)
 
 
+def bind_state(fn: Callable[..., Any], state: PyTree) -> jax.tree_util.Partial:
+    """``f(params, *args) = fn(params, *args, state)``, with ``state`` (frozen model state, e.g.
+    BatchNorm statistics) a pytree leaf of the result.
+
+    Operators and jitted functions built on the result take ``state`` as an input, so a new
+    checkpoint's state reuses compiled code; ``fn`` itself is static (hashed by identity), or,
+    if it is a ``jax.tree_util.Partial``, its bound arrays are leaves too.
+
+    Args:
+      fn: ``fn(params, *args, state)``, e.g. a loss ``loss(params, batch, state)``.
+      state: any pytree (``{}`` or None for models without state).
+
+    Returns:
+      A ``jax.tree_util.Partial`` callable as ``f(params, *args)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hessian_subspace as hs
+      >>> loss = lambda w, batch, state: jnp.mean((batch * w - state["shift"]) ** 2)
+      >>> bound = hs.curvature.bind_state(loss, {"shift": jnp.ones(())})
+      >>> float(bound(jnp.ones(()), jnp.array([1.0, 3.0])))
+      2.0
+    """
+    return jax.tree_util.Partial(_call_with_state, as_loss_pytree(fn), state)
+
+
+def _call_with_state(fn, state, params, *args):
+    return fn(params, *args, state)
+
+
 class _DatasetOperator:
     """What the curvature operators of a mean loss over a fixed data set have in common.
 
@@ -202,7 +232,7 @@ class _DatasetOperator:
     curvature: ClassVar[str]
 
     def __call__(self, v: PyTree) -> PyTree:
-        return _apply(self, v)
+        return apply_operator(self, v)
 
     def _matvec(self, v: PyTree) -> PyTree:
         with _matmul_precision(self.precision):
@@ -238,13 +268,13 @@ class _DatasetOperator:
 
 
 @jax.jit
-def _apply(op, v: PyTree) -> PyTree:
-    """``op(v)`` for any operator of this module, as one compiled program per operator type and
-    shape (the operator's arrays are inputs, its static fields part of the cache key)."""
+def apply_operator(op, v: PyTree) -> PyTree:
+    """``op(v)`` for the pytree operators of this package (:class:`HessianOperator`,
+    :class:`GGNOperator`, :class:`hessian_subspace.blocks.RestrictedOperator`): one compiled
+    program per operator type and shape, whatever the parameter values (the operator's arrays
+    are inputs, its static fields part of the cache key). ``op(v)`` calls it; its
+    ``.lower(op, v)`` shows the compiled product."""
     return op._matvec(v)
-
-
-_apply_hessian = _apply  # The name under which the HLO of a Hessian product is inspected.
 
 
 @functools.partial(
@@ -252,7 +282,7 @@ _apply_hessian = _apply  # The name under which the HLO of a Hessian product is 
     data_fields=["params", "data", "loss_fn"],
     meta_fields=["batch_size", "precision"],
 )
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class HessianOperator(_DatasetOperator):
     r"""The linear map :math:`v \mapsto Hv` of the mean loss over a fixed data set.
 
@@ -392,7 +422,7 @@ def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTr
     data_fields=["params", "data", "output_fn", "output_loss"],
     meta_fields=["batch_size", "precision"],
 )
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GGNOperator(_DatasetOperator):
     r"""The linear map :math:`v \mapsto Gv` of the Gauss-Newton matrix of the mean loss over a
     fixed data set (see :func:`ggn_vp`). A pytree like :class:`HessianOperator`, with the same
@@ -444,171 +474,6 @@ def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, da
     return GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
                        output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
                        precision=precision)
-
-
-# --------------------------------------------------------------------------------------------
-# Blocks on a subset of the parameters.
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["operator", "full_like"],
-    meta_fields=["mask"],
-)
-@dataclasses.dataclass(frozen=True)
-class RestrictedOperator:
-    r"""The diagonal block :math:`H_{SS}` of an operator on a subset S of the parameter leaves:
-    :math:`v_S \mapsto [H\,(v_S \oplus 0)]_S`. Build it with :func:`restrict`.
-
-    Vectors are pytrees with the structure of the parameters in which the leaves outside S are
-    ``None`` (empty subtrees), so ``ravel_pytree`` order is the full order with the other
-    leaves skipped and :func:`models.layer_slices` of ``like`` names the block's leaves. A
-    pytree (``operator`` and the template are leaves, the mask is static), so eigensolvers
-    compile once per shape, as for the full operator.
-    """
-
-    operator: Any
-    full_like: PyTree
-    mask: tuple[bool, ...]
-
-    def __call__(self, v: PyTree) -> PyTree:
-        return _apply(self, v)
-
-    def _matvec(self, v: PyTree) -> PyTree:
-        return self.select(self.operator(self.embed(v)))
-
-    def embed(self, v: PyTree) -> PyTree:
-        """A block vector as a full one, zero outside S."""
-        leaves, treedef = jax.tree_util.tree_flatten(self.full_like)
-        sub = iter(jax.tree_util.tree_leaves(v))
-        out = [jnp.asarray(next(sub), jnp.result_type(x)) if m
-               else jnp.zeros(np.shape(x), jnp.result_type(x))
-               for x, m in zip(leaves, self.mask, strict=True)]
-        return treedef.unflatten(out)
-
-    def select(self, tree: PyTree) -> PyTree:
-        """The block part of a full vector (``None`` at the leaves outside S)."""
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        if len(leaves) != len(self.mask):
-            raise ValueError(f"expected a pytree with {len(self.mask)} leaves like the "
-                             f"parameters, got {len(leaves)}.")
-        return treedef.unflatten([x if m else None
-                                  for x, m in zip(leaves, self.mask, strict=True)])
-
-    @property
-    def like(self) -> PyTree:
-        """A template for block vectors (the parameters in S, ``None`` elsewhere)."""
-        return self.select(self.full_like)
-
-    @property
-    def dim(self) -> int:
-        """|S|, the number of parameters in the block."""
-        return _tree.tree_size(self.like)
-
-    @property
-    def leaf_names(self) -> tuple[str, ...]:
-        """Paths of the leaves in S, "/"-joined (:func:`models.layer_slices` naming)."""
-        return tuple(n for n, m in zip(_leaf_names(self.full_like), self.mask, strict=True) if m)
-
-    @property
-    def flat_indices(self) -> np.ndarray:
-        """Positions of the block's entries in the full ``ravel_pytree`` vector, ``(|S|,)``:
-        ``full_flat[flat_indices]`` is the block vector raveled."""
-        sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(self.full_like)]
-        starts = np.cumsum([0] + sizes[:-1])
-        ranges = [np.arange(s, s + n)
-                  for s, n, m in zip(starts, sizes, self.mask, strict=True) if m]
-        return np.concatenate(ranges or [np.zeros(0, int)])
-
-    @property
-    def num_examples(self) -> int:
-        return self.operator.num_examples
-
-    def describe(self) -> dict:
-        """The full operator's facts, plus the block (its leaves and size)."""
-        info = dict(self.operator.describe()) if hasattr(self.operator, "describe") else {}
-        info["block"] = dict(leaves=list(self.leaf_names), num_params=self.dim,
-                             of_num_params=_tree.tree_size(self.full_like))
-        return info
-
-
-def _leaf_names(tree: PyTree) -> list[str]:
-    # models imports flax; imported here so that `import hessian_subspace` stays light.
-    from hessian_subspace import models
-    return [name for name, _, _ in models.layer_slices(tree)]
-
-
-def _block_mask(subset, like: PyTree) -> tuple[bool, ...]:
-    names = _leaf_names(like)
-    if isinstance(subset, str) or (isinstance(subset, (list, tuple)) and subset
-                                   and all(isinstance(s, str) for s in subset)):
-        prefixes = (subset,) if isinstance(subset, str) else tuple(subset)
-        mask = [False] * len(names)
-        for prefix in prefixes:
-            stem = prefix.rstrip("/")
-            hits = [i for i, n in enumerate(names) if n == stem or n.startswith(stem + "/")]
-            if not stem or not hits:
-                raise ValueError(f"prefix {prefix!r} matches no parameter; the parameters are "
-                                 f"{names}.")
-            for i in hits:
-                mask[i] = True
-        return tuple(mask)
-    if jax.tree_util.tree_structure(subset) != jax.tree_util.tree_structure(like):
-        raise ValueError("`subset` must be a prefix, a sequence of prefixes, or a pytree of bools "
-                         "with the structure of the parameters.")
-    mask = tuple(bool(np.all(m)) for m in jax.tree_util.tree_leaves(subset))
-    if not any(mask):
-        raise ValueError("`subset` selects no parameter.")
-    return mask
-
-
-def restrict(operator: Callable[[PyTree], PyTree], subset: Any, *, like: PyTree = None
-             ) -> RestrictedOperator:
-    r"""The block :math:`H_{SS}` of a symmetric operator on a subset S of the parameter leaves.
-
-    :math:`v_S \mapsto [H\,(v_S \oplus 0)]_S` costs one product with the full operator. The
-    result is itself an operator (``dim``, ``like``, ``describe()``), so
-    :func:`top_eigenpairs`, :func:`spectral_density` and the metrics apply to it unchanged: the
-    top eigenvectors of one layer's Hessian (or GGN) block, its spectrum, f_top of that
-    layer's gradient.
-
-    Args:
-      operator: ``v -> H v`` on parameter pytrees, e.g. :func:`dataset_hvp` or
-        :func:`dataset_ggn` (or a :class:`RestrictedOperator`, to restrict further).
-      subset: which leaves form S: a prefix of their "/"-joined paths
-        (:func:`models.layer_slices` naming), matched on whole path components ("dense_1"
-        selects "dense_1/kernel" and "dense_1/bias", not "dense_10/..."), a sequence of such
-        prefixes, or a pytree of bools with the structure of the parameters (one per leaf).
-      like: the parameter template (default ``operator.like``).
-
-    Returns:
-      A :class:`RestrictedOperator` acting on pytrees shaped like its ``like``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import hessian_subspace as hs
-      >>> h = jnp.arange(1.0, 10.0).reshape(3, 3); h = h + h.T
-      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
-      >>> def matvec(v):
-      ...     out = h @ jnp.concatenate([v["a"], v["b"]])
-      ...     return {"a": out[:2], "b": out[2:]}
-      >>> block = hs.restrict(matvec, "a", like=params)
-      >>> block.dim, block({"a": jnp.array([1.0, 0.0]), "b": None})["a"]  # H[:2, 0]
-      (2, Array([2., 6.], dtype=float32))
-    """
-    if like is None:
-        like = getattr(operator, "like", None)
-        if like is None:
-            raise ValueError("`like` is required for an operator without a `like` attribute.")
-    operator = operator if _is_pytree_operator(operator) else jax.tree_util.Partial(operator)
-    return RestrictedOperator(operator=operator, full_like=like, mask=_block_mask(subset, like))
-
-
-def _is_pytree_operator(operator) -> bool:
-    if not callable(operator):
-        raise ValueError(f"`operator` must be callable, got {type(operator).__name__}.")
-    leaves = jax.tree_util.tree_leaves(operator)
-    return not (len(leaves) == 1 and leaves[0] is operator)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

@@ -129,8 +129,37 @@ def subspace_overlap(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
       0.5
     """
     a, b = _common(_rows(basis_a), _rows(basis_b))
-    cross = jnp.dot(a, b.T, precision=_HIGHEST)
-    return jnp.sum(cross**2) / jnp.sqrt(a.shape[0] * b.shape[0])
+    return jnp.sum(_squared_cosines(a, b)) / jnp.sqrt(a.shape[0] * b.shape[0])
+
+
+def _squared_cosines(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(A B^T)**2``: for orthonormal rows, Tr(P_a P_b) is its sum (eq. 5's numerator)."""
+    return jnp.dot(a, b.T, precision=_HIGHEST) ** 2
+
+
+def nested_subspace_overlaps(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
+    r""":func:`subspace_overlap` between the spans of the leading d rows of two bases, for every
+    d = 1 .. min(k_a, k_b), from one product: ``out[d - 1]`` :math:`=
+    \mathrm{Tr}(P_{a,d} P_{b,d})/d` (eq. 5 for the top-d subspaces when the rows are
+    eigenvectors in descending order, as in the paper's Figs. 2-3).
+
+    Args:
+      basis_a: ``(k_a, p)`` orthonormal rows, ordered (e.g. by eigenvalue).
+      basis_b: ``(k_b, p)`` orthonormal rows, ordered.
+
+    Returns:
+      ``(min(k_a, k_b),)`` overlaps in [0, 1].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> b = jnp.eye(4)[jnp.array([0, 2, 1])]
+      >>> [float(x) for x in nested_subspace_overlaps(jnp.eye(4)[:3], b)]
+      [1.0, 0.5, 1.0]
+    """
+    a, b = _common(_rows(basis_a), _rows(basis_b))
+    r = min(a.shape[0], b.shape[0])
+    cumulative = jnp.cumsum(jnp.cumsum(_squared_cosines(a[:r], b[:r]), axis=0), axis=1)
+    return jnp.diagonal(cumulative) / jnp.arange(1, r + 1, dtype=a.dtype)
 
 
 def principal_angles(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
@@ -181,6 +210,31 @@ def random_vertex_overlap(eigenvalues: jax.Array) -> jax.Array:
     """
     lam = jnp.asarray(eigenvalues)
     return jnp.sum(lam) / jnp.sqrt(lam.shape[0] * jnp.sum(lam**2))
+
+
+leaf_slices = _tree.leaf_slices
+
+
+def mass_by_leaf(vector: PyTree, like: PyTree) -> dict[str, jax.Array]:
+    r"""Squared norm of a vector on each parameter leaf, :math:`\|v_\ell\|^2` by leaf path: how
+    an eigenvector (or the gradient) spreads over the layers (the paper's Figs. 6-7).
+
+    Args:
+      vector: flat ``(p,)`` in ``ravel_pytree`` order of ``like``, or a pytree like ``like``.
+      like: the parameters (any pytree: dicts, flax, nnx states, Equinox modules).
+
+    Returns:
+      ``{"dense_0/kernel": mass, ...}`` ("/"-joined key paths, :func:`leaf_slices`); the masses
+      of a unit vector sum to 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> like = {"a": jnp.zeros(2), "b": {"c": jnp.zeros(1)}}
+      >>> {k: round(float(v), 2) for k, v in mass_by_leaf(jnp.array([0.6, 0.0, 0.8]), like).items()}
+      {'a': 0.36, 'b/c': 0.64}
+    """
+    v = _vec(vector)
+    return {name: jnp.sum(v[a:b] ** 2) for name, a, b in leaf_slices(like)}
 
 
 # --------------------------------------------------------------------------------------------

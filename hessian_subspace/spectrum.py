@@ -70,21 +70,13 @@ def gaussian_smoothing(nodes: jax.Array, weights: jax.Array, grid: jax.Array, si
                                              "dtype"))
 def _slq(matvec, like, key, *, num_probes, num_steps, probe, probe_batch, dtype):
     like_flat, unravel = flatten_util.ravel_pytree(like)
-    mv, _ = _tree.flat_matvec(matvec, like, dtype)
-    eps = krylov._breakdown_eps(like_flat, dtype)
 
     def one(k):
-        v = _probe(k, like_flat, probe).astype(dtype)
-        s = krylov._recurrence(mv, v, num_steps=num_steps, reorth=2, eps=eps,
-                               breakdown_factor=krylov.DEFAULT_BREAKDOWN_FACTOR)
-        theta, vecs, valid = krylov._ritz(krylov._tridiag(s.alphas, s.betas, s.i), s.i)
-        weights = jnp.where(valid, vecs[0] ** 2, 0.0)
-        return theta, weights, s.nonfinite
+        v0 = unravel(_probe(k, like_flat, probe))
+        return krylov.gauss_quadrature(krylov.lanczos(matvec, v0, num_steps, dtype=dtype))
 
     keys = jax.random.split(key, num_probes)
-    nodes, weights, nonfinite = jax.lax.map(one, keys, batch_size=probe_batch)
-    nan = jnp.asarray(jnp.nan, dtype)
-    return jnp.where(jnp.any(nonfinite), nan, nodes), weights
+    return jax.lax.map(one, keys, batch_size=probe_batch)
 
 
 def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_probes: int,
@@ -95,17 +87,17 @@ def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_pr
     Arguments as in :func:`spectral_density`. Padding after a breakdown has weight 0; a
     non-finite matvec makes every node NaN.
     """
-    matvec = krylov._as_operator(matvec)
+    matvec = _tree.as_operator(matvec)
     like = _template(matvec, like)
     dim = _tree.tree_size(like)
-    num_probes = krylov._check_int("num_probes", num_probes, 1)
-    num_steps = krylov._check_int("num_steps", num_steps, 1, dim)
+    num_probes = _tree.check_int("num_probes", num_probes, 1)
+    num_steps = _tree.check_int("num_steps", num_steps, 1, dim)
     if probe not in ("gaussian", "rademacher"):
         raise ValueError(f"`probe` must be 'gaussian' or 'rademacher', got {probe!r}.")
     if probe_batch is not None:
-        probe_batch = krylov._check_int("probe_batch", probe_batch, 1)
-    dtype = krylov._resolve_dtype(dtype, like)
-    with krylov._x64_scope(dtype):
+        probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
+    dtype = _tree.resolve_dtype(dtype, like)
+    with _tree.x64_scope(dtype):
         return _slq(matvec, like, key, num_probes=num_probes, num_steps=num_steps, probe=probe,
                     probe_batch=probe_batch, dtype=jnp.dtype(dtype))
 
@@ -151,7 +143,7 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
         raise ValueError(f"`sigma` must be > 0, got {sigma}.")
     nodes, weights = slq_quadrature(matvec, key, num_probes=num_probes, num_steps=num_steps,
                                     like=like, probe=probe, probe_batch=probe_batch, dtype=dtype)
-    with krylov._x64_scope(nodes.dtype):
+    with _tree.x64_scope(nodes.dtype):
         grid = jnp.asarray(grid, nodes.dtype)
         density = jax.jit(gaussian_smoothing)(nodes, weights, grid, jnp.asarray(sigma, nodes.dtype))
     return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights)
@@ -192,11 +184,11 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
       >>> float(est), float(err)
       (20.0, 0.0)
     """
-    matvec = krylov._as_operator(matvec)
+    matvec = _tree.as_operator(matvec)
     like = _template(matvec, like)
-    num_probes = krylov._check_int("num_probes", num_probes, 2)
+    num_probes = _tree.check_int("num_probes", num_probes, 2)
     if probe_batch is not None:
-        probe_batch = krylov._check_int("probe_batch", probe_batch, 1)
+        probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
     return _hutchinson(matvec, like, key, num_probes=num_probes, probe_batch=probe_batch)
 
 

@@ -13,15 +13,16 @@ import os
 
 from absl import app, flags, logging
 
-from hessian_subspace import experiment, pipeline
+from hessian_subspace.analysis import presets
+from hessian_subspace.paper import experiment
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
 flags.DEFINE_string("results", None, "Results directory (default: WORKDIR/analysis).")
 flags.DEFINE_bool("watch", False, "Follow a live run until its last step is analysed.")
 flags.DEFINE_list("steps", None, "Only these checkpoint steps.")
-flags.DEFINE_list("transforms", list(pipeline.DEFAULT_TRANSFORMS),
-                  f"Metric transforms, from {pipeline.TRANSFORMS}.")
+flags.DEFINE_list("transforms", list(presets.DEFAULT_TRANSFORMS),
+                  f"Metric transforms, from {presets.TRANSFORMS}.")
 flags.DEFINE_integer("k", None, "Top-k size (default: number of classes).")
 flags.DEFINE_integer("lanczos_steps", None, "Krylov cap for the 2k eigenpairs.")
 flags.DEFINE_float("tol", 1e-3, "Relative residual tolerance of the eigenpairs.")
@@ -42,6 +43,7 @@ flags.DEFINE_bool("also_ggn", False, "With the Hessian, also the GGN top-k and f
 flags.DEFINE_list("block", None, "Only these parameter leaves (path prefixes, e.g. dense_1).")
 flags.DEFINE_bool("next_bound", False, "One more Ritz pair: error bars on next-k quantities.")
 flags.DEFINE_bool("tracker", False, "Warm start by block Krylov from the previous basis.")
+flags.DEFINE_bool("retry_failed", True, "Analyse again checkpoints whose record says failed.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
 flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
@@ -51,7 +53,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
     ints = lambda xs: tuple(int(x) for x in xs or ())  # noqa: E731
-    settings = pipeline.Settings(
+    settings = presets.Settings(
         transforms=tuple(FLAGS.transforms), k=FLAGS.k, lanczos_steps=FLAGS.lanczos_steps,
         tol=FLAGS.tol, block_size=FLAGS.block_size, dtype=FLAGS.dtype,
         precision=FLAGS.precision, batch_size=FLAGS.batch_size,
@@ -66,7 +68,7 @@ def main(argv):
         steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
         poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
         num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics,
-        progress=FLAGS.progress)
+        retry_failed=FLAGS.retry_failed, progress=FLAGS.progress)
     failed = [r["step"] for r in records if r.get("status") == "failed"]
     logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
                  len(failed), failed)

@@ -9,7 +9,7 @@ Gaussian mixture of §3, and the toy model of §3 against its analytic solution.
 
 from absl import app, flags, logging
 
-from hessian_subspace import reproduce
+from hessian_subspace.paper import reproduce
 from launch.configs import paper
 
 FLAGS = flags.FLAGS

@@ -14,7 +14,8 @@ import os
 
 from absl import app, flags, logging
 
-from hessian_subspace import pipeline, reproduce
+from hessian_subspace import _io
+from hessian_subspace.paper import reproduce, summaries
 from launch.configs import paper
 
 FLAGS = flags.FLAGS
@@ -41,9 +42,8 @@ def main(argv):
         summary = reproduce.run_experiment(
             paper.get_config(name), FLAGS.root, dataset=FLAGS.dataset, smoke_size=FLAGS.smoke,
             num_analysis=FLAGS.num_analysis, only_runs=FLAGS.runs, progress=FLAGS.progress)
-        text = reproduce.summary_markdown(summary)
-        path = os.path.join(FLAGS.root, name, "summary.md")
-        pipeline._atomic_write(path, lambda f, t=text: f.write(t.encode()))
+        text = summaries.summary_markdown(summary)
+        _io.write_text(os.path.join(FLAGS.root, name, "summary.md"), text)
         print(text)
 
 

@@ -21,12 +21,12 @@ import os
 # single-threaded (smoke run 16 s). Set before numpy/jaxlib load OpenBLAS; an explicit value wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import json  # noqa: E402
 import time  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from hessian_subspace import toy_model  # noqa: E402
+from hessian_subspace import _io  # noqa: E402
+from hessian_subspace.paper import toy_claims  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", None, "Directory for toy_model.json.")
@@ -36,7 +36,7 @@ flags.DEFINE_integer("num_examples", 1000, "Examples n (balanced classes).")
 flags.DEFINE_list("classes", ["2", "5", "10"], "Class counts k.")
 flags.DEFINE_float("sigma", 0.02, "The non-zero noise level σ (σ = 0 always runs too).")
 flags.DEFINE_float("learning_rate", 1.0, "GD learning rate η.")
-flags.DEFINE_list("measure_at", [str(s) for s in toy_model.DEFAULT_MEASURE_AT],
+flags.DEFINE_list("measure_at", [str(s) for s in toy_claims.DEFAULT_MEASURE_AT],
                   "Steps to measure at (training runs to the last).")
 flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and Lanczos.")
 flags.DEFINE_bool("orthogonal_means", False, "Orthonormal means in the paper runs too.")
@@ -55,13 +55,11 @@ def main(argv):
     if FLAGS.smoke:
         kwargs.update(SMOKE)
     start = time.perf_counter()
-    results = toy_model.run_paper_configs(**kwargs)
+    results = toy_claims.run_paper_configs(**kwargs)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
     path = os.path.join(FLAGS.out_dir, "toy_model.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(toy_model.format_summary(results))
+    _io.write_json(path, results)
+    print(toy_claims.format_summary(results))
     logging.info("wrote %s in %.1f s", path, results["seconds"])
 
 

@@ -14,3 +14,6 @@ def fashion_mnist_dir():
     if not os.path.isdir(SHARED_FASHION_MNIST):
         pytest.fail(f"Fashion-MNIST IDX files expected at {SHARED_FASHION_MNIST} (../shared).")
     return SHARED_FASHION_MNIST
+
+# tests/fixtures holds recorded data and the (provenance-only) scripts that made it.
+collect_ignore_glob = ["fixtures/*"]

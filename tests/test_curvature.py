@@ -12,7 +12,8 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import models
+from hessian_subspace.paper import models
+from hessian_subspace.training import tasks
 
 from _helpers import count_compilations
 
@@ -28,7 +29,7 @@ def _mlp_problem(n=24, seed=0):
     rng = np.random.default_rng(seed)
     batch = {"x": _f64(rng.normal(size=(n, 4))), "y": jnp.asarray(rng.integers(0, 3, n))}
     params = _f64(models.init_params(model, jax.random.key(seed), batch["x"][:1]))
-    return models.cross_entropy_loss(model), params, batch
+    return tasks.cross_entropy_loss(model), params, batch
 
 
 def _conv_problem(n=10, seed=0):
@@ -37,7 +38,7 @@ def _conv_problem(n=10, seed=0):
     batch = {"x": _f64(rng.normal(size=(n, 8, 8, 1))),
              "y": jnp.asarray(rng.integers(0, 3, n))}
     params = _f64(models.init_params(model, jax.random.key(seed), batch["x"][:1]))
-    return models.cross_entropy_loss(model), params, batch
+    return tasks.cross_entropy_loss(model), params, batch
 
 
 @pytest.mark.parametrize("problem", [_mlp_problem, _conv_problem], ids=["mlp", "convnet"])
@@ -129,10 +130,11 @@ _SHARDED_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from jax import flatten_util
     import hessian_subspace as hs
-    from hessian_subspace import models
+    from hessian_subspace.paper import models
+    from hessian_subspace.training import tasks
 
     model = models.MLP(hidden=(16,), num_outputs=4)
-    loss = models.cross_entropy_loss(model)
+    loss = tasks.cross_entropy_loss(model)
     rng = np.random.default_rng(0)
     data = {"x": rng.normal(size=(100, 8)).astype(np.float32),
             "y": rng.integers(0, 4, 100).astype(np.int32)}
@@ -143,7 +145,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     data = jax.device_put(data, NamedSharding(mesh, P("data")))
     op = hs.dataset_hvp(loss, params, data, batch_size=24)  # 4 batches of 24 + ragged 4
     out = flatten_util.ravel_pytree(op(v))[0]
-    hlo = hs.curvature._apply_hessian.lower(op, v).compile().as_text()
+    hlo = hs.curvature.apply_operator.lower(op, v).compile().as_text()
     shards = [len(x.sharding.device_set) for x in jax.tree_util.tree_leaves(data)]
     print(json.dumps({"devices": len(devices), "hvp": np.asarray(out).tolist(),
                       "all_reduce": "all-reduce" in hlo, "shards": shards}))
@@ -188,3 +190,23 @@ def test_partial_loss_with_bound_state_compiles_once():
         if scale == 3.0:
             assert n[0] == 0
     np.testing.assert_allclose(outs[1], 3.0 * outs[0], rtol=1e-6)
+
+
+def test_jit_of_every_operator_type_equals_the_operator():
+    # Operators hash by identity (not by their arrays), so jax.jit(op) is an ordinary jitted
+    # callable; it agrees with op(v) for the Hessian, the Gauss-Newton matrix and a block.
+    model = models.MLP(hidden=(5,), num_outputs=3)
+    rng = np.random.default_rng(3)
+    data = {"x": rng.normal(size=(20, 4)).astype(np.float32), "y": rng.integers(0, 3, 20)}
+    params = models.init_params(model, jax.random.key(0), data["x"][:1])
+    hessian = hs.dataset_hvp(tasks.cross_entropy_loss(model), params, data, batch_size=8)
+    ggn = hs.dataset_ggn(hs.curvature.bind_state(tasks.inference_outputs(model), {}),
+                         tasks.output_loss("classification"), params, data, batch_size=8)
+    for op in (hessian, ggn, hs.restrict(hessian, "dense_1"), hs.restrict(ggn, ["dense_0"])):
+        v = hs.random_start_vector(jax.random.key(1), op.like)
+        want, got = op(v), jax.jit(op)(v)
+        for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert hash(op) == hash(op) and op == op and op != hs.dataset_hvp(
+            tasks.cross_entropy_loss(model), params, data, batch_size=8)

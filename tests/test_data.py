@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from hessian_subspace import data
+from hessian_subspace.paper import data
+from hessian_subspace.training import batches
 
 
 def _write_idx(path, array, type_code=0x08, compress=True, cut=0):
@@ -360,35 +361,36 @@ def test_batch_indices_follow_the_stated_formula():
     for step in (0, 3, 4, 9, 30):
         epoch, i = divmod(step, n // b)
         perm = np.random.default_rng([seed, epoch]).permutation(n)
-        np.testing.assert_array_equal(data.batch_indices(n, b, step, seed), perm[i * b:(i + 1) * b])
+        np.testing.assert_array_equal(batches.batch_indices(n, b, step, seed),
+                                      perm[i * b:(i + 1) * b])
 
 
 def test_batch_indices_epochs_and_restarts():
     n, b, seed = 50, 8, 11
     steps_per_epoch = n // b  # 6; 2 examples dropped per epoch
-    run = [data.batch_indices(n, b, step, seed) for step in range(4 * steps_per_epoch)]
+    run = [batches.batch_indices(n, b, step, seed) for step in range(4 * steps_per_epoch)]
     for epoch in range(4):
         seen = np.concatenate(run[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch])
         assert len(seen) == len(set(seen.tolist())) == steps_per_epoch * b
         assert seen.min() >= 0 and seen.max() < n
     assert not np.array_equal(run[0], run[steps_per_epoch])  # a new order every epoch
-    data._epoch_permutation.cache_clear()  # a fresh process resuming at step 13
-    resumed = [data.batch_indices(n, b, step, seed) for step in range(13, len(run))]
+    batches._epoch_permutation.cache_clear()  # a fresh process resuming at step 13
+    resumed = [batches.batch_indices(n, b, step, seed) for step in range(13, len(run))]
     for a, c in zip(run[13:], resumed, strict=True):
         np.testing.assert_array_equal(a, c)
-    assert not np.array_equal(data.batch_indices(n, b, 0, seed=12), run[0])
+    assert not np.array_equal(batches.batch_indices(n, b, 0, seed=12), run[0])
     run[0][:] = -1  # callers own their copy
-    assert data.batch_indices(n, b, 0, seed).min() >= 0
+    assert batches.batch_indices(n, b, 0, seed).min() >= 0
     for bad in (0, n + 1):
         with pytest.raises(ValueError, match="batch_size"):
-            data.batch_indices(n, bad, 0, seed)
+            batches.batch_indices(n, bad, 0, seed)
     with pytest.raises(ValueError, match="step"):
-        data.batch_indices(n, b, -1, seed)
+        batches.batch_indices(n, b, -1, seed)
 
 
 def test_get_batch():
     ds = _classification_set(n=20)
-    idx = data.batch_indices(20, 4, step=2, seed=0)
+    idx = batches.batch_indices(20, 4, step=2, seed=0)
     batch = data.get_batch(ds, idx)
     assert sorted(batch) == ["x", "y"]  # per-class "means" is not part of a batch
     np.testing.assert_array_equal(batch["x"], ds["x"][idx])

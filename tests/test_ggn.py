@@ -7,7 +7,8 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import models, transforms
+from hessian_subspace.paper import models
+from hessian_subspace.training import tasks
 
 from _helpers import count_compilations
 
@@ -32,8 +33,8 @@ def _problem(task, *, hidden=(5, 4), num_outputs=3, n=12, seed=0, activation="so
         y = _f64(rng.normal(size=(n, num_outputs)))
     params = _f64(models.init_params(model, jax.random.key(seed), x[:1]))
     data = {"x": x, "y": y}
-    return (model, params, data, transforms.analysis_output_fn(model, {}),
-            transforms.output_loss(task), models.analysis_loss_fn(model, {}, task))
+    return (model, params, data, hs.curvature.bind_state(tasks.inference_outputs(model), {}),
+            tasks.output_loss(task), hs.curvature.bind_state(tasks.inference_loss(model, task), {}))
 
 
 def _dense_ggn(output_fn, params, data, task):
@@ -97,8 +98,8 @@ def test_operators_compile_once_across_parameter_values():
     data = {"x": jnp.asarray(np.float32(data["x"])), "y": jnp.asarray(np.int32(data["y"]))}
     v = hs.random_start_vector(jax.random.key(0), params)
     ops = lambda p: [hs.dataset_ggn(output_fn, output_loss, p, data, batch_size=5),  # noqa: E731
-                     hs.restrict(hs.dataset_hvp(transforms.analysis_loss(
-                         model, "classification", {}), p, data, batch_size=5), "dense_1")]
+                     hs.restrict(hs.dataset_hvp(tasks.cross_entropy_loss(model), p, data,
+                                                batch_size=5), "dense_1")]
     for op in ops(params):  # warm-up compilations
         op(v if isinstance(op, hs.GGNOperator) else op.select(v))
     shifted = jax.tree_util.tree_map(lambda x: x + 0.1, params)
@@ -109,7 +110,7 @@ def test_operators_compile_once_across_parameter_values():
 
 
 def _block_indices(params, prefix):
-    return np.concatenate([np.arange(a, b) for name, a, b in models.layer_slices(params)
+    return np.concatenate([np.arange(a, b) for name, a, b in hs.leaf_slices(params)
                            if name.startswith(prefix + "/")])
 
 
@@ -132,7 +133,7 @@ def test_restrict_is_the_dense_block_of_the_hessian_and_of_the_ggn():
         np.testing.assert_array_equal(block.flat_indices, idx)
         assert block.dim == idx.size == 5 * 4 + 4
         assert block.leaf_names == ("dense_1/bias", "dense_1/kernel")
-        assert [n for n, _, _ in models.layer_slices(block.like)] == list(block.leaf_names)
+        assert [n for n, _, _ in hs.leaf_slices(block.like)] == list(block.leaf_names)
         want = full[np.ix_(idx, idx)]
         np.testing.assert_allclose(np.asarray(_dense_matrix(block, block.like)), want,
                                    rtol=1e-10, atol=1e-13)
@@ -163,4 +164,4 @@ def test_restrict_prefixes_match_whole_path_components_and_bad_subsets_raise():
     with pytest.raises(ValueError, match="`like` is required"):
         hs.restrict(identity, "out")
     with pytest.raises(ValueError, match="`task`"):
-        transforms.output_loss("ranking")
+        tasks.output_loss("ranking")

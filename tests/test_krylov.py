@@ -8,7 +8,9 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import krylov, models
+from hessian_subspace import krylov
+from hessian_subspace.paper import models
+from hessian_subspace.training import tasks
 
 from _helpers import count_compilations, matrix_with_spectrum, projector, top_subspace
 
@@ -220,7 +222,7 @@ def _mlp_hessian_problem():
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
     data = {"x": jnp.asarray(x, dtype), "y": jnp.asarray(y)}
-    return models.cross_entropy_loss(model), params, data
+    return tasks.cross_entropy_loss(model), params, data
 
 
 def test_top_eigenpairs_of_mlp_hessian_match_dense_eigh_float64():

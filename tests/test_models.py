@@ -11,7 +11,8 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import models
+from hessian_subspace.paper import models
+from hessian_subspace.training import tasks
 
 CIFAR = (32, 32, 3)
 FULL_CONVNET = dict(dropout=True, batch_norm=True, extra_dense=True)
@@ -25,13 +26,13 @@ def _batch(shape, n=4, num_classes=10, seed=0):
 
 def _init(model, shape, seed=0):
     """Jitted `init_variables` (eager init compiles every initialiser op by op: slower)."""
-    fn = jax.jit(lambda key: models.init_variables(model, key, jnp.ones((1, *shape))))
+    fn = jax.jit(lambda key: tasks.init_variables(model, key, jnp.ones((1, *shape))))
     return fn(jax.random.key(seed))
 
 
 def _abstract_init(model, shape):
     return jax.eval_shape(
-        lambda key: models.init_variables(model, key, jnp.ones((1, *shape))), jax.random.key(0))
+        lambda key: tasks.init_variables(model, key, jnp.ones((1, *shape))), jax.random.key(0))
 
 
 def _numpy_init(model, shape, seed=0):
@@ -52,7 +53,7 @@ def _numpy_init(model, shape, seed=0):
 @functools.lru_cache(maxsize=None)
 def _sgd_step(model, task, learning_rate):
     """Jitted SGD-with-momentum step; cached so tests sharing a model share its compilation."""
-    loss_fn = models.train_loss_fn(model, task)
+    loss_fn = tasks.train_loss_fn(model, task)
     tx = optax.sgd(learning_rate, momentum=0.9)
 
     @jax.jit
@@ -99,7 +100,7 @@ def test_output_shapes_in_both_modes(name, kwargs, shape, num_outputs):
     out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
     assert out.shape == (2, num_outputs)
     new_state, out_train = jax.eval_shape(
-        lambda v: models.train_loss_fn(model, "classification")(
+        lambda v: tasks.train_loss_fn(model, "classification")(
             v["params"], {k: v[k] for k in state}, {"x": x, "y": jnp.zeros(2, jnp.int32)},
             jax.random.key(0))[1],
         variables)
@@ -155,7 +156,7 @@ def _assert_training_reduces_loss(model, params, state, batch, task, num_steps=8
     tx, step = _sgd_step(model, task, learning_rate=0.02)
     opt_state = tx.init(params)
     eval_key = jax.random.key(7)  # same dropout mask before and after training
-    loss_fn = jax.jit(models.train_loss_fn(model, task))
+    loss_fn = jax.jit(tasks.train_loss_fn(model, task))
     before = float(loss_fn(params, state, batch, eval_key)[0])
     for i in range(num_steps):
         params, state, opt_state, loss, _ = step(params, state, opt_state, batch,
@@ -205,7 +206,7 @@ def test_resnet18_trains_and_updates_batch_stats():
 
 def test_analysis_loss_and_hvp_are_deterministic(full_convnet):
     model, params, state, batch = full_convnet
-    loss = models.analysis_loss_fn(model, state, "classification")
+    loss = hs.curvature.bind_state(tasks.inference_loss(model, "classification"), state)
     value = jax.jit(loss)
     assert np.array_equal(np.asarray(value(params, batch)), np.asarray(value(params, batch)))
     v = hs.random_start_vector(jax.random.key(5), params)
@@ -215,7 +216,7 @@ def test_analysis_loss_and_hvp_are_deterministic(full_convnet):
     assert _trees_equal(hv1, hv2)
     assert float(flatten_util.ravel_pytree(hv1)[0] @ flatten_util.ravel_pytree(v)[0]) != 0.0
 
-    train = jax.jit(models.train_loss_fn(model, "classification"))
+    train = jax.jit(tasks.train_loss_fn(model, "classification"))
     key_a, key_b = jax.random.key(1), jax.random.key(2)
     assert float(train(params, state, batch, key_a)[0]) == float(
         train(params, state, batch, key_a)[0])
@@ -240,7 +241,7 @@ def test_batch_stats_move_in_training_and_are_frozen_in_analysis(full_convnet):
                                rtol=1e-4, atol=1e-6)
 
     trained_copy = jax.tree_util.tree_map(np.array, trained_state)
-    loss = jax.jit(lambda p, s, b: models.analysis_loss_fn(model, s, "classification")(p, b))
+    loss = jax.jit(lambda p, s, b: tasks.inference_loss(model, "classification")(p, b, s))
     value = loss(params, trained_state, batch)
     assert _trees_equal(trained_state, trained_copy)
     # Frozen statistics: examples do not interact, so the batch mean is the mean of singletons.
@@ -263,20 +264,20 @@ def test_regression_mse_matches_numpy():
     f = h @ p["dense_2"]["kernel"] + p["dense_2"]["bias"]
     want = np.mean((f - y) ** 2)
     batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-    got = models.analysis_loss_fn(model, state, "regression")(params, batch)
+    got = hs.curvature.bind_state(tasks.inference_loss(model, "regression"), state)(params, batch)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
-    train_loss, (_, outputs) = models.train_loss_fn(model, "regression")(params, state, batch,
+    train_loss, (_, outputs) = tasks.train_loss_fn(model, "regression")(params, state, batch,
                                                                            None)
     np.testing.assert_allclose(float(train_loss), want, rtol=1e-5)
-    assert models.batch_metrics(outputs, batch, "regression").keys() == {"loss"}
+    assert tasks.batch_metrics(outputs, batch, "regression").keys() == {"loss"}
     np.testing.assert_allclose(
-        float(models.batch_metrics(outputs, batch, "regression")["loss"]), want, rtol=1e-5)
+        float(tasks.batch_metrics(outputs, batch, "regression")["loss"]), want, rtol=1e-5)
 
 
 def test_batch_metrics_classification():
     outputs = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [0.0, 5.0, 1.0], [1.0, 0.0, 0.0]])
     y = jnp.array([0, 1, 1, 2])
-    metrics = models.batch_metrics(outputs, {"y": y}, "classification")
+    metrics = tasks.batch_metrics(outputs, {"y": y}, "classification")
     o = np.asarray(outputs, np.float64)
     log_p = o - np.log(np.sum(np.exp(o), axis=1, keepdims=True))
     np.testing.assert_allclose(float(metrics["loss"]), -np.mean(log_p[np.arange(4), y]),
@@ -284,18 +285,20 @@ def test_batch_metrics_classification():
     assert float(metrics["accuracy"]) == 0.5
 
 
-def test_analysis_loss_agrees_with_legacy_api_for_stateless_models():
+def test_inference_loss_of_a_stateless_model_is_the_plain_cross_entropy():
     model = models.build_model("fc", num_outputs=3, hidden=(6,))
     params, state = _init(model, (5,))
     assert state == {}
     assert _trees_equal(params, models.init_params(model, jax.random.key(0), jnp.ones((1, 5))))
     batch = _batch((5,), n=6, num_classes=3)
-    np.testing.assert_allclose(
-        float(models.analysis_loss_fn(model, state, "classification")(params, batch)),
-        float(models.cross_entropy_loss(model)(params, batch)), rtol=1e-6)
-    assert float(models.accuracy(model, params, batch)) == float(
-        models.batch_metrics(model.apply({"params": params}, batch["x"]), batch,
-                             "classification")["accuracy"])
+    logits = model.apply({"params": params}, batch["x"])
+    want = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])))
+    loss = tasks.inference_loss(model, "classification")
+    np.testing.assert_allclose(float(loss(params, batch, state)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(tasks.cross_entropy_loss(model)(params, batch)), want,
+                               rtol=1e-6)
+    assert float(tasks.batch_metrics(logits, batch, "classification")["accuracy"]) == float(
+        jnp.mean(jnp.argmax(logits, -1) == batch["y"]))
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -305,7 +308,7 @@ def test_layer_slices_tile_and_match_ravel_order(full_convnet):
     _, params, _, _ = full_convnet
     tree = {"net": params, "extra": [jnp.arange(3.0), {"w": jnp.ones((2, 2))}]}
     flat, _ = flatten_util.ravel_pytree(tree)
-    slices = models.layer_slices(tree)
+    slices = hs.leaf_slices(tree)
     assert slices[0][1] == 0 and slices[-1][2] == flat.size == models.param_count(tree)
     assert all(prev[2] == cur[1] for prev, cur in zip(slices[:-1], slices[1:], strict=True))
     assert len({name for name, _, _ in slices}) == len(slices)
@@ -335,10 +338,10 @@ def test_layer_slices_tile_and_match_ravel_order(full_convnet):
     (lambda: models.build_model("fc", num_outputs=10, activation="gelu"), "gelu"),
     (lambda: models.build_model("fc", num_outputs=10, hidden=(0,)), "hidden"),
     (lambda: models.build_model("fc", num_outputs=0), "num_outputs"),
-    (lambda: models.analysis_loss_fn(models.MLP(), {}, "ranking"), "ranking"),
-    (lambda: models.train_loss_fn(models.MLP(), "ranking"), "ranking"),
-    (lambda: models.batch_metrics(jnp.zeros((2, 1)), {"y": jnp.zeros(2)}, "ranking"), "ranking"),
-    (lambda: models.batch_metrics(jnp.zeros((2, 1)), {"y": jnp.zeros(2)}, "regression"),
+    (lambda: hs.curvature.bind_state(tasks.inference_loss(models.MLP(), "ranking"), {}), "ranking"),
+    (lambda: tasks.train_loss_fn(models.MLP(), "ranking"), "ranking"),
+    (lambda: tasks.batch_metrics(jnp.zeros((2, 1)), {"y": jnp.zeros(2)}, "ranking"), "ranking"),
+    (lambda: tasks.batch_metrics(jnp.zeros((2, 1)), {"y": jnp.zeros(2)}, "regression"),
      "shape"),
 ])
 def test_bad_input_raises_value_error(call, match):

@@ -1,4 +1,4 @@
-"""Tests of hessian_subspace.optim: Dom/Bulk projections and low-rank Newton as optax transforms."""
+"""hessian_subspace.training.optim: Dom/Bulk projections and low-rank Newton as optax transforms."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from _helpers import count_compilations, matrix_with_spectrum, projector, top_su
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import data as data_lib
-from hessian_subspace import models, optim
+from hessian_subspace.paper import data as data_lib
+from hessian_subspace.paper import models
+from hessian_subspace.training import batches, optim, tasks
 
 F32_TOL = 1e-5  # relative round-off allowance for float32 projections (p <= 100)
 
@@ -230,8 +231,8 @@ def test_low_rank_newton_negative_and_zero_eigenvalues():
 def test_training_loop_refreshes_on_schedule_and_compiles_once():
     ds = data_lib.gaussian_mixture(num_classes=3, dim=6, num_examples=48, sigma=0.3, seed=0)
     model = models.build_model("fc", num_outputs=3, hidden=(6,))
-    params, model_state = models.init_variables(model, jax.random.key(0), ds["x"][:1])
-    loss_fn = models.analysis_loss_fn(model, model_state, "classification")
+    params, model_state = tasks.init_variables(model, jax.random.key(0), ds["x"][:1])
+    loss_fn = hs.curvature.bind_state(tasks.inference_loss(model, "classification"), model_state)
     curvature_data = {"x": jnp.asarray(ds["x"]), "y": jnp.asarray(ds["y"])}
     p, k, refresh_every, num_updates = models.param_count(params), 3, 3, 7
 
@@ -250,7 +251,7 @@ def test_training_loop_refreshes_on_schedule_and_compiles_once():
     history, losses = [], []
     with count_compilations() as compiles:
         for t in range(num_updates):
-            idx = data_lib.batch_indices(48, 16, t, 0)
+            idx = batches.batch_indices(48, 16, t, 0)
             batch = {"x": curvature_data["x"][idx], "y": curvature_data["y"][idx]}
             if t == 1:
                 compiled_after_first = compiles[0]

@@ -1,4 +1,4 @@
-"""Tests for hessian_subspace.plotting on synthetic records (no training, Agg backend)."""
+"""Tests for hessian_subspace.paper.figures on synthetic records (no training, Agg backend)."""
 
 import os
 
@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from hessian_subspace import plotting  # noqa: E402
+from hessian_subspace.paper import figures  # noqa: E402
 
 K = 3
 STEPS = list(range(0, 120, 10))  # 12 ok records
@@ -34,7 +34,7 @@ def _record(step: int) -> dict:
         "train_accuracy": float(1 - 0.6 * np.exp(-step / 30)),
         "f_top": float(1 - np.exp(-step / 20)),
         "f_top_minibatch": [0.5, 0.6], "f_top_minibatch_mean": 0.55,
-        "eigenvalues": [3.0 + step / 100, 2.0, 1.0], "next_eigenvalues": [0.5, 0.4, 0.3],
+        "eigenvalues": [3.0 + step / 100, 2.0, 1.0, 0.5, 0.4, 0.3],  # top k, then next k
         "lambda_max": 3.0 + step / 100,
         "c2": [float(c) for c in c2],
         "subspace_overlap": so,
@@ -49,7 +49,7 @@ def records():
     recs.insert(3, {"status": "failed", "step": 25, "reason": "lanczos diverged"})
     recs[5]["f_top"] = None  # step 40: a non-finite value
     recs[5]["lambda_max"] = None
-    recs[5]["eigenvalues"] = [None, 2.0, 1.0]
+    recs[5]["eigenvalues"] = [None, 2.0, 1.0, 0.5, 0.4, 0.3]
     return recs
 
 
@@ -58,7 +58,7 @@ def _lines(ax):
 
 
 def test_fig1_ftop_from_records(records):
-    fig = plotting.fig1_ftop(records, title="t")
+    fig = figures.fig1_ftop(records, title="t")
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 3  # f_top, loss, twin accuracy
     lines = _lines(fig.axes[0])
@@ -73,7 +73,7 @@ def test_fig1_ftop_from_train_log(records):
            for s in range(200)]
     log += [{"step": s, "event": "checkpoint", "test_loss": 0.1, "test_accuracy": 0.9}
             for s in STEPS]
-    fig = plotting.fig1_ftop(records, log, log_x=True, window=10)
+    fig = figures.fig1_ftop(records, log, log_x=True, window=10)
     assert len(fig.axes) == 3
     loss_lines = _lines(fig.axes[1])
     assert len(loss_lines) == 2  # raw (faint) and running mean
@@ -85,16 +85,16 @@ def test_fig1_ftop_from_train_log(records):
 
 def test_fig1_regression_log_has_no_accuracy_axis(records):
     log = [{"step": s, "event": "train", "loss": 1.0} for s in range(20)]
-    assert len(plotting.fig1_ftop(records, log).axes) == 2
+    assert len(figures.fig1_ftop(records, log).axes) == 2
 
 
 def test_fig1_raises_without_ftop():
     with pytest.raises(ValueError, match="f_top"):
-        plotting.fig1_ftop([{"status": "ok", "step": 0}, {"status": "failed", "step": 1}])
+        figures.fig1_ftop([{"status": "ok", "step": 0}, {"status": "failed", "step": 1}])
 
 
 def test_fig2_subspace_overlap(records):
-    fig = plotting.fig2_subspace_overlap(records, t1_steps=[0, 20, 50, 999])
+    fig = figures.fig2_subspace_overlap(records, t1_steps=[0, 20, 50, 999])
     assert len(fig.axes) == 2
     for ax in fig.axes:
         assert len(_lines(ax)) == 3  # 999 is not a reference step
@@ -103,11 +103,11 @@ def test_fig2_subspace_overlap(records):
     y = _lines(fig.axes[0])[0].get_ydata()
     np.testing.assert_allclose(y[0], np.exp(-0.1) * (1 - 0.05 * K))
     with pytest.raises(ValueError):
-        plotting.fig2_subspace_overlap(records, t1_steps=[999])
+        figures.fig2_subspace_overlap(records, t1_steps=[999])
 
 
 def test_fig3_overlap_vs_dim(records):
-    fig = plotting.fig3_overlap_vs_dim(records, t1=20)
+    fig = figures.fig3_overlap_vs_dim(records, t1=20)
     assert len(fig.axes) == 1
     ax = fig.axes[0]
     data = [ln for ln in _lines(ax) if ln.get_marker() == "o"]  # not the error-bar caps
@@ -118,23 +118,23 @@ def test_fig3_overlap_vs_dim(records):
                                [np.mean(decays) * (1 - 0.05 * d) for d in range(2, 2 * K + 1)])
     vlines = [ln for ln in _lines(ax) if len(set(ln.get_xdata())) == 1]
     assert any(ln.get_xdata()[0] == K for ln in vlines)
-    multi = plotting.fig3_overlap_vs_dim(records, t1=[0, 50], dims=[2, 3, 4])
+    multi = figures.fig3_overlap_vs_dim(records, t1=[0, 50], dims=[2, 3, 4])
     assert len([ln for ln in _lines(multi.axes[0]) if ln.get_marker() == "o"]) == 2
     with pytest.raises(ValueError):
-        plotting.fig3_overlap_vs_dim(records, t1=999)
+        figures.fig3_overlap_vs_dim(records, t1=999)
 
 
 def test_fig4_dense_spectrum():
     rng = np.random.default_rng(0)
     ev = np.concatenate([rng.normal(0, 0.01, 200), [5.0, 4.0, 3.0], [np.nan]])
-    fig = plotting.fig4_dense_spectrum(ev, title="step 0", k=K, bins=50)
+    fig = figures.fig4_dense_spectrum(ev, title="step 0", k=K, bins=50)
     assert len(fig.axes) == 2
     assert len(fig.axes[0].patches) == 50
     assert fig.axes[0].get_yscale() == "log"
     top_red = _lines(fig.axes[1])[0]
     np.testing.assert_array_equal(top_red.get_ydata(), [5.0, 4.0, 3.0])
     with pytest.raises(ValueError):
-        plotting.fig4_dense_spectrum([np.nan])
+        figures.fig4_dense_spectrum([np.nan])
 
 
 def test_fig5_slq_density_integrates_to_one():
@@ -142,22 +142,22 @@ def test_fig5_slq_density_integrates_to_one():
     nodes = np.sort(rng.uniform(-0.1, 2.0, size=(4, 20)), axis=1)
     weights = rng.uniform(size=(4, 20))
     weights /= weights.sum(axis=1, keepdims=True)
-    fig = plotting.fig5_slq_density(nodes, weights, num_grid=2000)
+    fig = figures.fig5_slq_density(nodes, weights, num_grid=2000)
     assert len(fig.axes) == 2
     assert fig.axes[1].get_xscale() == "log"
     line = _lines(fig.axes[0])[0]
     x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
     np.testing.assert_allclose(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)), 1.0, atol=1e-3)
-    lin = plotting.fig5_slq_density(nodes[0], weights[0], sigma=0.05, log_eigenvalue=False)
+    lin = figures.fig5_slq_density(nodes[0], weights[0], sigma=0.05, log_eigenvalue=False)
     assert len(lin.axes) == 1
     with pytest.raises(ValueError):
-        plotting.fig5_slq_density(nodes, weights[:, :3])
+        figures.fig5_slq_density(nodes, weights[:, :3])
 
 
 def test_fig6_eigenvector_anatomy_fixes_sign(records):
     v = np.zeros(30)
     v[5], v[25] = -0.9, 0.3
-    fig = plotting.fig6_eigenvector_anatomy({0: v, 100: -v}, records[0]["layer_slices"])
+    fig = figures.fig6_eigenvector_anatomy({0: v, 100: -v}, records[0]["layer_slices"])
     assert len(fig.axes) == 2
     for ax in fig.axes:
         pts = [ln for ln in _lines(ax) if ln.get_marker() == "."]
@@ -167,7 +167,7 @@ def test_fig6_eigenvector_anatomy_fixes_sign(records):
 
 
 def test_fig8_lambda_max(records):
-    fig = plotting.fig8_lambda_max(records, log_y=True)
+    fig = figures.fig8_lambda_max(records, log_y=True)
     assert len(fig.axes) == 1
     (line,) = _lines(fig.axes[0])
     assert len(line.get_xdata()) == len(STEPS) - 1  # None at step 40 skipped
@@ -175,8 +175,8 @@ def test_fig8_lambda_max(records):
 
 
 def test_eigenvalues_over_time(records):
-    assert len(_lines(plotting.eigenvalues_over_time(records).axes[0])) == K
-    fig = plotting.eigenvalues_over_time(records, include_next=True)
+    assert len(_lines(figures.eigenvalues_over_time(records).axes[0])) == K
+    fig = figures.eigenvalues_over_time(records, include_next=True)
     lines = _lines(fig.axes[0])
     assert len(lines) == 2 * K
     assert len(lines[0].get_xdata()) == len(STEPS) - 1
@@ -184,30 +184,30 @@ def test_eigenvalues_over_time(records):
 
 def test_fig11_eigenvector_overlaps(records):
     records[4]["c2"][4] = None  # step 30
-    fig = plotting.fig11_eigenvector_overlaps(records, steps=[0, 30, 100, 12345])
+    fig = figures.fig11_eigenvector_overlaps(records, steps=[0, 30, 100, 12345])
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert len(visible) == 3
     assert [len(ax.patches) for ax in visible] == [2 * K, 2 * K - 1, 2 * K]
     c2 = records[0]["c2"]
     text = " ".join(t.get_text() for t in visible[0].texts)
     assert f"{sum(c2[:K]):.3f}" in text and f"{sum(c2[K:]):.3f}" in text
-    own = plotting.fig11_eigenvector_overlaps(records, steps=[0], sharey=False)
+    own = figures.fig11_eigenvector_overlaps(records, steps=[0], sharey=False)
     assert len(own.axes) == 1
     with pytest.raises(ValueError):
-        plotting.fig11_eigenvector_overlaps(records, steps=[25])  # the failed record
+        figures.fig11_eigenvector_overlaps(records, steps=[25])  # the failed record
 
 
 def test_fig12_variants(records):
     runs = {"sgd": records, "adam": records[::2], "empty": [{"status": "failed", "step": 0}]}
-    fig = plotting.fig12_variants(runs, log_x=True)
+    fig = figures.fig12_variants(runs, log_x=True)
     assert len(fig.axes) == 1
     assert len(_lines(fig.axes[0])) == 2
     with pytest.raises(ValueError):
-        plotting.fig12_variants({"empty": []})
+        figures.fig12_variants({"empty": []})
 
 
 def test_table1_markdown():
-    table = plotting.table1_markdown([
+    table = figures.table1_markdown([
         dict(experiment="MNIST Softmax", ours=0.96123, paper=0.96, std=0.0149),
         dict(experiment="random | labels", ours=None, paper=0.86),
     ])
@@ -215,14 +215,14 @@ def test_table1_markdown():
     assert lines[0] == "| Experiment | ours | paper |"
     assert lines[2] == "| MNIST Softmax | 0.96 ± 0.01 | 0.96 |"
     assert lines[3] == r"| random \| labels | — | 0.86 |"
-    with_steps = plotting.table1_markdown([dict(experiment="a", ours=0.5, paper=0.5, steps=1000)],
+    with_steps = figures.table1_markdown([dict(experiment="a", ours=0.5, paper=0.5, steps=1000)],
                                           digits=3)
     assert "| steps |" in with_steps and "| a | 0.500 | 0.500 | 1000 |" in with_steps
 
 
 def test_save_writes_png_and_pdf(tmp_path, records):
-    fig = plotting.fig8_lambda_max(records)
-    png, pdf = plotting.save(fig, str(tmp_path / "new" / "dir" / "fig8"))
+    fig = figures.fig8_lambda_max(records)
+    png, pdf = figures.save(fig, str(tmp_path / "new" / "dir" / "fig8"))
     assert png.endswith("fig8.png") and pdf.endswith("fig8.pdf")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

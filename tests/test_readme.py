@@ -22,9 +22,17 @@ def test_ci_runs_the_readme_test_command():
     assert len(run_cmd) == 1
 
 
-def test_readme_library_example_runs(capsys):
-    (example,) = _blocks("python")
-    exec(compile(example, "README.md", "exec"), {})
+def test_readme_examples_run_as_pasted(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write results/ and ckpts/ where they run
+    own, library = _blocks("python")
+    exec(compile(own, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if " f_top " in line]
+    assert [int(r[0]) for r in rows] == [0, 50, 100, 150, 200]
+    for r in rows:
+        assert 0.0 <= float(r[2]) <= float(r[4]) <= 1.0  # f_top (top 3) <= f_top5 (top 5)
+    assert len(os.listdir(tmp_path / "results" / "mine" / "records")) == 11
+    exec(compile(library, "README.md", "exec"), {})
     out = capsys.readouterr().out
     match = re.search(r"f_top ([0-9.eE+-]+)", out)
     assert match and 0.0 <= float(match.group(1)) <= 1.0

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hessian_subspace import models, reproduce
+from hessian_subspace.paper import models, reproduce, summaries
 from launch.configs import paper
 
 
@@ -13,7 +13,7 @@ def test_every_experiment_config_builds_valid_runs():
     assert len(paper.EXPERIMENTS) == 15
     for name in paper.EXPERIMENTS:
         config = paper.get_config(name)
-        assert config.name == name and config.kind in reproduce.KINDS
+        assert config.name == name and config.kind in summaries.KINDS
         for run in config.runs.values():
             reproduce.settings_of(run)  # the analysis block is valid
             for dataset in (None, "gaussian_mixture", "idx:/tmp/x"):

@@ -20,8 +20,9 @@ from jax import flatten_util
 import pytest
 
 import hessian_subspace as hs
-from hessian_subspace import data as data_lib
-from hessian_subspace import models, toy_model
+from hessian_subspace.paper import data as data_lib
+from hessian_subspace.paper import models, toy_claims, toy_model
+from hessian_subspace.training import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = float(np.finfo(np.float64).eps)
@@ -101,7 +102,7 @@ def test_analytic_matches_autodiff_on_the_papers_trajectory():
     theta2 = perp[1] + bar - mu1 * l1 / 2 + mu2 * l2 / 2
     with jax.enable_x64(True):
         model = models.build_model("softmax", num_outputs=2, use_bias=False)
-        loss_fn = models.analysis_loss_fn(model, {}, "classification")
+        loss_fn = hs.curvature.bind_state(tasks.inference_loss(model, "classification"), {})
         params = {"dense_0": {"kernel": np.stack([theta1, theta2], axis=1)}}
         batch = {"x": means, "y": np.array([0, 1])}  # σ = 0: one example per class suffices
         _, grad = hs.dataset_value_and_grad(loss_fn, params, batch, batch_size=2)
@@ -194,7 +195,7 @@ def test_simulation_records_and_eq10(clean_run):
     # η q / 2 = 1/(2t) here (q ≈ 1/(ηt) the wrong-class probability), so at most 1/t.
     for rec in records[1:]:
         assert rec["eq10_residual"] <= 1.0 / rec["step"]
-    json.dumps(toy_model.jsonable(records))  # the vectors are dropped, the rest serialises
+    json.dumps(toy_claims.jsonable(records))  # the vectors are dropped, the rest serialises
 
 
 def test_k3_has_k_times_k_minus_1_directions_and_approaches_the_extension():
@@ -237,18 +238,18 @@ def claim_runs():
     for k, sigma, bias in configs:
         cfg = dict(num_classes=k, num_examples=100, sigma=sigma, use_bias=bias,
                    measure_at=(0, 100, 3000), orthogonal_means=True, **SMALL)
-        runs.append({"name": toy_model.run_name(k, sigma, bias), "config": cfg,
+        runs.append({"name": toy_claims.run_name(k, sigma, bias), "config": cfg,
                      "records": toy_model.simulate(**cfg)})
     return runs
 
 
 def test_claims_reproduce(claim_runs):
-    claims = toy_model.check_claims(claim_runs)
+    claims = toy_claims.check_claims(claim_runs)
     assert claims["reproduced"] == {"a": True, "b": True, "c": True}
     (a,) = claims["a_noise"]["runs"]
     # σ = 0: the bulk is exactly flat (rounding); σ = 0.02: non-zero but σ²-suppressed.
     assert a["bulk_ratio_sigma0"] <= 100 * 80 * EPS
-    assert toy_model.BULK_NONZERO < a["bulk_ratio"] < toy_model.BULK_SMALL
+    assert toy_claims.BULK_NONZERO < a["bulk_ratio"] < toy_claims.BULK_SMALL
     assert a["f_top"] >= 0.99
     b = {row["k"]: row for row in claims["b_bias"]["runs"]}
     for k, row in b.items():
@@ -265,7 +266,7 @@ def test_claims_report_failures_instead_of_hiding_them(claim_runs):
     # criteria must come back False with the numbers, not True.
     early = [{**run, "records": run["records"][:1]} for run in claim_runs
              if run["name"] == "k5_sigma0_nobias"]
-    claims = toy_model.check_claims(early)
+    claims = toy_claims.check_claims(early)
     assert claims["reproduced"]["c"] is False
     assert claims["c_many_classes"]["runs"][0]["f_top"] < 0.99
     assert claims["reproduced"]["a"] is None and claims["reproduced"]["b"] is None

@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from hessian_subspace import checkpoint, experiment, train
+from hessian_subspace import training
+from hessian_subspace.paper import experiment
+from hessian_subspace.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "launch", "configs", "train.py")
@@ -36,16 +38,16 @@ def _smoke_config(**overrides):
 
 
 def test_checkpoint_schedule():
-    s = train.CheckpointSchedule("1:100,10:1000,100")
+    s = training.CheckpointSchedule("1:100,10:1000,100")
     steps = s.steps(1234)
     assert steps[:101] == list(range(101))
     assert steps[101:104] == [110, 120, 130]
     assert 1000 in steps and 1010 not in steps and 1100 in steps and 1200 in steps
     assert steps[-1] == 1234  # the final step is always saved
-    assert train.CheckpointSchedule("5").steps(12) == [0, 5, 10, 12]
+    assert training.CheckpointSchedule("5").steps(12) == [0, 5, 10, 12]
     for bad in ("", "0", "10:5,1:3,2", "1:10,x", "3,1:10"):
         with pytest.raises(ValueError, match="schedule"):
-            train.CheckpointSchedule(bad)
+            training.CheckpointSchedule(bad)
 
 
 def test_training_writes_checkpoints_and_log(tmp_path):
@@ -54,7 +56,7 @@ def test_training_writes_checkpoints_and_log(tmp_path):
     assert int(state.step) == 40
     steps = checkpoint.list_steps(tmp_path / "checkpoints")
     assert steps == list(range(11)) + [20, 30, 40]
-    log = train.read_train_log(str(tmp_path))
+    log = training.read_train_log(str(tmp_path))
     train_records = [r for r in log if r["event"] == "train"]
     assert [r["step"] for r in train_records] == list(range(40))
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in train_records)
@@ -63,8 +65,10 @@ def test_training_writes_checkpoints_and_log(tmp_path):
     assert all("test_loss" in r and "test_accuracy" in r for r in ckpt_records)
     assert ckpt_records[-1]["test_loss"] < ckpt_records[0]["test_loss"]
     # The analysis side restores parameters without knowing the optimizer.
-    params, model_state, meta = checkpoint.restore_model(tmp_path / "checkpoints", 40)
-    assert meta["step"] == 40 and meta["config"]["optimizer"]["name"] == "sgd"
+    params, model_state = checkpoint.run_checkpoints(tmp_path / "checkpoints").load(40)
+    meta = checkpoint.read_meta(tmp_path / "checkpoints", 40)
+    assert meta["step"] == 40 and meta["checksum"]["params"] == checkpoint.checksum(params)
+    assert meta["config"]["optimizer"]["name"] == "sgd"
     assert meta["num_outputs"] == 3 and model_state == {}
     np.testing.assert_array_equal(params["dense_0"]["kernel"], state.params["dense_0"]["kernel"])
     # Momentum state is saved too and restores into the optimizer's structure.
@@ -100,7 +104,7 @@ def test_non_finite_loss_is_detected_and_not_checkpointed(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite"):
         experiment.train_from_config(config, str(tmp_path), progress=False)
     for step in checkpoint.list_steps(tmp_path / "checkpoints"):
-        params, _, _ = checkpoint.restore_model(tmp_path / "checkpoints", step)
+        params, _ = checkpoint.run_checkpoints(tmp_path / "checkpoints").load(step)
         assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
@@ -151,10 +155,10 @@ def test_killed_run_resumes_to_the_same_final_parameters(tmp_path):
     code, out = _launch(tmp_path / "run", num_steps).finish()
     assert code == 0, out[-3000:]
     assert f"Resuming from step {killed_at}" in out
-    a, _, _ = checkpoint.restore_model(tmp_path / "ref" / "checkpoints", num_steps)
-    b, _, _ = checkpoint.restore_model(ckpt_dir, num_steps)
+    a, _ = checkpoint.run_checkpoints(tmp_path / "ref" / "checkpoints").load(num_steps)
+    b, _ = checkpoint.run_checkpoints(ckpt_dir).load(num_steps)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)  # bit-identical on the same machine
-    log_a = [json.dumps(r, sort_keys=True) for r in train.read_train_log(str(tmp_path / "ref"))]
-    log_b = [json.dumps(r, sort_keys=True) for r in train.read_train_log(str(tmp_path / "run"))]
+    log_a = [json.dumps(r, sort_keys=True) for r in training.read_train_log(str(tmp_path / "ref"))]
+    log_b = [json.dumps(r, sort_keys=True) for r in training.read_train_log(str(tmp_path / "run"))]
     assert log_a == log_b

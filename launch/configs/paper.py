@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from hessian_subspace import reproduce
+from hessian_subspace.paper import reproduce
 
 ConfigDict = ml_collections.ConfigDict
 

@@ -15,7 +15,7 @@ Arguments after the colon: "fashion_idx" (../shared/data/fashion-mnist), "smoke"
 mixture, 3 classes, 60 steps: a few seconds on a CPU).
 """
 
-from hessian_subspace import experiment
+from hessian_subspace.paper import experiment
 
 
 def get_config(arg: str | None = None):

@@ -1,11 +1,9 @@
-"""Flax models of the paper and the loss contract ``loss(params, batch) -> scalar`` of the numerics.
+"""Flax linen models of the paper.
 
-A batch is ``{"x": inputs, "y": labels}``: integer class labels of shape ``(n,)`` for
-classification, float targets of shape ``(n, 1)`` for regression. The Hessian the toolkit
-analyses is that of :func:`analysis_loss_fn`: the **mean cross-entropy** over the analysis set
-(mean squared error for regression), with the model in **inference mode** (dropout off,
-BatchNorm frozen to its running statistics), so that it is a fixed, deterministic operator.
-Training uses :func:`train_loss_fn` (dropout on, BatchNorm on batch statistics).
+They are users of the toolkit like anyone's models: their loss for the metric pipeline is
+``hessian_subspace.training.tasks.inference_loss(model, task)``, a plain
+``loss(params, batch, state)`` with the model in inference mode (dropout off, BatchNorm on its
+frozen running statistics); nothing in the numerical core or the pipeline knows about flax.
 
 Models (every ``__call__(x, train=False)``), built by name with :func:`build_model`:
 
@@ -26,8 +24,6 @@ References:
 
 from __future__ import annotations
 
-import functools
-
 import inspect
 import math
 from typing import Any, Callable, Sequence
@@ -36,14 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 PyTree = Any
-Batch = dict
-LossFn = Callable[[PyTree, Batch], jax.Array]
-TrainLossFn = Callable[[PyTree, PyTree, Batch, Any], tuple[jax.Array, tuple[PyTree, jax.Array]]]
-
-TASKS = ("classification", "regression")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -312,232 +302,28 @@ def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
     return builder(num_outputs, **kwargs)
 
 
-# ------------------------------------------------------------------------ variables, losses
+# ------------------------------------------------------------------------ variables
 
 
 def init_params(model: nn.Module, key: jax.Array, example_x: jax.Array) -> PyTree:
     """Initial parameters of ``model`` for inputs shaped like ``example_x``.
 
-    Drops any other collection; models with BatchNorm need :func:`init_variables`.
+    Drops any other collection; models with BatchNorm need
+    :func:`hessian_subspace.training.tasks.init_variables`.
     """
     return model.init(key, example_x)["params"]
-
-
-def init_variables(model: nn.Module, key: jax.Array, example_x: jax.Array
-                   ) -> tuple[PyTree, dict[str, PyTree]]:
-    """Initial parameters and model state of ``model``, initialised in inference mode.
-
-    Args:
-      model: a flax module with ``__call__(x, train=False)``.
-      key: PRNG key for the parameter initialisers.
-      example_x: inputs of shape ``(n, ...)`` (``n = 1`` suffices).
-
-    Returns:
-      ``(params, model_state)``; ``model_state`` holds the non-"params" collections, e.g.
-      ``{"batch_stats": ...}`` (running means 0, variances 1), and is ``{}`` if there are none.
-    """
-    variables = dict(model.init(key, example_x, train=False))
-    params = variables.pop("params")
-    return params, variables
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
-
-
-def _mean_loss(outputs: jax.Array, y: jax.Array, task: str) -> jax.Array:
-    if task == "classification":
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, y))
-    if jnp.shape(y) != jnp.shape(outputs):  # (n,) against (n, 1) would broadcast to (n, n).
-        raise ValueError(
-            f"regression targets of shape {jnp.shape(y)} for outputs of shape "
-            f"{jnp.shape(outputs)}; they must match.")
-    return jnp.mean((outputs - y) ** 2)
-
-
-def analysis_loss_fn(model: nn.Module, model_state: dict[str, PyTree], task: str) -> LossFn:
-    r"""The loss whose Hessian the toolkit analyses: ``loss(params, batch) -> scalar``.
-
-    .. math:: L(\theta) = \frac{1}{n}\sum_{a=1}^{n} \ell(f_\theta(x_a), y_a),
-
-    with :math:`\ell` the softmax cross-entropy against integer labels (classification); for
-    regression the loss is the mean squared error ``mean((f(x) - y) ** 2)`` over all entries of
-    ``(n, num_outputs)`` (for one output, the mean over examples). The model runs in **inference
-    mode** (``train=False``): dropout is off and BatchNorm uses the running statistics in
-    ``model_state``, which stay fixed. The loss is therefore a deterministic function of
-    ``params`` on a fixed analysis set, and examples do not interact, so the mean over the
-    analysis set is the weighted mean of the batch means (what ``dataset_hvp`` computes).
-
-    Args:
-      model: a flax module with ``__call__(x, train=False)``.
-      model_state: its non-"params" collections from :func:`init_variables` or training
-        (``{}`` if none).
-      task: "classification" (``batch = {"x": (n, ...), "y": int (n,)}``) or "regression"
-        (``batch = {"x": (n, ...), "y": float (n, num_outputs)}``).
-
-    Returns:
-      ``loss(params, batch) -> scalar``, pure and jit-compatible: a ``jax.tree_util.Partial``
-      binding ``model_state`` to one cached function per (model, task), so the state is a
-      dynamic input and a new checkpoint reuses compiled code.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from hessian_subspace import models
-      >>> model = models.build_model("fc", num_outputs=10, hidden=(100, 100))
-      >>> params, state = models.init_variables(model, jax.random.key(0), jnp.ones((1, 784)))
-      >>> models.param_count(params), state
-      (89610, {})
-      >>> loss = models.analysis_loss_fn(model, state, "classification")
-      >>> batch = {"x": jnp.zeros((4, 784)), "y": jnp.arange(4)}
-      >>> print(f"{loss(params, batch):.4f}")  # log(10): zero inputs give equal logits
-      2.3026
-    """
-    _check_task(task)
-    return jax.tree_util.Partial(_analysis_loss_impl(model, task), model_state)
-
-
-@functools.lru_cache(maxsize=None)
-def _analysis_loss_impl(model: nn.Module, task: str):
-    def loss(model_state: PyTree, params: PyTree, batch: Batch) -> jax.Array:
-        outputs = model.apply({"params": params, **model_state}, batch["x"], train=False)
-        return _mean_loss(outputs, batch["y"], task)
-
-    return loss
-
-
-def analysis_metrics_fn(model: nn.Module, model_state: dict[str, PyTree], task: str):
-    """``metrics(params, batch) -> {"loss", "accuracy"?}`` in inference mode, a Partial binding
-    ``model_state`` like :func:`analysis_loss_fn` (accuracy for classification only)."""
-    _check_task(task)
-    return jax.tree_util.Partial(_analysis_metrics_impl(model, task), model_state)
-
-
-@functools.lru_cache(maxsize=None)
-def _analysis_metrics_impl(model: nn.Module, task: str):
-    def metrics(model_state: PyTree, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
-        outputs = model.apply({"params": params, **model_state}, batch["x"], train=False)
-        return batch_metrics(outputs, batch, task)
-
-    return metrics
-
-
-def train_loss_fn(model: nn.Module, task: str) -> TrainLossFn:
-    """The training loss: ``loss(params, model_state, batch, dropout_key)``.
-
-    Same mean loss as :func:`analysis_loss_fn`, but with ``train=True``: dropout is on (driven
-    by ``dropout_key``) and BatchNorm normalises with the batch statistics and updates the
-    running averages, which are returned. Differentiate with
-    ``jax.value_and_grad(loss, has_aux=True)``; jit-compatible.
-
-    Args:
-      model: a flax module with ``__call__(x, train)``.
-      task: "classification" or "regression" (see :func:`analysis_loss_fn`).
-
-    Returns:
-      ``loss(params, model_state, batch, dropout_key) -> (loss, (new_model_state, outputs))``
-      where ``dropout_key`` is a PRNG key for the "dropout" rng stream (ignored by models
-      without dropout; ``None`` is allowed for them), ``new_model_state`` has the structure of
-      ``model_state`` and ``outputs`` has shape ``(n, num_outputs)``.
-    """
-    _check_task(task)
-
-    def loss(params: PyTree, model_state: dict[str, PyTree], batch: Batch, dropout_key: Any
-             ) -> tuple[jax.Array, tuple[dict[str, PyTree], jax.Array]]:
-        variables = {"params": params, **model_state}
-        rngs = {} if dropout_key is None else {"dropout": dropout_key}
-        if model_state:
-            outputs, new_state = model.apply(variables, batch["x"], train=True, rngs=rngs,
-                                             mutable=list(model_state))
-            new_state = dict(new_state)
-        else:
-            outputs = model.apply(variables, batch["x"], train=True, rngs=rngs)
-            new_state = {}
-        return _mean_loss(outputs, batch["y"], task), (new_state, outputs)
-
-    return loss
-
-
-def batch_metrics(outputs: jax.Array, batch: Batch, task: str) -> dict[str, jax.Array]:
-    """Mean loss (and accuracy) of ``outputs`` against ``batch["y"]``.
-
-    Args:
-      outputs: model outputs of shape ``(n, num_outputs)``.
-      batch: ``{"y": ...}`` as in :func:`analysis_loss_fn` (other keys are ignored).
-      task: "classification" or "regression".
-
-    Returns:
-      ``{"loss": scalar, "accuracy": scalar}`` for classification; ``{"loss": scalar}`` only
-      for regression (no accuracy key, rather than a NaN that would poison averages).
-    """
-    _check_task(task)
-    metrics = {"loss": _mean_loss(outputs, batch["y"], task)}
-    if task == "classification":
-        metrics["accuracy"] = jnp.mean(jnp.argmax(outputs, -1) == batch["y"])
-    return metrics
-
-
-def cross_entropy_loss(model: nn.Module) -> LossFn:
-    """``loss(params, batch)``: mean softmax cross-entropy of ``model`` over ``batch``.
-
-    For models without model state; :func:`analysis_loss_fn` is the general form.
-    """
-
-    def loss(params, batch):
-        logits = model.apply({"params": params}, batch["x"])
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
-
-    return loss
-
-
-def accuracy(model: nn.Module, params: PyTree, batch: dict) -> jax.Array:
-    """Fraction of ``batch`` classified correctly (models without model state)."""
-    logits = model.apply({"params": params}, batch["x"])
-    return jnp.mean(jnp.argmax(logits, -1) == batch["y"])
 
 
 # ------------------------------------------------------------------------------ parameters
 
 
-def _size(leaf: Any) -> int:
-    return math.prod(getattr(leaf, "shape", np.shape(leaf)))  # also for jax.ShapeDtypeStruct
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def layer_slices(params: PyTree) -> list[tuple[str, int, int]]:
-    """Where each parameter array sits in the flat vector of ``ravel_pytree(params)``.
-
-    Splits a flat eigenvector or gradient by layer (paper Figs. 6-7):
-    ``{name: flat[start:stop] for name, start, stop in layer_slices(params)}``.
-
-    Args:
-      params: a pytree of arrays.
-
-    Returns:
-      ``[(name, start, stop), ...]`` in ravel order, one per leaf, with ``name`` the
-      "/"-joined path (``"dense_0/kernel"``); the half-open ranges tile ``[0, p)``.
-    """
-    slices, start = [], 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        size = _size(leaf)
-        slices.append(("/".join(_key_name(k) for k in path), start, start + size))
-        start += size
-    return slices
-
-
 def param_count(params: PyTree) -> int:
     """Number of scalar parameters in ``params`` (the length of ``ravel_pytree(params)[0]``)."""
-    return sum(_size(leaf) for leaf in jax.tree_util.tree_leaves(params))
+    return sum(math.prod(getattr(leaf, "shape", np.shape(leaf)))
+               for leaf in jax.tree_util.tree_leaves(params))
 
 
 __all__ = [
-    "ACTIVATIONS", "MODEL_NAMES", "TASKS", "KerasConvNet", "MLP", "ResNet18", "SmallConvNet",
-    "accuracy", "analysis_loss_fn", "batch_metrics", "build_model", "cross_entropy_loss",
-    "init_params", "init_variables", "layer_slices", "param_count", "train_loss_fn",
+    "ACTIVATIONS", "MODEL_NAMES", "KerasConvNet", "MLP", "ResNet18", "SmallConvNet",
+    "build_model", "init_params", "param_count",
 ]

@@ -3,7 +3,8 @@ and numbers made from their result files.
 
 An experiment config (``launch/configs/paper.py``) has a ``kind`` (which figure or table), a
 dict of ``runs`` (each a training config from :func:`experiment.default_config` with an
-``analysis`` block of :class:`pipeline.Settings` fields) and ``plot`` options. Runs are stored
+``analysis`` block of :class:`hessian_subspace.analysis.presets.Settings` fields) and ``plot``
+options; :mod:`.summaries` turns a kind's results into figures and numbers. Runs are stored
 under ``ROOT/runs/NAME-HASH`` (HASH of the run's identity), so experiments that share a run
 (Fig. 1, 2, 3, 6, 8 and 11 all use the FC net on MNIST) train and analyse it once; everything is
 resumable. Figures go to ``ROOT/EXPERIMENT/*.png|pdf`` and the numbers to
@@ -17,19 +18,22 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from hessian_subspace import experiment, pipeline, plotting
-from hessian_subspace import train as train_lib
+from hessian_subspace import _io, analysis
+from hessian_subspace.analysis import presets
+from hessian_subspace.paper import experiment, summaries
+from hessian_subspace.paper import figures as plots
+from hessian_subspace.training import checkpoint as ckpt_lib
+from hessian_subspace.training import loop as train_lib
 
 ConfigDict = ml_collections.ConfigDict
 
 ANALYSIS_DEFAULTS = dict(
-    transforms=list(pipeline.DEFAULT_TRANSFORMS), k=None, lanczos_steps=None, tol=1e-3,
+    transforms=list(presets.DEFAULT_TRANSFORMS), k=None, lanczos_steps=None, tol=1e-3,
     block_size=1, dtype="float32", precision=None, batch_size=1000, num_minibatches=4,
     minibatch_size=64, reference_steps=[0, 10, 50, 100, 200, 500, 1000], warm_start=True,
     slq_steps=[], slq_probes=10, slq_lanczos_steps=80, dense_steps=[],
@@ -68,11 +72,13 @@ def _hash(obj) -> str:
 _LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks")
 
 
-def analysis_identity(settings: pipeline.Settings) -> dict:
-    """What names an analysis directory: the settings, less later additions at their defaults."""
-    current, defaults = settings.to_json(), pipeline.Settings().to_json()
-    return {k: v for k, v in current.items()
-            if not (k in _LATER_SETTINGS and v == defaults[k])}
+def analysis_identity(settings: presets.Settings) -> dict:
+    """What names an analysis directory: the settings, less later additions at their defaults,
+    and the store's layout version (results of the pre-issue-9 pipeline are not mixed in)."""
+    current, defaults = settings.to_json(), presets.Settings().to_json()
+    identity = {k: v for k, v in current.items()
+                if not (k in _LATER_SETTINGS and v == defaults[k])}
+    return dict(identity, layout=analysis.runner.LAYOUT_VERSION)
 
 
 def _train_part(run: ConfigDict) -> ConfigDict:
@@ -81,12 +87,12 @@ def _train_part(run: ConfigDict) -> ConfigDict:
     return config
 
 
-def settings_of(run: ConfigDict) -> pipeline.Settings:
+def settings_of(run: ConfigDict) -> presets.Settings:
     a = run.analysis
-    fields = {f: a[f] for f in pipeline.Settings.__dataclass_fields__ if f in a}
+    fields = {f: a[f] for f in presets.Settings.__dataclass_fields__ if f in a}
     for f in ("transforms", "reference_steps", "slq_steps", "dense_steps"):
         fields[f] = tuple(fields[f])
-    return pipeline.Settings(**fields)
+    return presets.Settings(**fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +209,6 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
     a = run.analysis
     steps = None if a.steps is None else list(a.steps)
     if a.min_step is not None:
-        from hessian_subspace import checkpoint as ckpt_lib
         available = ckpt_lib.list_steps(os.path.join(workdir, train_lib.CHECKPOINT_DIR))
         steps = [s for s in (steps or available) if s >= a.min_step]
     start = time.perf_counter()
@@ -212,7 +217,7 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
                            num_analysis=run.data.num_analysis, test_metrics=a.test_metrics,
                            progress=progress)
     return RunResult(workdir=workdir, results=results,
-                     records=pipeline.read_results(results),
+                     records=analysis.read_results(results),
                      train_log=train_lib.read_train_log(workdir),
                      train_seconds=round(train_seconds, 1),
                      analysis_seconds=round(time.perf_counter() - start, 1))
@@ -256,7 +261,7 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
             run = smoke(run)
         results[name] = run_one(run, root, name, progress=progress)
     plot_config = smoke_plot(config) if smoke_size else config
-    figures, numbers = KINDS[config.kind](plot_config, results, out_dir)
+    figures, numbers = summaries.KINDS[config.kind](plot_config, results, out_dir)
     summary = dict(
         experiment=config.name, description=config.description, kind=config.kind,
         dataset=dataset or "as configured", smoke=smoke_size,
@@ -270,297 +275,8 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
         not_run=[n for n in config.runs if n not in results],
         figures=figures, numbers=numbers, paper=config.get("paper", {}).to_dict()
         if isinstance(config.get("paper"), ConfigDict) else config.get("paper", {}))
-    pipeline.write_json(os.path.join(out_dir, "summary.json"), pipeline._to_jsonable(summary))
+    _io.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# Figures and numbers per kind.
-
-
-def _ok(records):
-    return [r for r in records if r.get("status") == "ok"]
-
-
-def _at(records, step, key):
-    """Value of ``key`` at the analysed step closest to ``step`` (None past the last step)."""
-    ok = [r for r in _ok(records) if r.get(key) is not None]
-    if not ok or step > ok[-1]["step"]:
-        return None
-    best = min(ok, key=lambda r: abs(r["step"] - step))
-    return dict(step=best["step"], value=best[key])
-
-
-def _save(fig, out_dir, name) -> list[str]:
-    import matplotlib.pyplot as plt
-    paths = plotting.save(fig, os.path.join(out_dir, name))
-    plt.close(fig)
-    return [os.path.relpath(p, out_dir) for p in paths]
-
-
-def _fig1(config, results, out_dir):
-    figures, numbers = [], {}
-    for name, r in results.items():
-        figures += _save(plotting.fig1_ftop(r["records"], r["train_log"], title=name), out_dir,
-                         f"fig1_{name}")
-        ok = _ok(r["records"])
-        if not ok:
-            continue
-        last = ok[-1]
-        numbers[name] = dict(
-            f_top_start=ok[0].get("f_top"),
-            f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 50, 100, 200, 500, 1000)},
-            f_top_final=last.get("f_top"), f_top_minibatch_final=last.get(
-                "f_top_minibatch_mean"),
-            # Largest finite Ritz-residual error bar on f_top over the run, and the number of
-            # checkpoints with no bound at all (no gap after the k-th Ritz value: stored as None).
-            f_top_bound_max=max((x["f_top_bound"] for x in ok
-                                 if x.get("f_top_bound") is not None), default=None),
-            f_top_unbounded=sum(1 for x in ok
-                                if x.get("f_top") is not None and x.get("f_top_bound") is None),
-            train_loss_final=last.get("train_loss"),
-            train_accuracy_final=last.get("train_accuracy"),
-            eigenvalues_final=last.get("eigenvalues"),
-            overlap_g_hg_final=last.get("overlap_g_hg"),
-            all_converged=all(x.get("all_converged", False) for x in ok))
-    return figures, numbers
-
-
-def _table1(config, results, out_dir):
-    rows, numbers = [], {}
-    for name in config.runs:
-        if name not in results:
-            rows.append(dict(experiment=config.labels.get(name, name), ours=None,
-                             paper=config.paper.get(name), steps="not run"))
-            continue
-        r = results[name]
-        ok = [x for x in _ok(r["records"]) if x.get("overlap_g_hg") is not None]
-        values = [x["overlap_g_hg"] for x in ok]
-        paper = config.paper.get(name)
-        row = dict(experiment=config.labels.get(name, name),
-                   ours=float(np.mean(values)) if values else None,
-                   std=float(np.std(values)) if values else None, paper=paper,
-                   train_loss=float(np.mean([x["train_loss"] for x in ok]))
-                   if ok and all("train_loss" in x for x in ok) else None,
-                   steps=f"{ok[0]['step']}-{ok[-1]['step']} ({len(ok)} checkpoints)"
-                   if ok else "none")
-        rows.append(row)
-        numbers[name] = dict(row, random_vertex=_random_vertex(ok))
-    text = plotting.table1_markdown(rows)
-    path = os.path.join(out_dir, "table1.md")
-    pipeline._atomic_write(path, lambda f: f.write(text.encode()))
-    return ["table1.md"], numbers
-
-
-def _random_vertex(records):
-    lam = [x.get("eigenvalues") for x in records if x.get("eigenvalues")]
-    if not lam:
-        return None
-    from hessian_subspace import metrics
-    return float(np.mean([float(metrics.random_vertex_overlap(np.asarray(v))) for v in lam]))
-
-
-def _fig2(config, results, out_dir):
-    (name, r), = results.items()
-    t1s = list(config.plot.t1)
-    fig = plotting.fig2_subspace_overlap(r["records"], t1s)
-    numbers = {}
-    ok = _ok(r["records"])
-    k = ok[0]["k"] if ok else None
-    for t1 in t1s:
-        later = [x for x in ok if str(t1) in x.get("subspace_overlap", {})]
-        if later:
-            numbers[str(t1)] = dict(
-                (str(x["step"] - t1), dict(top=x["subspace_overlap"][str(t1)].get(f"top{k}"),
-                                           next=x["subspace_overlap"][str(t1)].get("next")))
-                for x in later[:: max(1, len(later) // 6)])
-    return _save(fig, out_dir, "fig2_subspace_overlap"), numbers
-
-
-def _fig3(config, results, out_dir):
-    (name, r), = results.items()
-    figures, numbers = [], {}
-    for t1 in config.plot.t1:
-        figures += _save(plotting.fig3_overlap_vs_dim(r["records"], t1), out_dir,
-                         f"fig3_overlap_vs_dim_t1_{t1}")
-        ok = [x for x in _ok(r["records"]) if str(t1) in x.get("subspace_overlap", {})]
-        if ok:
-            dims = sorted({int(key[3:]) for x in ok for key in x["subspace_overlap"][str(t1)]
-                           if key.startswith("top") and key[3:].isdigit()})
-            numbers[str(t1)] = {str(d): float(np.mean([
-                x["subspace_overlap"][str(t1)][f"top{d}"] for x in ok
-                if f"top{d}" in x["subspace_overlap"][str(t1)]])) for d in dims}
-    return figures, numbers
-
-
-def _fig11(config, results, out_dir):
-    (name, r), = results.items()
-    steps = list(config.plot.steps)
-    fig = plotting.fig11_eigenvector_overlaps(r["records"], steps)
-    numbers = {}
-    for t in steps:
-        hit = _at(r["records"], t, "c2")
-        if hit:
-            c2 = np.asarray(hit["value"], float)
-            k = len(c2) // 2
-            numbers[str(t)] = dict(step=hit["step"], sum_top=float(c2[:k].sum()),
-                                   sum_next=float(c2[k:].sum()))
-    return _save(fig, out_dir, "fig11_eigenvector_overlaps"), numbers
-
-
-def _fig12(config, results, out_dir):
-    runs = {config.labels.get(n, n): r["records"] for n, r in results.items()}
-    numbers = {}
-    for n, r in results.items():
-        ok = _ok(r["records"])
-        if ok:
-            numbers[config.labels.get(n, n)] = dict(
-                f_top_final=ok[-1].get("f_top"),
-                f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 100, 500)})
-    return _save(plotting.fig12_variants(runs), out_dir, "fig12_variants"), numbers
-
-
-def _fig8(config, results, out_dir):
-    (name, r), = results.items()
-    figures = _save(plotting.fig8_lambda_max(r["records"]), out_dir, "fig8_lambda_max")
-    figures += _save(plotting.eigenvalues_over_time(r["records"]), out_dir,
-                     "fig8_top_eigenvalues")
-    ok = _ok(r["records"])
-    numbers = {str(x["step"]): x.get("lambda_max") for x in ok[:: max(1, len(ok) // 10)]}
-    return figures, numbers
-
-
-def _fig6(config, results, out_dir):
-    (name, r), = results.items()
-    store = pipeline.ResultStore(r["results"])
-    vectors, slices, numbers = {}, None, {}
-    for t in config.plot.steps:
-        hit = _at(r["records"], t, "layer_slices")
-        if not hit:
-            continue
-        step = hit["step"]
-        basis = store.basis(step)
-        if basis is None:
-            continue
-        vectors[step] = basis["eigenvectors"][0]
-        slices = hit["value"]
-        numbers[str(step)] = store.record(step).get("top_eigenvector_layer_mass")
-    if not vectors:
-        return [], numbers
-    fig = plotting.fig6_eigenvector_anatomy(vectors, slices)
-    return _save(fig, out_dir, "fig6_eigenvector_anatomy"), numbers
-
-
-def _outliers(eigenvalues) -> int:
-    """Number of outliers: position of the largest ratio between consecutive eigenvalues."""
-    lam = np.sort(np.asarray([x for x in eigenvalues if x is not None], float))[::-1]
-    lam = lam[lam > 0]
-    if lam.size < 2:
-        return int(lam.size)
-    return int(np.argmax(lam[:-1] / lam[1:]) + 1)
-
-
-def _spectrum(config, results, out_dir):
-    figures, numbers = [], {}
-    for name, r in results.items():
-        store = pipeline.ResultStore(r["results"])
-        for step in reversed(store.done_steps()):
-            spec = store.spectrum(step)
-            if spec is None:
-                continue
-            if "dense_eigenvalues" in spec:
-                lam = spec["dense_eigenvalues"]
-                figures += _save(plotting.fig4_dense_spectrum(lam, title=f"{name}, step {step}"),
-                                 out_dir, f"fig4_dense_spectrum_{name}")
-                numbers[f"{name}_dense"] = dict(
-                    step=step, num=int(lam.size), top=np.sort(lam)[::-1][:12].round(5).tolist(),
-                    outliers=_outliers(np.sort(lam)[::-1][:50]),
-                    fraction_negative=float(np.mean(lam < 0)))
-            if "slq_nodes" in spec:
-                figures += _save(plotting.fig5_slq_density(spec["slq_nodes"],
-                                                           spec["slq_weights"]),
-                                 out_dir, f"fig5_slq_density_{name}")
-                numbers[f"{name}_slq"] = dict(step=step, probes=int(spec["slq_nodes"].shape[0]))
-            break
-        ok = _ok(r["records"])
-        if ok:
-            lam = list(ok[-1].get("eigenvalues") or []) + list(ok[-1].get("next_eigenvalues")
-                                                               or [])
-            numbers[f"{name}_lanczos_top2k"] = dict(step=ok[-1]["step"], eigenvalues=lam,
-                                                    outliers=_outliers(lam))
-    return figures, numbers
-
-
-def _labels(config, results, out_dir):
-    figures, numbers = [], {}
-    for name, r in results.items():
-        figures += _save(plotting.eigenvalues_over_time(r["records"]), out_dir,
-                         f"eigenvalues_{name}")
-        ok = _ok(r["records"])
-        if ok:
-            last = ok[-1]
-            lam = list(last.get("eigenvalues") or []) + list(last.get("next_eigenvalues") or [])
-            numbers[name] = dict(step=last["step"], k=last["k"], eigenvalues=lam,
-                                 outliers=_outliers(lam), f_top=last.get("f_top"),
-                                 train_accuracy=last.get("train_accuracy"))
-    return figures, numbers
-
-
-def _optim(config, results, out_dir):
-    """Training curves, f_top and lambda_max of runs that differ only in the optimizer, and
-    whether Song et al.'s finding holds: Dom-SGD stalls while Bulk-SGD trains like SGD."""
-    label = lambda n: config.labels.get(n, n)  # noqa: E731
-    figures = _save(plotting.training_curves({label(n): r["train_log"]
-                                              for n, r in results.items()},
-                                             title=config.name), out_dir, "training_curves")
-    figures += _save(plotting.fig12_variants({label(n): r["records"]
-                                              for n, r in results.items()}), out_dir, "f_top")
-    numbers = {}
-    for n, r in results.items():
-        checkpoints = [x for x in r["train_log"] if x.get("event") == "checkpoint"]
-        ok = _ok(r["records"])
-        numbers[n] = dict(
-            test_loss_start=checkpoints[0].get("test_loss") if checkpoints else None,
-            test_loss_final=checkpoints[-1].get("test_loss") if checkpoints else None,
-            test_accuracy_final=checkpoints[-1].get("test_accuracy") if checkpoints else None,
-            train_loss_final=ok[-1].get("train_loss") if ok else None,
-            f_top_final=ok[-1].get("f_top") if ok else None,
-            lambda_max_final=(ok[-1].get("eigenvalues") or [None])[0] if ok else None)
-    if {"sgd", "dom_sgd", "bulk_sgd"} <= set(numbers):
-        sgd, dom, bulk = (numbers[n] for n in ("sgd", "dom_sgd", "bulk_sgd"))
-        if None not in (sgd["test_loss_start"], sgd["test_loss_final"], dom["test_loss_final"],
-                        bulk["test_loss_final"]):
-            drop = lambda x: sgd["test_loss_start"] - x  # noqa: E731
-            numbers["song_et_al_2024"] = dict(
-                claim="Dom-SGD stalls while Bulk-SGD trains",
-                dom_fraction_of_sgd_loss_drop=drop(dom["test_loss_final"]) / drop(
-                    sgd["test_loss_final"]),
-                bulk_fraction_of_sgd_loss_drop=drop(bulk["test_loss_final"]) / drop(
-                    sgd["test_loss_final"]),
-                holds=bool(drop(dom["test_loss_final"]) < 0.2 * drop(sgd["test_loss_final"])
-                           and drop(bulk["test_loss_final"]) > 0.8 * drop(
-                               sgd["test_loss_final"])))
-    return figures, numbers
-
-
-KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
-    "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
-    "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
-    "optim": _optim,
-}
-
-
-def summary_markdown(summary: dict) -> str:
-    """A short human-readable digest of an experiment summary."""
-    lines = [f"## {summary['experiment']}", "", summary.get("description", ""), "",
-             f"data: {summary['dataset']}{' (smoke size)' if summary['smoke'] else ''}; "
-             f"{summary['seconds']:.0f} s", ""]
-    for fig in summary.get("figures", []):
-        if fig.endswith(".png"):
-            lines.append(f"![{fig}]({fig})")
-    lines += ["", "```json", json.dumps(summary.get("numbers", {}), indent=1)[:4000], "```", ""]
-    return "\n".join(lines)
-
 
 
 def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = False,
@@ -580,7 +296,7 @@ def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = Fa
       quick: smoke sizes (seconds; for tests).
       progress: progress bars.
     """
-    from hessian_subspace import toy_model
+    from hessian_subspace.paper import toy_claims
 
     start = time.perf_counter()
     exp = copy.deepcopy(fig1_config)
@@ -592,16 +308,16 @@ def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = Fa
         exp.runs[name] = run
     fig1 = run_experiment(exp, root, smoke_size=quick, progress=progress)
     (run_name, numbers), = fig1["numbers"].items()
-    records = _ok(pipeline.read_results(fig1["runs"][run_name]["results"]))
+    records = summaries.ok_records(analysis.read_results(fig1["runs"][run_name]["results"]))
     overlaps = [r["overlap_g_hg"] for r in records[-5:] if r.get("overlap_g_hg") is not None]
 
     logging.info("toy model of §3 against its analytic solution")
     toy_dir = os.path.join(root, "toy_model")
     sizes = dict(dim=30, num_examples=120, measure_at=(0, 10, 100, 300)) if quick else dict(
         dim=200, num_examples=500, measure_at=(0, 1, 3, 10, 30, 100, 300, 1000, 3000))
-    toy = toy_model.run_paper_configs(classes=(2, 5, 10), **sizes)
-    pipeline.write_json(os.path.join(toy_dir, "toy_model.json"), toy)
-    toy_fig = _save(plotting.toy_model_figure(toy), toy_dir, "toy_model")
+    toy = toy_claims.run_paper_configs(classes=(2, 5, 10), **sizes)
+    _io.write_json(os.path.join(toy_dir, "toy_model.json"), toy)
+    toy_fig = summaries.save(plots.toy_model_figure(toy), toy_dir, "toy_model")
     late = toy["analytic"]["comparison"][-1]
     summary = dict(
         seconds=round(time.perf_counter() - start, 1),
@@ -622,9 +338,8 @@ def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = Fa
                                if isinstance(v, dict) and "claim" in v},
                        figures=[os.path.join("toy_model", f) for f in toy_fig]),
     )
-    pipeline.write_json(os.path.join(root, "summary.json"), pipeline._to_jsonable(summary))
-    text = _main_summary_markdown(summary)
-    pipeline._atomic_write(os.path.join(root, "summary.md"), lambda f: f.write(text.encode()))
+    _io.write_json(os.path.join(root, "summary.json"), summary)
+    _io.write_text(os.path.join(root, "summary.md"), _main_summary_markdown(summary))
     return summary
 
 

@@ -13,9 +13,9 @@ synthetic sets (:func:`gaussian_mixture`, §3; :func:`sine_regression`, Table 1)
 Transforms (pure numpy, they return new dicts): :func:`shuffle_labels` (random labels),
 :func:`even_odd`, :func:`class_subset`, :func:`subset`, combined by :func:`apply_transforms`.
 
-Batches: :func:`batch_indices` gives the SGD mini-batch of any step from ``(step, seed)`` alone, so
-a resumed run sees the same batches; :func:`analysis_set` is the fixed set on which the Hessian and
-the gradient are measured (the paper uses the whole training set, §2.1).
+:func:`analysis_set` is the fixed set on which the Hessian and the gradient are measured (the paper
+uses the whole training set, §2.1). The SGD batch order is
+:func:`hessian_subspace.training.batches.batch_indices`.
 
 References:
   Gur-Ari, Roberts & Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv:1812.04754 (2018).
@@ -24,7 +24,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import gzip
 import importlib.util
 import os
@@ -36,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from hessian_subspace.paper.synthetic import gaussian_mixture, sine_regression
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
 _IDX_DTYPES = {
@@ -63,7 +64,6 @@ PER_CLASS_KEYS = ("means",)
 _NETWORK_PROBE = ("storage.googleapis.com", 443)
 _NETWORK_TIMEOUT_S = 3.0
 _TFDS_CHUNK = 4096  # examples per batched read (bounds the per-example dicts held at once)
-_TEST_STREAM = 1  # the "test" split of a synthetic set draws its examples from rng([seed, 1])
 _OFFLINE_OPTIONS = (
     "Offline options: data_dir=DIR holding tfds ArrayRecord data prepared elsewhere; "
     "'idx:/path/to/idx-dir' for MNIST-format IDX files (e.g. 'idx:../shared/data/fashion-mnist' "
@@ -155,92 +155,6 @@ def load_idx_dataset(directory: str | os.PathLike, split: str = "train") -> dict
         )
     x = (images.astype(np.float32) / 255.0)[..., None]
     return {"x": x, "y": labels.astype(np.int32)}
-
-
-def gaussian_mixture(*, num_classes: int, dim: int, num_examples: int, sigma: float,
-                     seed: int = 0, orthogonal_means: bool = False,
-                     split: str = "train") -> dict[str, Any]:
-    """The paper's toy data (§3): k classes, x ~ N(μ_y, σ² I) with random unit means μ_y.
-
-    Labels are balanced (example a has class a mod k, then shuffled). The means depend on ``seed``
-    only; the "test" split draws its labels and noise from ``np.random.default_rng([seed, 1])``,
-    so it shares the training means but not the training examples.
-
-    >>> train = gaussian_mixture(num_classes=2, dim=3, num_examples=4, sigma=0.1)
-    >>> test = gaussian_mixture(num_classes=2, dim=3, num_examples=4, sigma=0.1, split="test")
-    >>> bool(np.array_equal(train["means"], test["means"]))
-    True
-    >>> bool(np.array_equal(train["x"], test["x"]))
-    False
-
-    Args:
-      num_classes: k.
-      dim: input dimension d.
-      num_examples: n.
-      sigma: noise standard deviation σ (0 puts every example on its class mean).
-      seed: seed of the means, labels and noise.
-      orthogonal_means: make the means exactly orthonormal (needs k <= d), as in App. E.
-      split: "train" (the historical stream of ``seed``) or "test" (same means, new examples).
-
-    Returns:
-      ``{"x": float32 (n, d), "y": int32 (n,), "means": float32 (k, d)}``.
-    """
-    _check_split(split, "gaussian_mixture")
-    if num_classes < 2:
-        raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
-    if dim < 1 or num_examples < 1:
-        raise ValueError("`dim` and `num_examples` must be >= 1.")
-    if sigma < 0:
-        raise ValueError(f"`sigma` must be >= 0, got {sigma}.")
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(num_classes, dim))
-    if orthogonal_means:
-        if num_classes > dim:
-            raise ValueError("orthogonal means need num_classes <= dim.")
-        means = np.linalg.qr(means.T)[0].T
-    means /= np.linalg.norm(means, axis=1, keepdims=True)
-    if split == "test":
-        rng = np.random.default_rng([seed, _TEST_STREAM])
-    y = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
-    x = means[y] + sigma * rng.normal(size=(num_examples, dim))
-    return {"x": x.astype(np.float32), "y": y, "means": means.astype(np.float32)}
-
-
-def sine_regression(num_examples: int, noise: float = 0.1, seed: int = 0, *,
-                    split: str = "train") -> dict[str, np.ndarray]:
-    """The paper's regression task (Table 1): one period of a sine with Gaussian noise.
-
-    The input is the phase scaled to [-1, 1): x ~ U[-1, 1), y = sin(π(x + 1)) + ε with
-    ε ~ N(0, noise²). (The paper does not say how inputs were scaled. Raw phases in [0, 2π)
-    make SGD with the paper's η = 0.1 diverge at the first step for FC 1-100-100-1 — loss
-    1.3 → 3e4 — after which every ReLU is dead and the net outputs a constant; scaled, the
-    same run reaches the noise floor, mean squared error 0.011.) The "test" split draws from
-    ``np.random.default_rng([seed, 1])`` instead of ``default_rng(seed)``.
-
-    >>> ds = sine_regression(5)
-    >>> ds["x"].shape, ds["y"].shape, ds["y"].dtype
-    ((5, 1), (5, 1), dtype('float32'))
-
-    Args:
-      num_examples: n.
-      noise: standard deviation of the additive Gaussian noise (paper: 0.1).
-      seed: seed of inputs and noise.
-      split: "train" or "test" (a different seed stream).
-
-    Returns:
-      ``{"x": float32 (n, 1) in [-1, 1), "y": float32 (n, 1)}``.
-    """
-    _check_split(split, "sine")
-    if num_examples < 1:
-        raise ValueError(f"`num_examples` must be >= 1, got {num_examples}.")
-    if noise < 0:
-        raise ValueError(f"`noise` must be >= 0, got {noise}.")
-    rng = np.random.default_rng(seed if split == "train" else [seed, _TEST_STREAM])
-    x = rng.uniform(-1.0, 1.0, size=(num_examples, 1))
-    y = np.sin(np.pi * (x + 1.0)) + noise * rng.normal(size=(num_examples, 1))
-    # Rounding to float32 could reach 1; keep the half-open interval the docstring promises.
-    x32 = np.minimum(x.astype(np.float32), np.nextafter(np.float32(1.0), np.float32(0)))
-    return {"x": x32, "y": y.astype(np.float32)}
 
 
 def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
@@ -588,47 +502,6 @@ def apply_transforms(ds: Mapping[str, Any], *, label_transform: str | None = Non
 
 # --------------------------------------------------------------------------------------------
 # Batches.
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    perm.setflags(write=False)
-    return perm
-
-
-def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Indices of the SGD mini-batch at ``step``: a function of the step number alone.
-
-    Each epoch of ``num_examples // batch_size`` steps walks a fresh permutation
-    ``np.random.default_rng([seed, epoch]).permutation(num_examples)`` in consecutive blocks; the
-    last ``num_examples % batch_size`` examples of each permutation are dropped. A run resumed at
-    ``step`` therefore sees exactly the batches of an uninterrupted run.
-
-    >>> epoch = [batch_indices(10, 5, step, seed=0) for step in (0, 1)]
-    >>> sorted(np.concatenate(epoch).tolist()) == list(range(10))
-    True
-    >>> bool(np.array_equal(batch_indices(10, 5, 7, seed=0), batch_indices(10, 5, 7, seed=0)))
-    True
-
-    Args:
-      num_examples: n, the training set size.
-      batch_size: examples per batch, ``1 <= batch_size <= n``.
-      step: the step number, >= 0.
-      seed: seed of the data order.
-
-    Returns:
-      int64 indices, shape ``(batch_size,)``.
-    """
-    if num_examples < 1 or step < 0:
-        raise ValueError(f"need num_examples >= 1 and step >= 0, got {num_examples}, {step}.")
-    if not 1 <= batch_size <= num_examples:
-        raise ValueError(f"`batch_size` must be in 1..{num_examples} (num_examples), got "
-                         f"{batch_size}.")
-    steps_per_epoch = num_examples // batch_size
-    epoch, i = divmod(int(step), steps_per_epoch)
-    perm = _epoch_permutation(int(num_examples), int(seed), epoch)
-    return perm[i * batch_size:(i + 1) * batch_size].copy()
 
 
 def get_batch(ds: Mapping[str, Any], indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ optimizer updates (step 0 is the initialisation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -25,9 +26,9 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from hessian_subspace import checkpoint as ckpt_lib
-from hessian_subspace import data as data_lib
-from hessian_subspace import models, transforms
+from hessian_subspace import _io, curvature
+from hessian_subspace.training import batches, tasks
+from hessian_subspace.training import checkpoint as ckpt_lib
 
 PyTree = Any
 
@@ -70,7 +71,7 @@ def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9, b1
 def init_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
                      example_x) -> TrainState:
     """Initial parameters, model state and optimizer state (step 0)."""
-    params, model_state = models.init_variables(model, key, example_x)
+    params, model_state = tasks.init_variables(model, key, example_x)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model_state=model_state)
 
@@ -84,7 +85,7 @@ def make_train_step(model, tx: optax.GradientTransformation, task: str, seed: in
     ``extra_args`` go to ``tx.update`` (e.g. ``curvature_data`` for :mod:`optim`'s
     transformations): inputs of the compiled step, not captured constants.
     """
-    loss_fn = models.train_loss_fn(model, task)
+    loss_fn = tasks.train_loss_fn(model, task)
     base_key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
     tx = optax.with_extra_args_support(tx)
 
@@ -95,7 +96,7 @@ def make_train_step(model, tx: optax.GradientTransformation, task: str, seed: in
             state.params, state.model_state, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
         params = optax.apply_updates(state.params, updates)
-        metrics = models.batch_metrics(outputs, batch, task)
+        metrics = tasks.batch_metrics(outputs, batch, task)
         metrics["loss"] = loss
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                           model_state=model_state), metrics
@@ -106,10 +107,15 @@ def make_train_step(model, tx: optax.GradientTransformation, task: str, seed: in
 def evaluate(model, task: str, params: PyTree, model_state: PyTree, dataset: dict, *,
              batch_size: int = 1000) -> dict[str, float]:
     """Mean loss (and accuracy) of the model in inference mode over a whole data set."""
-    metrics_fn = models.analysis_metrics_fn(model, model_state, task)
+    metrics_fn = curvature.bind_state(tasks.inference_metrics(model, task), model_state)
     data = {"x": dataset["x"], "y": dataset["y"]}
-    out = transforms.data_metrics(metrics_fn, params, data, batch_size=batch_size)
+    out = _dataset_metrics(metrics_fn, params, data, batch_size=min(batch_size, len(data["y"])))
     return {k: float(v) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _dataset_metrics(metrics_fn, params: PyTree, data: dict, *, batch_size: int) -> dict:
+    return curvature.dataset_mean(lambda b: metrics_fn(params, b), data, batch_size=batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +188,7 @@ class _JsonLines:
                         if step < keep_until_step or (step == keep_until_step and
                                                       record.get("event") == "checkpoint"):
                             lines.append(line if line.endswith("\n") else line + "\n")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _io.write_text(path, "".join(lines))
         self._file = open(path, "a")
 
     def write(self, records: list[dict]) -> None:
@@ -234,11 +235,12 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
     arguments ends exactly like an uninterrupted one.
 
     Args:
-      model: a flax module from :mod:`hessian_subspace.models`.
+      model: a flax linen module with ``__call__(x, train)`` (e.g.
+        :mod:`hessian_subspace.paper.models`).
       task: "classification" or "regression".
       train_set, test_set: data sets ``{"x", "y"}`` (numpy); test_set may be None.
       optimizer: an optax transformation (see :func:`make_optimizer`).
-      batch_size: mini-batch size; the order is :func:`data.batch_indices` of (step, seed).
+      batch_size: mini-batch size; the order is :func:`batches.batch_indices` of (step, seed).
       num_steps: total number of updates.
       seed: seed of the initialisation, the batch order and dropout.
       workdir: output directory (``checkpoints/``, ``train_log.jsonl``).
@@ -328,7 +330,7 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
                    disable=not progress)
         tick, tick_step = time.perf_counter(), start
         for step in range(start, num_steps):
-            idx = data_lib.batch_indices(n, batch_size, step, seed)
+            idx = batches.batch_indices(n, batch_size, step, seed)
             batch = {"x": train_set["x"][idx], "y": train_set["y"][idx]}
             if curvature_data is None:
                 state, metrics = step_fn(state, batch)

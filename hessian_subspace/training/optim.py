@@ -310,7 +310,7 @@ def project_onto_subspace(mode: str, k: int, refresh_every: int, *, hessian_fn: 
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from hessian_subspace import optim
+      >>> from hessian_subspace.training import optim
       >>> hessian_fn = lambda params, a: (lambda v: a @ v)  # H = a, whatever the params
       >>> tx = optim.project_onto_subspace("dominant", 2, 10, hessian_fn=hessian_fn,
       ...                                  key=jax.random.key(0))
@@ -415,7 +415,7 @@ def low_rank_newton(k: int, damping: float, *, hessian_fn: HessianFn, key: jax.A
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from hessian_subspace import optim
+      >>> from hessian_subspace.training import optim
       >>> a = jnp.array([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 1.0]])
       >>> target = jnp.array([1.0, -1.0, 2.0])  # loss 0.5 (θ - target)ᵀ a (θ - target)
       >>> tx = optim.low_rank_newton(3, 0.0, hessian_fn=lambda p, a: (lambda v: a @ v),

@@ -1,8 +1,11 @@
-"""Experiment configs -> library calls: the one place (with the pipeline) that reads a ConfigDict.
+"""Experiment configs -> library calls: the one place (with :mod:`reproduce`) that reads a
+ConfigDict.
 
 A run's config (see ``launch/configs/``) names the data set, label transform, model, optimizer,
 batch size, steps, seed and checkpoint schedule; this module unpacks it into explicit keyword
-arguments for :mod:`data`, :mod:`models` and :mod:`train`.
+arguments for :mod:`.data`, :mod:`.models` and :mod:`hessian_subspace.training`, and builds the
+analysis of a run's checkpoints: the paper's models are users of the pipeline's loss contract
+like anyone's (:func:`hessian_subspace.training.tasks.inference_loss`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hessian_subspace import data as data_lib
-from hessian_subspace import models
-from hessian_subspace import train as train_lib
+from hessian_subspace import analysis, curvature
+from hessian_subspace.analysis import presets
+from hessian_subspace.paper import data as data_lib
+from hessian_subspace.paper import models
+from hessian_subspace.training import checkpoint as ckpt_lib
+from hessian_subspace.training import loop as train_lib
+from hessian_subspace.training import tasks
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -109,11 +116,11 @@ def build_optimizer(config: ConfigDict, model=None, num_outputs: int | None = No
     if o.name in SUBSPACE_OPTIMIZERS:
         import optax
 
-        from hessian_subspace import curvature, models, optim
+        from hessian_subspace.training import optim
 
         if model is None:
             raise ValueError(f"optimizer {o.name!r} needs the model (Hessian access)")
-        loss = models.analysis_loss_fn(model, {}, config.task)
+        loss = curvature.bind_state(tasks.inference_loss(model, config.task), {})
         batch_size = int(o.get("curvature_batch_size", 1000))
 
         def hessian_fn(params, data):
@@ -170,14 +177,12 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
 
     With ``wait_seconds`` > 0, waits that long for a first checkpoint (a run just started).
     """
-    from hessian_subspace import checkpoint as ckpt_lib
-
     ckpt_dir = os.path.join(workdir, train_lib.CHECKPOINT_DIR)
     deadline = time.monotonic() + wait_seconds
     while True:
         steps = ckpt_lib.list_steps(ckpt_dir)
         if steps:
-            _, _, meta = ckpt_lib.restore_model(ckpt_dir, steps[0])
+            meta = ckpt_lib.read_meta(ckpt_dir, steps[0])
             if "config" not in meta:
                 raise ValueError(f"checkpoints in {ckpt_dir} carry no run config")
             return meta["config"], int(meta["num_outputs"])
@@ -186,28 +191,54 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
         time.sleep(poll_seconds)
 
 
-def analyze_run(workdir: str, results_dir: str, *, settings=None, steps=None,
-                watch: bool = False, poll_seconds: float = 2.0, timeout_seconds: float = 600.0,
-                num_analysis: int | None = None, test_metrics: bool = False,
+def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, results_dir: str, *,
+                 settings: presets.Settings | None = None, test_set: dict | None = None,
+                 record_fields: dict | None = None, progress: bool = True
+                 ) -> analysis.Analyzer:
+    """The analyzer of a run of the paper's models: :func:`presets.paper_chain` of
+    ``settings`` on the inference-mode loss, metrics and outputs of the config's model.
+    ``record_fields`` (default: ``k`` and the config) go into every record."""
+    settings = settings or presets.Settings()
+    model = build_model(config, num_outputs)
+    k = settings.k or num_outputs
+    chain = presets.paper_chain(settings, k=k,
+                                metrics_fn=tasks.inference_metrics(model, config.task))
+    xy = lambda ds: None if ds is None else {"x": ds["x"], "y": ds["y"]}  # noqa: E731
+    return analysis.Analyzer(
+        chain, tasks.inference_loss(model, config.task), data=xy(analysis_set),
+        results_dir=results_dir, test_data=xy(test_set),
+        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss(config.task),
+        record_fields=dict(k=k, config=config_to_json(config)) if record_fields is None
+        else record_fields, progress=progress, **presets.analyzer_options(settings))
+
+
+def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | None = None,
+                steps=None, watch: bool = False, poll_seconds: float = 2.0,
+                timeout_seconds: float = 600.0, num_analysis: int | None = None,
+                test_metrics: bool = False, retry_failed: bool = True,
                 progress: bool = True) -> list[dict]:
     """Streams a run's checkpoints (finished, or live with ``watch``) through the pipeline.
 
     The model and the analysis set are rebuilt from the config stored in the checkpoints.
     ``num_analysis`` overrides the size of the analysis set (a fixed random subset).
     """
-    from hessian_subspace import pipeline
-
     config_json, num_outputs = read_run_config(workdir, wait_seconds=timeout_seconds if watch
                                                else 0.0)
     config = ConfigDict(config_json)
     if num_analysis is not None:
         config.data.num_analysis = int(num_analysis)
     data = load_data(config)
+    analyzer = analyzer_for(config, num_outputs, data["analysis"], results_dir,
+                            settings=settings, test_set=data["test"] if test_metrics else None,
+                            record_fields=dict(k=(settings or presets.Settings()).k or
+                                               num_outputs, config=config_json),
+                            progress=progress)
+    analyzer.retry_failed = retry_failed
     model = build_model(config, num_outputs)
-    pipe = pipeline.Pipeline(
-        model, config.task, data["analysis"], results_dir,
-        settings=settings or pipeline.Settings(), test_set=data["test"] if test_metrics else None,
-        num_outputs=num_outputs, config=config_json)
-    return pipe.run(os.path.join(workdir, train_lib.CHECKPOINT_DIR), steps=steps, watch=watch,
-                    poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
-                    progress=progress)
+    like, state_like = jax.eval_shape(lambda: tasks.init_variables(
+        model, jax.random.key(0), np.asarray(data["analysis"]["x"][:1])))
+    source = ckpt_lib.run_checkpoints(os.path.join(workdir, train_lib.CHECKPOINT_DIR),
+                                      like=like, state_like=state_like,
+                                      final_step=config.get("num_steps"))
+    return analyzer.run(source, steps=steps, watch=watch, poll_seconds=poll_seconds,
+                        timeout_seconds=timeout_seconds)

@@ -1,0 +1,116 @@
+"""Private linear-algebra primitives shared by the Krylov solvers (:mod:`krylov`,
+:mod:`tracking`): Gram-Schmidt, Rayleigh-Ritz on padded projections, residual tests.
+
+Pure jax.numpy; no validation of user input beyond what the solvers delegate here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hessian_subspace import _tree
+
+PyTree = Any
+
+HIGHEST = jax.lax.Precision.HIGHEST
+WHICH = ("LA", "SA", "LM")
+DEFAULT_BREAKDOWN_FACTOR = 100.0
+
+
+def check_start_vector(v0: PyTree) -> None:
+    _tree.check_floating("v0", v0)
+    if not _tree.is_concrete(v0):
+        return
+    _tree.check_finite("v0", v0)
+    if all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(v0)):
+        raise ValueError("`v0` is the zero vector; Lanczos needs a nonzero start vector.")
+
+
+def orthogonalize(w, basis, passes):
+    """w minus its projection on the rows of `basis`, `passes` classical Gram-Schmidt passes."""
+    for _ in range(passes):
+        w = w - jnp.dot(jnp.dot(basis, w, precision=HIGHEST), basis, precision=HIGHEST)
+    return w
+
+
+def select(theta, valid, k, which):
+    """Indices of the k wanted Ritz values among the valid ones."""
+    key = {"LA": theta, "SA": -theta, "LM": jnp.abs(theta)}[which]
+    key = jnp.where(valid, key, -jnp.inf)
+    return jnp.argsort(-key, stable=True)[:k]
+
+
+def relative_residuals(residuals, theta, norm_estimate, eps):
+    """r / max(|theta|, sqrt(eps) ||H||): relative to the eigenvalue, floored for near-zero ones."""
+    scale = jnp.maximum(jnp.abs(theta), jnp.sqrt(eps) * norm_estimate)
+    return jnp.where(scale > 0, residuals / jnp.where(scale > 0, scale, 1.0), residuals)
+
+
+def breakdown_eps(like_flat, dtype):
+    """Rounding unit of the matvec: the coarser of the operator's and the recurrence's dtype."""
+    return max(float(jnp.finfo(like_flat.dtype).eps), float(jnp.finfo(dtype).eps))
+
+
+def default_tol(dtype) -> float:
+    """Default relative-residual tolerance: ``10 * sqrt(eps)`` of the operator's dtype
+    (3.5e-3 for float32, 1.5e-7 for float64)."""
+    return float(10 * np.sqrt(jnp.finfo(dtype).eps))
+
+
+def block_orthonormalize(w, basis, key, threshold):
+    """Orthonormal rows spanning the rows of w (b, p), which are already orthogonal to `basis`.
+
+    Householder QR; if the block is rank deficient (|R_cc| <= threshold: an invariant subspace
+    was found), the missing directions are replaced by random vectors orthogonalised against
+    `basis`. Returns (Q (b, p), replaced (), R (b, b)) with w = R^T Q up to the dropped parts.
+    """
+    q, r = jnp.linalg.qr(w.T)
+    deficient = jnp.abs(jnp.diag(r)) <= threshold
+
+    def replace(q):
+        rows = jnp.where(deficient[:, None], jax.random.normal(key, w.shape, w.dtype), q.T)
+        rows = jax.vmap(lambda x: orthogonalize(x, basis, 2))(rows)
+        return jnp.linalg.qr(rows.T)[0]
+
+    q = jax.lax.cond(jnp.any(deficient), replace, lambda q: q, q).T
+    return q, jnp.any(deficient), jnp.dot(q, w.T, precision=HIGHEST)
+
+
+def symmetric_projection(projected, block_size):
+    """T from the upper block triangle: T = U + U^T - D, with D the symmetrised block diagonal."""
+    n = projected.shape[0]
+    blk = jnp.arange(n) // block_size
+    upper = jnp.where(blk[:, None] < blk[None, :], projected, 0.0)
+    diag = jnp.where(blk[:, None] == blk[None, :], projected, 0.0)
+    return upper + upper.T + 0.5 * (diag + diag.T)
+
+
+def ritz(t, num_valid):
+    """Eigen-decomposition of a projected matrix whose rows >= num_valid are padding.
+
+    The padded block is decoupled and its diagonal pushed above the spectrum, so it never yields
+    (fake zero) Ritz values; returns (theta (n,), S (n, n), valid (n,)).
+    """
+    n = t.shape[0]
+    valid_rows = jnp.arange(n) < num_valid
+    mask = valid_rows[:, None] & valid_rows[None, :]
+    t = jnp.where(mask, t, 0.0)
+    bound = jnp.max(jnp.sum(jnp.abs(t), axis=1))
+    t = t + jnp.diag(jnp.where(valid_rows, 0.0, 2 * bound + 1))
+    theta, s = jnp.linalg.eigh(t)
+    pad_weight = jnp.sum(jnp.where(valid_rows[:, None], 0.0, s**2), axis=0)
+    return theta, s, pad_weight < 0.5
+
+
+def resolve_tol(tol: float | None, like: PyTree) -> float:
+    """The residual tolerance: ``default_tol`` of the vectors' dtype unless given; must be > 0."""
+    if tol is None:
+        return default_tol(jnp.result_type(*jax.tree_util.tree_leaves(like)))
+    tol = float(tol)
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    return tol

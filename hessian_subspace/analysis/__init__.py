@@ -1,0 +1,61 @@
+"""The metric pipeline: train-state checkpoints stream through composable metric transforms
+into result files that survive crashes.
+
+The only model contract is the loss, ``loss_fn(params, batch)`` (or
+``loss_fn(params, batch, state)`` with frozen model state), so any JAX model works: plain
+functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.split`` /
+``nnx.merge``), Equinox (``eqx.partition``).
+
+- Transforms (:mod:`.transforms`, :mod:`.builtins`): small values composed by :func:`chain`
+  in the order given; the built-ins are the paper's measurements; a user's metric is a plain
+  function of the :class:`Context` (:func:`transform`).
+- The runner (:class:`Analyzer`): live from any training loop (``analyzer(step, params)``
+  with ``every_steps`` / ``on_steps``), offline over a checkpoint source (:meth:`Analyzer.run`
+  with :func:`orbax_checkpoints`), or following a live run (``watch=True``).
+- The store (:mod:`.store`): atomic JSON records and npz arrays, checked on every start;
+  corrupt files are moved aside and recomputed; :func:`read_results` reads them back.
+- Writers (:mod:`.writers`): scalars to CSV, TensorBoard, or any clu metric writer.
+
+Example::
+
+    from hessian_subspace import analysis
+
+    pipe = analysis.chain(analysis.loss(), analysis.gradient(), analysis.eigenpairs(k=20),
+                          analysis.f_top(k=10), analysis.subspace_overlap(k=10))
+    analyzer = analysis.Analyzer(pipe, loss_fn, data=analysis_set, results_dir="results/run")
+    analyzer.run(analysis.orbax_checkpoints("ckpts", like=params))
+    records = analysis.read_results("results/run")
+"""
+
+from hessian_subspace.analysis import builtins as builtins
+from hessian_subspace.analysis import presets as presets
+from hessian_subspace.analysis import spectra as spectra
+from hessian_subspace.analysis import sources as sources
+from hessian_subspace.analysis import store as store
+from hessian_subspace.analysis import writers as writers
+from hessian_subspace.analysis.builtins import c2 as c2
+from hessian_subspace.analysis.builtins import eigenpairs as eigenpairs
+from hessian_subspace.analysis.builtins import f_top as f_top
+from hessian_subspace.analysis.builtins import ggn as ggn
+from hessian_subspace.analysis.builtins import gradient as gradient
+from hessian_subspace.analysis.builtins import layers as layers
+from hessian_subspace.analysis.builtins import loss as loss
+from hessian_subspace.analysis.builtins import overlap_g_hg as overlap_g_hg
+from hessian_subspace.analysis.builtins import subspace_overlap as subspace_overlap
+from hessian_subspace.analysis.context import Context as Context
+from hessian_subspace.analysis.context import MissingEntry as MissingEntry
+from hessian_subspace.analysis.runner import Analyzer as Analyzer
+from hessian_subspace.analysis.sources import CheckpointError as CheckpointError
+from hessian_subspace.analysis.sources import in_memory as in_memory
+from hessian_subspace.analysis.sources import orbax_checkpoints as orbax_checkpoints
+from hessian_subspace.analysis.spectra import dense_spectrum as dense_spectrum
+from hessian_subspace.analysis.spectra import slq as slq
+from hessian_subspace.analysis.store import ResultStore as ResultStore
+from hessian_subspace.analysis.store import read_results as read_results
+from hessian_subspace.analysis.transforms import Chain as Chain
+from hessian_subspace.analysis.transforms import Stored as Stored
+from hessian_subspace.analysis.transforms import Transform as Transform
+from hessian_subspace.analysis.transforms import chain as chain
+from hessian_subspace.analysis.transforms import transform as transform
+from hessian_subspace.analysis.writers import CSVWriter as CSVWriter
+from hessian_subspace.analysis.writers import TensorBoardWriter as TensorBoardWriter

@@ -1,0 +1,558 @@
+r"""The paper's measurements as transforms (factories returning :class:`Transform` values).
+
+Notation (Gur-Ari, Roberts, Dyer 2018): g = ∇L and H = ∇²L of the mean loss over the analysis
+set (or the Gauss-Newton matrix G, or a diagonal block, whatever ``ctx["operator"]`` is);
+V = the computed eigenvectors, largest eigenvalue first.
+
+============================  ======================  ==========================================
+factory                       requires                record keys (context entries)
+============================  ======================  ==========================================
+:func:`loss`                  —                       ``train_loss``, ``train_accuracy``, ``test_*``
+:func:`gradient`              —                       ``grad_norm`` (``gradient``)
+:func:`eigenpairs`            —                       ``eigenvalues``, ``residuals``, ``converged``
+                                                      … (``eigenpairs``; basis in ``bases/``)
+:func:`f_top`                 gradient, eigenpairs    ``f_top``, ``f_next``, bounds, mini-batches
+:func:`overlap_g_hg`          gradient                ``overlap_g_hg``
+:func:`c2`                    gradient, eigenpairs    ``c2``
+:func:`layers`                eigenpairs              ``lambda_max``, ``top_eigenvector_layer_mass``
+:func:`subspace_overlap`      eigenpairs              ``subspace_overlap`` (against earlier steps)
+:func:`ggn`                   eigenpairs              ``ggn_eigenvalues``, ``f_top_ggn`` …
+============================  ======================  ==========================================
+
+The spectra (:func:`hessian_subspace.analysis.slq`, :func:`~hessian_subspace.analysis.
+dense_spectrum`) are in :mod:`.spectra`.
+
+Every jitted function here takes parameters, data and the loss (a pytree binding the model
+state) as inputs, so the checkpoints of one run share compiled programs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import flatten_util
+
+import hessian_subspace as hs
+from hessian_subspace import _tree, curvature, metrics
+from hessian_subspace.analysis.transforms import Stored, Transform
+
+PyTree = Any
+
+# Bases are stored in float32 (rounding unit u): each stored row moves by at most u in norm
+# relative, which moves eq. 5 by at most about 4u; error bars on overlaps include this.
+BASIS_ROUNDING = 5 * 2.0**-24
+
+
+def _positive_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _steps(name: str, steps) -> tuple[int, ...] | None:
+    if steps is None:
+        return None
+    steps = (steps,) if isinstance(steps, (int, np.integer)) else tuple(steps)
+    for s in steps:
+        _positive_int(f"{name} entries", s, 0)
+    return tuple(int(s) for s in steps)
+
+
+def _flat(tree: PyTree) -> jax.Array:
+    return flatten_util.ravel_pytree(tree)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, accuracy and the gradient.
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _data_metrics(metrics_fn, params: PyTree, data: PyTree, *, batch_size: int) -> dict:
+    return curvature.dataset_mean(lambda b: metrics_fn(params, b), data, batch_size=batch_size)
+
+
+def loss(metrics_fn: Callable | None = None, *, name: str = "loss") -> Transform:
+    """Mean loss (and whatever else ``metrics_fn`` returns, e.g. accuracy) over the analysis
+    set, recorded as ``train_<key>``, and over the test set (if the analyzer has one) as
+    ``test_<key>``.
+
+    Args:
+      metrics_fn: ``metrics(params, batch[, state]) -> {"loss": ..., "accuracy": ...}``, each a
+        mean over the batch (like the loss; state as for the analyzer's loss). None: the
+        analyzer's loss alone.
+      name: the transform's name.
+    """
+    if metrics_fn is not None and not callable(metrics_fn):
+        raise TypeError(f"`metrics_fn` must be callable, got {type(metrics_fn).__name__}")
+
+    def update(ctx, state):
+        if metrics_fn is None:
+            fn = _loss_only(ctx["loss_fn"])
+        else:
+            fn = ctx.bind(metrics_fn)
+        out = {}
+        for prefix, data in (("train", ctx["data"]), ("test", ctx["test_data"])):
+            if data is None:
+                continue
+            values = _data_metrics(fn, ctx["params"], data,
+                                   batch_size=min(ctx["batch_size"], _num_examples(data)))
+            out.update({f"{prefix}_{k}": float(v) for k, v in values.items()})
+        return out, state
+
+    return Transform(name=name, update=update, provides=("train_loss",),
+                     config=dict(metrics_fn=metrics_fn))
+
+
+def _loss_only(loss_fn):
+    return jax.tree_util.Partial(_loss_dict, loss_fn)
+
+
+def _loss_dict(loss_fn, params, batch):
+    return {"loss": loss_fn(params, batch)}
+
+
+def _num_examples(data: PyTree) -> int:
+    return int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _value_and_grad(loss_fn, params, data, *, batch_size):
+    value, grad = curvature.dataset_mean(lambda b: jax.value_and_grad(loss_fn)(params, b), data,
+                                         batch_size=batch_size)
+    return value, grad, jnp.linalg.norm(_flat(grad))
+
+
+def gradient(*, name: str = "gradient") -> Transform:
+    """The full-data gradient g of the mean loss (the paper measures g on the whole training
+    set): context ``gradient`` (a pytree like the operator's vectors: the block's leaves when the
+    operator is a block), record ``grad_norm`` (and ``block_grad_norm``).
+
+    A non-finite gradient raises ``FloatingPointError``: the checkpoint gets a failure record.
+    """
+
+    def update(ctx, state):
+        op = ctx["operator"]
+        data = ctx["data"]
+        _, grad, norm = _value_and_grad(ctx["loss_fn"], ctx["params"], data,
+                                        batch_size=min(ctx["batch_size"], _num_examples(data)))
+        out = {"gradient": grad, "grad_norm": float(norm)}
+        if not np.isfinite(out["grad_norm"]):
+            raise FloatingPointError("the full-data gradient is not finite")
+        if hasattr(op, "select"):  # A block: from here on g is the block's part.
+            out["gradient"] = op.select(grad)
+            out["block_grad_norm"] = float(jnp.linalg.norm(_flat(out["gradient"])))
+        return out, state
+
+    return Transform(name=name, update=update, provides=("gradient", "grad_norm"),
+                     context_only=("gradient",), config={})
+
+
+# --------------------------------------------------------------------------------------------
+# Eigenpairs.
+
+
+def warm_start_vector(key: jax.Array, previous_basis: jax.Array | None, like: PyTree,
+                      noise: float = 0.1) -> PyTree:
+    """A Lanczos start vector: a random combination of the previous checkpoint's top
+    eigenvectors plus a little noise (or a random vector when there is none)."""
+    cold = hs.random_start_vector(key, like)
+    if previous_basis is None:
+        return cold
+    flat, unravel = flatten_util.ravel_pytree(like)
+    basis = jnp.asarray(previous_basis, flat.dtype)
+    coeffs = jax.random.normal(jax.random.fold_in(key, 1), (basis.shape[0],), flat.dtype)
+    warm = coeffs @ basis
+    cold_flat = _flat(cold)
+    warm = warm / jnp.linalg.norm(warm) + noise * cold_flat / jnp.linalg.norm(cold_flat)
+    return unravel(warm)
+
+
+def bases_folder(name: str) -> str:
+    """Where :func:`eigenpairs` named ``name`` stores its bases: ``bases`` for the default
+    name, ``NAME_bases`` otherwise."""
+    return "bases" if name == "eigenpairs" else f"{name}_bases"
+
+
+def _dtype_of(tree: PyTree):
+    return jnp.result_type(*jax.tree_util.tree_leaves(tree))
+
+
+def _cap(num_steps: int | None, num: int, dim: int) -> int | None:
+    return None if num_steps is None else int(min(max(num_steps, num), dim))
+
+
+def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
+               block_size: int = 1, warm_start: bool = True, tracker: bool = False,
+               tracker_blocks: int = 4, curvature_name: str | None = None,
+               block: Any = "default", name: str = "eigenpairs") -> Transform:
+    """The top-k eigenpairs of the curvature operator (:func:`hessian_subspace.top_eigenpairs`),
+    with explicit residuals and converged flags.
+
+    Context ``eigenpairs`` (an :class:`hessian_subspace.Eigenpairs`: ``eigenvectors`` are rows
+    in ``ravel_pytree`` order); record ``eigenvalues``, ``residuals``, ``converged``,
+    ``all_converged``, ``lanczos_hvps``, ``warm_start`` (and ``tracker_hvps``,
+    ``tracker_converged``); the basis (float32), eigenvalues and residuals are stored in
+    ``bases/`` for comparisons across steps (:func:`subspace_overlap`).
+
+    The paper measures the top k and the "next k": ask for 2k here, and give k to
+    :func:`f_top` and :func:`subspace_overlap`.
+
+    Args:
+      k: number of eigenpairs (at most the operator's dimension − 1).
+      tol: relative residual tolerance.
+      num_steps: Krylov cap (default: the solver's, max(6k, k + 40)).
+      block_size: Lanczos block size (> 1 resolves repeated eigenvalues).
+      warm_start: start from a random combination of the previous checkpoint's eigenvectors
+        (its state: the previous step, whose basis is read back from ``bases/``).
+      tracker: first try :func:`hessian_subspace.track_eigenpairs` from the previous basis
+        (``tracker_blocks`` blocks), Lanczos when it does not converge.
+      curvature_name: "hessian" or "ggn" (None: the analyzer's operator).
+      block: leaf-path prefixes of a diagonal block (default: the analyzer's).
+      name: the transform's name and context entry (other names store in ``NAME_bases/``).
+    """
+    k = _positive_int("k", k)
+    if not float(tol) > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol!r}")
+    block_size = _positive_int("block_size", block_size)
+    tracker_blocks = _positive_int("tracker_blocks", tracker_blocks)
+    if num_steps is not None:
+        num_steps = _positive_int("num_steps", num_steps)
+    if tracker and not warm_start:
+        raise ValueError("`tracker` needs `warm_start`")
+    folder = bases_folder(name)
+
+    def init(ctx):
+        return {"previous": np.asarray(-1)}
+
+    def update(ctx, state):
+        op = ctx.operator(curvature_name, block=block) if (curvature_name or block != "default") \
+            else ctx["operator"]
+        key = ctx.rng(0)
+        previous = int(state["previous"]) if warm_start else -1
+        prev = ctx.stored(folder, previous) if previous >= 0 else None
+        prev_basis = None if prev is None else prev["eigenvectors"]
+        num = min(k, op.dim - 1)
+        out: dict[str, Any] = {}
+        eig = None
+        if prev_basis is not None and tracker and prev_basis.shape[0] >= num:
+            tracked = hs.track_eigenpairs(
+                op, jnp.asarray(prev_basis[:num], _dtype_of(op.like)), num, like=op.like,
+                tol=tol, key=key, max_blocks=min(tracker_blocks, max(1, op.dim // num)))
+            ctx.count_hvps(int(tracked.num_matvecs))
+            out.update(tracker_hvps=int(tracked.num_matvecs),
+                       tracker_converged=bool(np.all(tracked.converged)))
+            if out["tracker_converged"]:
+                eig = tracked
+        if eig is None:
+            v0 = warm_start_vector(key, prev_basis, op.like)
+            eig = hs.top_eigenpairs(op, v0, num, num_steps=_cap(num_steps, num, op.dim), tol=tol,
+                                    block_size=block_size, key=key)
+            ctx.count_hvps(int(eig.num_matvecs))
+        values = np.asarray(eig.eigenvalues, np.float64)
+        out.update({
+            name: eig, _key(name, "eigenvalues"): values,
+            _key(name, "residuals"): np.asarray(eig.residuals),
+            _key(name, "converged"): np.asarray(eig.converged),
+            _key(name, "all_converged"): bool(np.all(eig.converged)),
+            _key(name, "lanczos_hvps"): int(eig.num_matvecs),
+            _key(name, "warm_start"): prev_basis is not None,
+            folder: Stored(eigenvectors=np.asarray(eig.eigenvectors, np.float32),
+                           eigenvalues=values, residuals=np.asarray(eig.residuals)),
+        })
+        return out, {"previous": np.asarray(ctx.step)}
+
+    return Transform(name=name, update=update, init=init, provides=(name,),
+                     context_only=(name,),
+                     config=dict(k=k, tol=tol, num_steps=num_steps, block_size=block_size,
+                                 warm_start=warm_start, tracker=tracker,
+                                 tracker_blocks=tracker_blocks, curvature=curvature_name,
+                                 block=block))
+
+
+def _key(name: str, field: str) -> str:
+    return field if name == "eigenpairs" else f"{name}_{field}"
+
+
+# --------------------------------------------------------------------------------------------
+# Quantities of the top subspace.
+
+
+@jax.jit
+def _fractions(g: jax.Array, eigenvectors: jax.Array, k: int | jax.Array) -> dict:
+    """f_top over V[:k], f_next over V[k:] and all c_i² (eq. 2, 12) for a flat gradient."""
+    c2 = metrics.eigenvector_overlaps(g, eigenvectors)
+    idx = jnp.arange(eigenvectors.shape[0])
+    return dict(f_top=jnp.sum(jnp.where(idx < k, c2, 0.0)),
+                f_next=jnp.sum(jnp.where(idx >= k, c2, 0.0)), c2=c2)
+
+
+@jax.jit
+def error_bounds(residuals: jax.Array, eigenvalues: jax.Array) -> metrics.SubspaceErrorBound:
+    """:func:`hessian_subspace.metrics.subspace_error_bounds` of m Ritz pairs: entry d-1 bounds
+    the top-d subspace (d = 1 .. m-1). Assumes Lanczos missed none of the top pairs."""
+    return metrics.subspace_error_bounds(residuals, eigenvalues)
+
+
+def fraction_bounds(bounds: metrics.SubspaceErrorBound, k: int) -> dict:
+    """Error bars on f_top (top k) and f_next (pairs k+1 .. 2k, ``P_2k - P_k``) from
+    :func:`error_bounds` of m pairs; None where m is too small (k + 1 and 2k + 1 pairs)."""
+    spectral = np.asarray(bounds.spectral, np.float64)
+    m = spectral.shape[0] + 1
+    return dict(f_top_bound=float(spectral[k - 1]) if m > k else None,
+                f_next_bound=float(spectral[2 * k - 1] + spectral[k - 1]) if m > 2 * k else None)
+
+
+@jax.jit
+def _minibatch_gradients(loss_fn, params: PyTree, batches: PyTree) -> jax.Array:
+    """Flat gradients ``(m, p)`` of ``m`` fixed mini-batches stacked along a leading axis."""
+    return jax.lax.map(lambda b: _flat(jax.grad(loss_fn)(params, b)), batches)
+
+
+def _minibatches(data: PyTree, num: int, size: int, seed: int) -> PyTree:
+    n = _num_examples(data)
+    rng = np.random.default_rng(seed)
+    b = min(size, n)
+    idx = np.stack([rng.choice(n, b, replace=False) for _ in range(num)])
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x[idx]), data)
+
+
+def f_top(k: int, *, num_minibatches: int = 4, minibatch_size: int = 64,
+          seed: int | None = None, of: str = "eigenpairs", name: str = "f_top") -> Transform:
+    r"""f_top = ‖P_k g‖²/‖g‖² (eq. 2), the fraction of the gradient in the top-k subspace, and
+    f_next over eigenvectors k+1 … 2k; their error bars from the Ritz residuals
+    (``f_top_bound``, ``f_next_bound``: :func:`hessian_subspace.gradient_fraction_bound`; they
+    need k + 1 and 2k + 1 pairs); and f_top of the gradients of ``num_minibatches`` fixed
+    random mini-batches of the analysis set (``f_top_minibatch``, ``f_top_minibatch_mean``).
+
+    Args:
+      k: size of the top subspace (the paper: the number of classes).
+      num_minibatches: fixed mini-batches (0: none).
+      minibatch_size: their size.
+      seed: of the mini-batch draw (default: the analyzer's seed).
+      of: the eigenpairs entry to use.
+      name: the transform's name.
+    """
+    k = _positive_int("k", k)
+    num_minibatches = _positive_int("num_minibatches", num_minibatches, 0)
+    minibatch_size = _positive_int("minibatch_size", minibatch_size)
+
+    def update(ctx, state):
+        eig = ctx[of]
+        g = _flat(ctx["gradient"])
+        vectors = eig.eigenvectors[:2 * k]
+        fr = _fractions(g, vectors, k)
+        out = dict(f_top=float(fr["f_top"]), f_next=float(fr["f_next"]) if len(vectors) > k
+                   else None)
+        out.update(fraction_bounds(error_bounds(eig.residuals, eig.eigenvalues), k))
+        if num_minibatches:
+            batches = _minibatches(ctx["data"], num_minibatches, minibatch_size,
+                                   ctx["seed"] if seed is None else seed)
+            mg = _minibatch_gradients(ctx["loss_fn"], ctx["params"], batches)
+            op = ctx["operator"]
+            if hasattr(op, "flat_indices"):
+                mg = mg[:, op.flat_indices]
+            top = eig.eigenvectors[:k]
+            mb = np.asarray(jax.vmap(lambda v: metrics.gradient_fraction(v, top))(mg))
+            out.update(f_top_minibatch=mb, f_top_minibatch_mean=float(np.mean(mb)))
+        return out, state
+
+    return Transform(name=name, update=update, requires=("gradient", of),
+                     provides=("f_top", "f_next"),
+                     config=dict(k=k, num_minibatches=num_minibatches,
+                                 minibatch_size=minibatch_size, seed=seed, of=of))
+
+
+def c2(num: int | None = None, *, of: str = "eigenpairs", name: str = "c2") -> Transform:
+    """c_i² = (v_i·g)²/‖g‖² (eq. 12) for the first ``num`` eigenvectors (default: all),
+    recorded as ``c2`` (Fig. 11)."""
+    if num is not None:
+        num = _positive_int("num", num)
+
+    def update(ctx, state):
+        vectors = ctx[of].eigenvectors
+        vectors = vectors if num is None else vectors[:num]
+        return {"c2": np.asarray(_fractions(_flat(ctx["gradient"]), vectors, 0)["c2"])}, state
+
+    return Transform(name=name, update=update, requires=("gradient", of), provides=("c2",),
+                     config=dict(num=num, of=of))
+
+
+def overlap_g_hg(*, name: str = "overlap_g_hg") -> Transform:
+    """overlap(g, Hg) = gᵀHg/(‖g‖‖Hg‖) (eq. 3, Table 1), with one curvature product."""
+
+    def update(ctx, state):
+        grad = ctx["gradient"]
+        hg = ctx["operator"](grad)
+        ctx.count_hvps(1)
+        return {"overlap_g_hg": float(metrics.hessian_gradient_overlap(grad, hg))}, state
+
+    return Transform(name=name, update=update, requires=("gradient",),
+                     provides=("overlap_g_hg",), config={})
+
+
+def layers(*, of: str = "eigenpairs", name: str = "layers") -> Transform:
+    """λ_max and how the top eigenvector spreads over the parameter leaves (Figs. 6-8):
+    ``lambda_max``, ``top_eigenvector_layer_mass`` (squared norm per leaf path, summing to 1)
+    and ``layer_slices`` (``[path, start, stop]`` in ``ravel_pytree`` order). Leaf paths come
+    from the parameter pytree itself, whatever framework made it."""
+
+    def update(ctx, state):
+        eig = ctx[of]
+        like = ctx["operator"].like
+        with jax.enable_x64(True):
+            v = np.asarray(eig.eigenvectors[0], np.float64)
+            mass = {n: float(m) for n, m in metrics.mass_by_leaf(v, like).items()}
+        return dict(lambda_max=float(eig.eigenvalues[0]), top_eigenvector_layer_mass=mass,
+                    layer_slices=[list(s) for s in _tree.leaf_slices(like)]), state
+
+    return Transform(name=name, update=update, requires=(of,), provides=("lambda_max",),
+                     config=dict(of=of))
+
+
+# --------------------------------------------------------------------------------------------
+# Subspace overlaps across checkpoints.
+
+
+def _overlaps(current: np.ndarray, reference: np.ndarray, k: int, dims: Sequence[int]) -> dict:
+    with jax.enable_x64(True):
+        a = np.asarray(current, np.float64)
+        b = np.asarray(reference, np.float64)
+        nested = np.asarray(metrics.nested_subspace_overlaps(a, b))
+        out = {f"top{d}": float(nested[d - 1]) for d in dims if d <= nested.shape[0]}
+        if a.shape[0] >= 2 * k and b.shape[0] >= 2 * k:
+            out["next"] = float(metrics.subspace_overlap(a[k:2 * k], b[k:2 * k]))
+    return out
+
+
+def _overlap_bounds(bounds, reference, k: int, dims: Sequence[int]) -> dict:
+    """Error bars for :func:`_overlaps`: ``top{d}_bound``
+    (:func:`hessian_subspace.subspace_overlap_bound`) for each d with d + 1 Ritz pairs at both
+    steps, and ``next_bound`` (``P_next = P_2k - P_k``) with 2k + 1 pairs; plus
+    :data:`BASIS_ROUNDING` for the float32 storage of the bases."""
+    a = np.asarray(bounds.sine_sum, np.float64)
+    b = np.asarray(reference.sine_sum, np.float64)
+    m = min(a.shape[0], b.shape[0]) + 1
+    out = {f"top{d}_bound": float((a[d - 1] + b[d - 1]) / d + BASIS_ROUNDING)
+           for d in dims if d < m}
+    if m > 2 * k:
+        out["next_bound"] = float((a[k - 1] + a[2 * k - 1] + b[k - 1] + b[2 * k - 1]) / k
+                                  + BASIS_ROUNDING)
+    return out
+
+
+def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100, 200, 500,
+                                                                   1000, 2000, 5000),
+                     previous: bool = True, dims: Sequence[int] | None = None,
+                     of: str = "eigenpairs", name: str = "subspace_overlap") -> Transform:
+    r"""Overlap (eq. 5) of this checkpoint's top-d subspace with that of earlier checkpoints
+    t₁ (Figs. 2-3): ``subspace_overlap[str(t1)]["top{d}"]`` for d in ``dims`` (default
+    2 … number of eigenpairs), ``"next"`` for eigenvectors k+1 … 2k, and error bars
+    ``"top{d}_bound"``, ``"next_bound"`` from both steps' Ritz residuals; ``"previous"`` is the
+    comparison with the previous analysed checkpoint (its ``step`` included).
+
+    The reference bases are the ones :func:`eigenpairs` stored at those steps (steps not
+    analysed are skipped).
+
+    Args:
+      k: size of the top subspace (for ``next``).
+      reference_steps: steps t₁ to compare with (those before this checkpoint).
+      previous: also compare with the previous analysed checkpoint.
+      dims: subspace dimensions d.
+      of: the eigenpairs entry (its stored bases).
+      name: the transform's name.
+    """
+    k = _positive_int("k", k)
+    reference_steps = _steps("reference_steps", reference_steps)
+    if dims is not None:
+        dims = tuple(_positive_int("dims entries", d) for d in dims)
+    folder = bases_folder(of)
+
+    def init(ctx):
+        return {"previous": np.asarray(-1)}
+
+    def update(ctx, state):
+        eig = ctx[of]
+        current = np.asarray(eig.eigenvectors, np.float32)
+        use = dims or tuple(range(2, current.shape[0] + 1))
+        bounds = error_bounds(eig.residuals, eig.eigenvalues)
+        prev = int(state["previous"]) if previous else -1
+        refs = sorted({t for t in reference_steps if t < ctx.step} |
+                      ({prev} if 0 <= prev < ctx.step else set()))
+        out = {}
+        for t in refs:
+            ref = ctx.stored(folder, t)
+            if ref is None:
+                continue
+            out[str(t)] = _overlaps(current, ref["eigenvectors"], k, use)
+            if ref["residuals"].shape[0] >= 2:
+                ref_bounds = error_bounds(ref["residuals"], ref["eigenvalues"])
+                out[str(t)].update(_overlap_bounds(bounds, ref_bounds, k, use))
+        if str(prev) in out:
+            out["previous"] = dict(out[str(prev)], step=prev)
+        return {"subspace_overlap": out}, {"previous": np.asarray(ctx.step)}
+
+    return Transform(name=name, update=update, init=init, requires=(of,),
+                     provides=("subspace_overlap",),
+                     config=dict(k=k, reference_steps=reference_steps, previous=previous,
+                                 dims=dims, of=of))
+
+
+# --------------------------------------------------------------------------------------------
+# The Gauss-Newton matrix beside the Hessian.
+
+
+def ggn(k: int, *, output_fn: Callable | None = None, output_loss: Callable | None = None,
+        tol: float = 1e-3, num_steps: int | None = None, block_size: int = 1,
+        of: str = "eigenpairs", name: str = "ggn") -> Transform:
+    r"""The Gauss-Newton matrix G beside the Hessian: G's top-k eigenpairs (k + 1 computed, for
+    the error bar), started from the Hessian's top k; the overlap (eq. 5) of the two top-k
+    subspaces; and f_top in G's subspace when the context has the gradient.
+
+    Record: ``ggn_eigenvalues`` (k), ``ggn_residuals``, ``ggn_all_converged``,
+    ``ggn_lanczos_hvps``, ``ggn_hessian_overlap``, ``f_top_ggn``, ``f_top_ggn_bound``.
+
+    Args:
+      k: size of the top subspace.
+      output_fn: ``outputs(params, batch[, state]) -> (n, m)``; with ``output_loss``
+        (``loss(outputs, batch)``, the mean over the batch) the split that defines G
+        (:func:`hessian_subspace.ggn_vp`). Default: the analyzer's.
+      output_loss: see ``output_fn``.
+      tol, num_steps, block_size: as for :func:`eigenpairs`.
+      of: the Hessian eigenpairs entry.
+      name: the transform's name.
+    """
+    k = _positive_int("k", k)
+    if (output_fn is None) != (output_loss is None):
+        raise ValueError("give both `output_fn` and `output_loss`, or neither")
+    for label, fn in (("output_fn", output_fn), ("output_loss", output_loss)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"`{label}` must be callable, got {type(fn).__name__}")
+
+    def update(ctx, state):
+        eig = ctx[of]
+        op = ctx.operator("ggn", output_fn=output_fn, output_loss=output_loss)
+        key = ctx.rng(1)
+        num = min(k + 1, op.dim - 1)
+        v0 = warm_start_vector(key, eig.eigenvectors[:k], op.like)
+        geig = hs.top_eigenpairs(op, v0, num, num_steps=_cap(num_steps, num, op.dim), tol=tol,
+                                 block_size=block_size, key=key)
+        ctx.count_hvps(int(geig.num_matvecs))
+        values = np.asarray(geig.eigenvalues, np.float64)
+        out = dict(ggn_eigenvalues=values[:k], ggn_residuals=np.asarray(geig.residuals),
+                   ggn_all_converged=bool(np.all(geig.converged)),
+                   ggn_lanczos_hvps=int(geig.num_matvecs),
+                   ggn_hessian_overlap=float(metrics.subspace_overlap(eig.eigenvectors[:k],
+                                                                      geig.eigenvectors[:k])))
+        if "gradient" in ctx:
+            fr = _fractions(_flat(ctx["gradient"]), geig.eigenvectors, k)
+            bounds = fraction_bounds(error_bounds(geig.residuals, geig.eigenvalues), k)
+            out.update(f_top_ggn=float(fr["f_top"]), f_top_ggn_bound=bounds["f_top_bound"])
+        return out, state
+
+    return Transform(name=name, update=update, requires=(of,), provides=("ggn_eigenvalues",),
+                     config=dict(k=k, output_fn=output_fn, output_loss=output_loss, tol=tol,
+                                 num_steps=num_steps, block_size=block_size, of=of))

@@ -1,0 +1,517 @@
+"""The analyzer: runs a chain of metric transforms on checkpoints and writes their records.
+
+It owns everything impure: casting, model state, the curvature operator, the schedule,
+transform state across checkpoints, failures, the result store, progress and scalar writers.
+The only model contract is the loss: ``loss_fn(params, batch) -> mean loss`` or, for frozen
+model state (BatchNorm statistics), ``loss_fn(params, batch, state)`` with the state given per
+checkpoint. Dropout off (inference mode) is the loss's business: the Hessian must be a fixed,
+deterministic operator.
+
+Three ways in: live, from any training loop (``analyzer(step, params[, state])``, scheduled by
+``every_steps`` / ``on_steps`` like clu's periodic actions); offline, over a checkpoint source
+(:meth:`Analyzer.run`, e.g. :func:`~hessian_subspace.analysis.orbax_checkpoints`); and
+following a live run's directory (``run(source, watch=True)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+import hessian_subspace as hs
+from hessian_subspace import _tree, curvature
+from hessian_subspace.analysis import context as context_lib
+from hessian_subspace.analysis import sources as sources_lib
+from hessian_subspace.analysis import store as store_lib
+from hessian_subspace.analysis import writers as writers_lib
+from hessian_subspace.analysis.transforms import Chain, Stored, Transform, chain
+
+PyTree = Any
+CURVATURES = ("hessian", "ggn")
+_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+LAYOUT_VERSION = 2
+
+
+def _versions() -> dict:
+    out = dict(python=sys.version.split()[0], jax=jax.__version__, numpy=np.__version__,
+               hessian_subspace=hs.__version__, backend=jax.default_backend())
+    for package in ("flax", "optax", "orbax-checkpoint"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _required_positional(fn: Callable) -> int | None:
+    """How many positional arguments ``fn`` needs (None when it cannot be told)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               and p.default is p.empty)
+
+
+def _fingerprint(data: PyTree) -> dict:
+    h = hashlib.sha256()
+    shapes = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(data)[0]:
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        shapes.append([_tree.path_name(path), list(arr.shape), arr.dtype.str])
+        h.update(arr.tobytes())
+    return dict(leaves=shapes, sha256=h.hexdigest())
+
+
+class Analyzer:
+    """Runs a chain of metric transforms on checkpoints and writes one record per checkpoint.
+
+    Args:
+      transforms: a :func:`chain` (or a sequence of transforms, chained in order).
+      loss_fn: ``loss_fn(params, batch) -> mean loss over the batch``, or
+        ``loss_fn(params, batch, state)`` when checkpoints carry frozen model state; exactly
+        the loss analysed. A ``jax.tree_util.Partial`` keeps its bound arrays dynamic.
+      data: the fixed analysis set, a pytree of arrays with a leading example axis (e.g.
+        ``{"x": ..., "y": ...}``). g and H are those of the mean loss over all of it.
+      batch_size: examples per batch of every product over ``data`` (memory only: results do
+        not depend on it beyond round-off).
+      results_dir: where records and arrays go (see :mod:`~hessian_subspace.analysis.store`);
+        None keeps them in memory (``analyzer.records``).
+      test_data: an optional test set (loss and accuracy on it, by :func:`loss`).
+      output_fn: ``outputs(params, batch[, state]) -> (n, m)``, with ``output_loss(outputs,
+        batch) -> mean loss``: the split that defines the Gauss-Newton matrix (for
+        ``curvature="ggn"`` and :func:`ggn`).
+      output_loss: see ``output_fn``.
+      curvature: the operator every curvature transform measures, "hessian" or "ggn".
+      block: restrict the analysis to the diagonal block of these parameter leaves ("/"-joined
+        path prefixes such as "dense_1", or a sequence of them); the gradient is restricted too.
+      dtype: "float32" or "float64" (the analysis runs under a scoped ``jax.enable_x64``; global
+        JAX config is never changed).
+      precision: matmul precision of the curvature products (None: JAX's default); recorded.
+      seed: PRNG seed of start vectors, probes and mini-batches (keys are folded with the step,
+        so a resumed run draws the same numbers).
+      every_steps: with ``on_steps``, which steps ``analyzer(step, ...)`` and :meth:`run`
+        analyse: multiples of ``every_steps`` and the steps in ``on_steps`` (default: all).
+      on_steps: see ``every_steps``.
+      writers: scalar writers called after each record with ``(step, {name: value})``: any
+        ``write(step, scalars)`` callable, or an object with clu's ``write_scalars`` (e.g.
+        :class:`~hessian_subspace.analysis.CSVWriter`, :class:`TensorBoardWriter`).
+      record_fields: JSON-able fields copied into every record (e.g. the run's config).
+      retry_failed: checkpoints whose record says "failed" are analysed again (default); False
+        skips them like finished ones.
+      progress: log a line per checkpoint and show a progress bar in :meth:`run`.
+
+    Example::
+
+        analyzer = analysis.Analyzer(analysis.chain(analysis.gradient(),
+                                                    analysis.eigenpairs(k=20),
+                                                    analysis.f_top(k=10)),
+                                     loss_fn, data=analysis_set, batch_size=1000,
+                                     results_dir="results/run", every_steps=100)
+        for step in range(num_steps):
+            analyzer(step, params)          # inside your own training loop
+            params, opt_state = train_step(params, opt_state, batch)
+    """
+
+    def __init__(self, transforms: Chain | Transform | Sequence, loss_fn: Callable, *,
+                 data: PyTree, batch_size: int = 1000, results_dir: str | os.PathLike | None = None,
+                 test_data: PyTree = None, output_fn: Callable | None = None,
+                 output_loss: Callable | None = None, curvature: str = "hessian",
+                 block: str | Sequence[str] | None = None, dtype: str = "float32",
+                 precision: str | None = None, seed: int = 0, every_steps: int | None = None,
+                 on_steps: Iterable[int] = (), writers: Sequence[Any] = (),
+                 record_fields: Mapping[str, Any] | None = None, retry_failed: bool = True,
+                 progress: bool = True):
+        # Everything is checked before anything is written.
+        if isinstance(transforms, Transform):
+            transforms = chain(transforms)
+        elif not isinstance(transforms, Chain):
+            if isinstance(transforms, (str, bytes)) or not isinstance(transforms, Iterable):
+                raise TypeError("`transforms` must be analysis.chain(...) or a sequence of "
+                                f"transforms, got {type(transforms).__name__}")
+            transforms = chain(*transforms)
+        self.chain = transforms
+        if not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}")
+        self.dtype = dtype
+        self._jdtype = jnp.float64 if dtype == "float64" else jnp.float32
+        if precision is not None and precision not in _PRECISIONS:
+            raise ValueError(f"`precision` must be one of {_PRECISIONS} or None, got "
+                             f"{precision!r}")
+        self.precision = precision
+        if curvature not in CURVATURES:
+            raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
+        if (output_fn is None) != (output_loss is None):
+            raise ValueError("give both `output_fn` and `output_loss`, or neither")
+        for label, fn in (("output_fn", output_fn), ("output_loss", output_loss)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{label}` must be callable, got {type(fn).__name__}")
+        if curvature == "ggn" and output_fn is None:
+            raise ValueError("curvature='ggn' needs `output_fn` and `output_loss` (the model "
+                             "outputs and the loss of the outputs)")
+        self.curvature, self.output_fn, self.output_loss = curvature, output_fn, output_loss
+        self.block = _check_block(block)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        self.seed = int(seed)
+        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(
+                every_steps, (int, np.integer)) or every_steps < 1):
+            raise ValueError(f"`every_steps` must be a positive int or None, got "
+                             f"{every_steps!r}")
+        self.every_steps = every_steps
+        self.on_steps = frozenset(int(s) for s in on_steps)
+        self.writers = tuple(writers_lib.as_writer(w) for w in writers)
+        self.record_fields = dict(record_fields or {})
+        self.retry_failed, self.progress = bool(retry_failed), bool(progress)
+        with self._scope():
+            self.data = self._device("data", data)
+            self.test_data = None if test_data is None else self._device("test_data", test_data)
+        self.settings = self._describe(data)
+        self.store = (store_lib.MemoryStore() if results_dir is None
+                      else store_lib.ResultStore(results_dir))
+        self.store.check_settings(self.settings)  # read-only: refuse a directory of others
+        for problem in self.store.check():
+            logging.warning("results store: %s", problem)
+        self._state: tuple[int, dict] | None = None  # (step, chain state after it)
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def _scope(self):
+        return _tree.x64_scope(self._jdtype)
+
+    def _device(self, name: str, data: PyTree) -> PyTree:
+        leaves = jax.tree_util.tree_leaves(data)
+        if not leaves:
+            raise ValueError(f"`{name}` is empty; it must be a pytree of arrays with a leading "
+                             "example axis")
+        sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+        if None in sizes or len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"every leaf of `{name}` needs the same leading example axis (>= 1 "
+                             f"example); got leading sizes {sorted(map(str, sizes))}")
+        return jax.tree_util.tree_map(self._cast, data)
+
+    def _cast(self, x):
+        x = jnp.asarray(x)
+        return x.astype(self._jdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def _describe(self, data: PyTree) -> dict:
+        return dict(
+            layout=LAYOUT_VERSION, transforms=self.chain.describe(),
+            analyzer=dict(batch_size=self.batch_size, dtype=self.dtype,
+                          precision=self.precision, seed=self.seed, curvature=self.curvature,
+                          block=list(self.block) if self.block else None,
+                          loss_fn=_name(self.loss_fn), output_fn=_name(self.output_fn)),
+            data=_fingerprint(data))
+
+    @property
+    def records(self) -> list[dict]:
+        """Every record so far, in step order."""
+        return self.store.records()
+
+    def scheduled(self, step: int) -> bool:
+        """Whether ``step`` is one the analyzer analyses (``every_steps`` / ``on_steps``)."""
+        if self.every_steps is None and not self.on_steps:
+            return True
+        return (self.every_steps is not None and step % self.every_steps == 0) \
+            or step in self.on_steps
+
+    def done(self, step: int) -> bool:
+        """Whether ``step`` has a record that needs no recomputation."""
+        record = self.store.record(step)
+        return record is not None and (record.get("status") == "ok" or not self.retry_failed)
+
+    def _check_state_arg(self, state: PyTree) -> None:
+        needed = _required_positional(self.loss_fn)
+        if needed is None:
+            return
+        if state is None and needed >= 3:
+            raise TypeError("`loss_fn` takes a model state (loss_fn(params, batch, state)); "
+                            "pass it: analyzer(step, params, state)")
+        if state is not None and needed == 2:
+            raise TypeError("a model `state` was given but `loss_fn` takes (params, batch); "
+                            "make it loss_fn(params, batch, state)")
+
+    # ---- one checkpoint --------------------------------------------------------------------
+
+    def __call__(self, step: int, params: PyTree, state: PyTree = None) -> dict | None:
+        """Analyses ``step`` if it is scheduled and not done yet (call it at every step of a
+        training loop). Returns the record written, or None."""
+        step = _check_step(step)
+        if not self.scheduled(step) or self.done(step):
+            return None
+        return self.process(step, params, state)
+
+    def process(self, step: int, params: PyTree, state: PyTree = None) -> dict:
+        """Runs every transform on one checkpoint and writes its record (whatever the schedule,
+        replacing an existing record). Non-finite parameters, a non-finite quantity during the
+        analysis, or an unreadable stored file give a record with ``status: "failed"`` and the
+        reason; the analysis goes on with the next checkpoint.
+        """
+        step = _check_step(step)
+        self._check_state_arg(state)
+        start = time.perf_counter()
+        _tree.check_floating("params", params)
+        bad = sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+                  for x in jax.tree_util.tree_leaves((params, state))
+                  if np.issubdtype(np.asarray(x).dtype, np.inexact))
+        if bad:
+            return self.fail(step, f"{bad} non-finite values in the parameters or model state")
+        try:
+            with self._scope():
+                record, stored, new_state = self._compute(step, params, state)
+        except (FloatingPointError, store_lib.CorruptFile) as e:
+            return self.fail(step, f"non-finite values during the analysis: {e}"
+                             if isinstance(e, FloatingPointError) else str(e))
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        leaves = jax.tree_util.tree_leaves(new_state)
+        if leaves:
+            stored[store_lib.STATE] = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+        self.store.write_settings(self.settings)
+        record = self.store.write_step(step, record, stored)
+        self._state = (step, new_state)
+        self._write_scalars(step, record)
+        if self.progress:
+            logging.info("step %d analysed in %.2f s (%d HVPs): %s", step, record["seconds"],
+                         record.get("hvps", 0), _summary(record))
+        return record
+
+    def fail(self, step: int, reason: str) -> dict:
+        """Writes a failure record for ``step`` (retried by the next run unless
+        ``retry_failed=False``)."""
+        record = dict(step=int(step), status="failed", reason=reason, **self.record_fields)
+        self.store.write_settings(self.settings)
+        record = self.store.write_step(step, record, {})
+        logging.warning("step %d: failed: %s", step, reason)
+        return record
+
+    def _make_operator(self, params, bound_loss, bind):
+        def make(curvature_name=None, *, block="default", output_fn=None, output_loss=None):
+            name = curvature_name or self.curvature
+            block = self.block if block == "default" else _check_block(block)
+            if name == "hessian":
+                op = curvature.dataset_hvp(bound_loss, params, self.data,
+                                           batch_size=self.batch_size, precision=self.precision)
+            elif name == "ggn":
+                output_fn = output_fn or self.output_fn
+                output_loss = output_loss or self.output_loss
+                if output_fn is None:
+                    raise ValueError("the Gauss-Newton matrix needs `output_fn` and "
+                                     "`output_loss` (give them to the Analyzer or to ggn())")
+                op = curvature.dataset_ggn(bind(output_fn), curvature.as_loss_pytree(
+                    output_loss), params, self.data, batch_size=self.batch_size,
+                    precision=self.precision)
+            else:
+                raise ValueError(f"`curvature` must be one of {CURVATURES}, got {name!r}")
+            return op if block is None else hs.restrict(op, list(block))
+        return make
+
+    def _chain_state(self, step: int, ctx) -> dict:
+        """The chain's state after the last successful checkpoint before ``step``."""
+        before = [s for s in self.store.steps("ok") if s < step]
+        if not before:
+            return self.chain.init(ctx)
+        last = before[-1]
+        if self._state is not None and self._state[0] == last:
+            return self._state[1]
+        template = self.chain.init(ctx)
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        if not leaves:
+            return template
+        saved = self.store.stored(store_lib.STATE, last)
+        if saved is None or len(saved) != len(leaves):
+            logging.warning("no transform state stored for step %d; starting step %d from "
+                            "the initial state", last, step)
+            return template
+        return treedef.unflatten([saved[f"leaf_{i}"] for i in range(len(leaves))])
+
+    def _compute(self, step: int, params: PyTree, state: PyTree):
+        params = jax.tree_util.tree_map(self._cast, params)
+        if state is not None:
+            state = jax.tree_util.tree_map(self._cast, state)
+        bind = context_lib.default_bind(state)
+        bound_loss = bind(self.loss_fn)
+        make_operator = self._make_operator(params, bound_loss, bind)
+        operator = make_operator()
+        entries = dict(
+            params=params, state=state, loss_fn=bound_loss, data=self.data,
+            test_data=self.test_data, batch_size=self.batch_size, operator=operator,
+            dtype=self.dtype, precision=self.precision, seed=self.seed,
+            output_fn=None if self.output_fn is None else bind(self.output_fn),
+            output_loss=None if self.output_loss is None else curvature.as_loss_pytree(
+                self.output_loss))
+        ctx = context_lib.Context(step, entries, seed=self.seed, make_operator=make_operator,
+                                  read_stored=self.store.stored,
+                                  stored_steps=self.store.stored_steps, bind=bind)
+        states = self._chain_state(step, ctx)
+        record: dict[str, Any] = dict(
+            step=step, status="ok", dtype=self.dtype,
+            precision=dict(hvp_matmul=self.precision or "default", lanczos=self.dtype,
+                           inner_products="highest"),
+            versions=_versions(), **self.record_fields)
+        record.update(hessian=operator.describe(), curvature=self.curvature)
+        if self.block is not None:
+            record["block"] = dict(prefixes=list(self.block), leaves=list(operator.leaf_names),
+                                   num_params=operator.dim)
+        stored: dict[str, dict] = {}
+        new_states = {}
+        for t in self.chain.transforms:
+            ctx.current = t.name
+            outputs, new_states[t.name] = t.update(ctx, states[t.name])
+            if not isinstance(outputs, Mapping):
+                raise TypeError(f"transform {t.name!r} returned {type(outputs).__name__}, not a "
+                                "dict of outputs")
+            for key, value in outputs.items():
+                if isinstance(value, Stored):
+                    arrays = stored.setdefault(key, {})
+                    clash = set(arrays) & set(value)
+                    if clash:
+                        raise ValueError(f"transform {t.name!r} stores {sorted(clash)} in "
+                                         f"{key!r}, which an earlier transform stored already")
+                    arrays.update({k: np.asarray(v) for k, v in value.items()})
+                    ctx._pending[key] = arrays
+                    continue
+                if key in t.context_only:
+                    continue
+                if key in record or key == "files":
+                    raise ValueError(f"transform {t.name!r} outputs {key!r}, which is already "
+                                     "in the record; rename one of them")
+                record[key] = _recordable(t.name, key, value)
+            ctx._add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
+        ctx.current = None
+        record["hvps"] = ctx.hvps
+        return record, stored, new_states
+
+    # ---- streams ---------------------------------------------------------------------------
+
+    def run(self, source: Any, *, steps: Iterable[int] | None = None, watch: bool = False,
+            poll_seconds: float = 2.0, timeout_seconds: float = 600.0,
+            final_step: int | None = None) -> list[dict]:
+        """Analyses the checkpoints of ``source`` in step order, skipping those done.
+
+        Args:
+          source: a checkpoint source (:func:`~hessian_subspace.analysis.orbax_checkpoints`,
+            a training run's :func:`~hessian_subspace.training.checkpoint.run_checkpoints`, or
+            anything with ``steps()`` and ``load(step)``), or ``{step: params}`` /
+            ``{step: (params, state)}``.
+          steps: only these steps (default: every scheduled one).
+          watch: follow a live run: keep polling for new checkpoints until ``final_step`` (or
+            the source's ``final_step``) has been analysed, or nothing new appeared for
+            ``timeout_seconds`` (then a warning is logged and the records so far returned).
+          poll_seconds: polling interval when watching.
+          timeout_seconds: see ``watch``.
+          final_step: the last step of a watched run.
+
+        Returns:
+          The records written by this call (failures included).
+        """
+        from tqdm import tqdm
+
+        source = sources_lib.as_source(source)
+        wanted = None if steps is None else {_check_step(s) for s in steps}
+        if final_step is None:
+            final_step = getattr(source, "final_step", None)
+        written = []
+        bar = tqdm(desc="analyse", unit="ckpt", disable=not self.progress)
+        seen: set[int] = set()
+        last_new = time.monotonic()
+        while True:
+            new = [s for s in source.steps() if s not in seen]
+            if new:
+                last_new = time.monotonic()
+            for step in new:
+                seen.add(step)
+                if (wanted is not None and step not in wanted) or not self.scheduled(step) \
+                        or self.done(step):
+                    continue
+                try:
+                    params, state = source.load(step)
+                except sources_lib.CheckpointError as e:
+                    written.append(self.fail(step, f"checkpoint unreadable: {e}"))
+                else:
+                    written.append(self.process(step, params, state))
+                bar.update(1)
+            if wanted is not None and wanted <= seen:
+                break
+            if not watch or (final_step is not None and final_step in seen):
+                break
+            if time.monotonic() - last_new > timeout_seconds:
+                logging.warning("no new checkpoint for %.0f s; stopping", timeout_seconds)
+                break
+            time.sleep(poll_seconds)
+        bar.close()
+        for w in self.writers:
+            w.flush()
+        return written
+
+    def _write_scalars(self, step: int, record: dict) -> None:
+        if not self.writers:
+            return
+        scalars = writers_lib.scalars_of(record)
+        for w in self.writers:
+            w.write(step, scalars)
+
+
+def _check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
+    return int(step)
+
+
+def _check_block(block) -> tuple[str, ...] | None:
+    if block is None:
+        return None
+    blocks = (block,) if isinstance(block, str) else tuple(block) if isinstance(
+        block, (list, tuple)) else None
+    if not blocks or not all(isinstance(b, str) and b for b in blocks):
+        raise ValueError(f"`block` must be a parameter-path prefix or a sequence of them, got "
+                         f"{block!r}")
+    return blocks
+
+
+def _name(fn) -> str | None:
+    if fn is None:
+        return None
+    fn = getattr(fn, "func", fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+_MAX_RECORDED = 100_000
+
+
+def _recordable(transform: str, key: str, value: Any) -> Any:
+    """An output as it goes into the record (numbers, short arrays, dicts of them)."""
+    size = sum(np.size(x) for x in jax.tree_util.tree_leaves(value)
+               if hasattr(x, "shape") or isinstance(x, (list, tuple)))
+    if size > _MAX_RECORDED:
+        raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
+                         "return it as analysis.Stored(...) or list it in `context_only`")
+    if isinstance(value, jax.Array) or hasattr(value, "__array__"):
+        return np.asarray(value)
+    return value
+
+
+def _summary(record: dict) -> str:
+    parts = []
+    for key in ("train_loss", "f_top", "overlap_g_hg", "lambda_max"):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{key} {record[key]:.4g}")
+    return "  ".join(parts)

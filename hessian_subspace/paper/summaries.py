@@ -1,0 +1,313 @@
+"""Figures and numbers of each kind of experiment, from the result files of its runs.
+
+``KINDS[kind](config, results, out_dir) -> (figure files, numbers)``: ``results`` maps run names
+to :class:`hessian_subspace.paper.reproduce.RunResult` (``records``, ``train_log``, ``results``
+directory); figures go to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from hessian_subspace import _io, metrics
+from hessian_subspace.analysis import store as store_lib
+from hessian_subspace.paper import figures as plots
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def top_and_next(record: dict) -> tuple[list, list]:
+    """The top-k and next-k eigenvalues of a record (``k``: the record's, else half of them)."""
+    lam = list(record.get("eigenvalues") or [])
+    k = record.get("k") if isinstance(record.get("k"), int) else len(lam) // 2
+    return lam[:k], lam[k:2 * k]
+
+
+
+def ok_records(records):
+    """The records with status "ok"."""
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def _at(records, step, key):
+    """Value of ``key`` at the analysed step closest to ``step`` (None past the last step)."""
+    ok = [r for r in ok_records(records) if r.get(key) is not None]
+    if not ok or step > ok[-1]["step"]:
+        return None
+    best = min(ok, key=lambda r: abs(r["step"] - step))
+    return dict(step=best["step"], value=best[key])
+
+
+def save(fig, out_dir, name) -> list[str]:
+    import matplotlib.pyplot as plt
+    paths = plots.save(fig, os.path.join(out_dir, name))
+    plt.close(fig)
+    return [os.path.relpath(p, out_dir) for p in paths]
+
+
+def _fig1(config, results, out_dir):
+    figures, numbers = [], {}
+    for name, r in results.items():
+        figures += save(plots.fig1_ftop(r["records"], r["train_log"], title=name), out_dir,
+                         f"fig1_{name}")
+        ok = ok_records(r["records"])
+        if not ok:
+            continue
+        last = ok[-1]
+        numbers[name] = dict(
+            f_top_start=ok[0].get("f_top"),
+            f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 50, 100, 200, 500, 1000)},
+            f_top_final=last.get("f_top"), f_top_minibatch_final=last.get(
+                "f_top_minibatch_mean"),
+            # Largest finite Ritz-residual error bar on f_top over the run, and the number of
+            # checkpoints with no bound at all (no gap after the k-th Ritz value: stored as None).
+            f_top_bound_max=max((x["f_top_bound"] for x in ok
+                                 if x.get("f_top_bound") is not None), default=None),
+            f_top_unbounded=sum(1 for x in ok
+                                if x.get("f_top") is not None and x.get("f_top_bound") is None),
+            train_loss_final=last.get("train_loss"),
+            train_accuracy_final=last.get("train_accuracy"),
+            eigenvalues_final=top_and_next(last)[0],
+            overlap_g_hg_final=last.get("overlap_g_hg"),
+            all_converged=all(x.get("all_converged", False) for x in ok))
+    return figures, numbers
+
+
+def _table1(config, results, out_dir):
+    rows, numbers = [], {}
+    for name in config.runs:
+        if name not in results:
+            rows.append(dict(experiment=config.labels.get(name, name), ours=None,
+                             paper=config.paper.get(name), steps="not run"))
+            continue
+        r = results[name]
+        ok = [x for x in ok_records(r["records"]) if x.get("overlap_g_hg") is not None]
+        values = [x["overlap_g_hg"] for x in ok]
+        paper = config.paper.get(name)
+        row = dict(experiment=config.labels.get(name, name),
+                   ours=float(np.mean(values)) if values else None,
+                   std=float(np.std(values)) if values else None, paper=paper,
+                   train_loss=float(np.mean([x["train_loss"] for x in ok]))
+                   if ok and all("train_loss" in x for x in ok) else None,
+                   steps=f"{ok[0]['step']}-{ok[-1]['step']} ({len(ok)} checkpoints)"
+                   if ok else "none")
+        rows.append(row)
+        numbers[name] = dict(row, random_vertex=_random_vertex(ok))
+    _io.write_text(os.path.join(out_dir, "table1.md"), plots.table1_markdown(rows))
+    return ["table1.md"], numbers
+
+
+def _random_vertex(records):
+    lam = [x.get("eigenvalues") for x in records if x.get("eigenvalues")]
+    if not lam:
+        return None
+    return float(np.mean([float(metrics.random_vertex_overlap(np.asarray(v))) for v in lam]))
+
+
+def _fig2(config, results, out_dir):
+    (name, r), = results.items()
+    t1s = list(config.plot.t1)
+    fig = plots.fig2_subspace_overlap(r["records"], t1s)
+    numbers = {}
+    ok = ok_records(r["records"])
+    k = ok[0].get("k") if ok else None
+    for t1 in t1s:
+        later = [x for x in ok if str(t1) in x.get("subspace_overlap", {})]
+        if later:
+            numbers[str(t1)] = dict(
+                (str(x["step"] - t1), dict(top=x["subspace_overlap"][str(t1)].get(f"top{k}"),
+                                           next=x["subspace_overlap"][str(t1)].get("next")))
+                for x in later[:: max(1, len(later) // 6)])
+    return save(fig, out_dir, "fig2_subspace_overlap"), numbers
+
+
+def _fig3(config, results, out_dir):
+    (name, r), = results.items()
+    figures, numbers = [], {}
+    for t1 in config.plot.t1:
+        figures += save(plots.fig3_overlap_vs_dim(r["records"], t1), out_dir,
+                         f"fig3_overlap_vs_dim_t1_{t1}")
+        ok = [x for x in ok_records(r["records"]) if str(t1) in x.get("subspace_overlap", {})]
+        if ok:
+            dims = sorted({int(key[3:]) for x in ok for key in x["subspace_overlap"][str(t1)]
+                           if key.startswith("top") and key[3:].isdigit()})
+            numbers[str(t1)] = {str(d): float(np.mean([
+                x["subspace_overlap"][str(t1)][f"top{d}"] for x in ok
+                if f"top{d}" in x["subspace_overlap"][str(t1)]])) for d in dims}
+    return figures, numbers
+
+
+def _fig11(config, results, out_dir):
+    (name, r), = results.items()
+    steps = list(config.plot.steps)
+    fig = plots.fig11_eigenvector_overlaps(r["records"], steps)
+    numbers = {}
+    for t in steps:
+        hit = _at(r["records"], t, "c2")
+        if hit:
+            c2 = np.asarray(hit["value"], float)
+            k = len(c2) // 2
+            numbers[str(t)] = dict(step=hit["step"], sum_top=float(c2[:k].sum()),
+                                   sum_next=float(c2[k:].sum()))
+    return save(fig, out_dir, "fig11_eigenvector_overlaps"), numbers
+
+
+def _fig12(config, results, out_dir):
+    runs = {config.labels.get(n, n): r["records"] for n, r in results.items()}
+    numbers = {}
+    for n, r in results.items():
+        ok = ok_records(r["records"])
+        if ok:
+            numbers[config.labels.get(n, n)] = dict(
+                f_top_final=ok[-1].get("f_top"),
+                f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 100, 500)})
+    return save(plots.fig12_variants(runs), out_dir, "fig12_variants"), numbers
+
+
+def _fig8(config, results, out_dir):
+    (name, r), = results.items()
+    figures = save(plots.fig8_lambda_max(r["records"]), out_dir, "fig8_lambda_max")
+    figures += save(plots.eigenvalues_over_time(r["records"]), out_dir,
+                     "fig8_top_eigenvalues")
+    ok = ok_records(r["records"])
+    numbers = {str(x["step"]): x.get("lambda_max") for x in ok[:: max(1, len(ok) // 10)]}
+    return figures, numbers
+
+
+def _fig6(config, results, out_dir):
+    (name, r), = results.items()
+    store = store_lib.ResultStore(r["results"])
+    vectors, slices, numbers = {}, None, {}
+    for t in config.plot.steps:
+        hit = _at(r["records"], t, "layer_slices")
+        if not hit:
+            continue
+        step = hit["step"]
+        basis = store.stored("bases", step)
+        if basis is None:
+            continue
+        vectors[step] = basis["eigenvectors"][0]
+        slices = hit["value"]
+        numbers[str(step)] = store.record(step).get("top_eigenvector_layer_mass")
+    if not vectors:
+        return [], numbers
+    fig = plots.fig6_eigenvector_anatomy(vectors, slices)
+    return save(fig, out_dir, "fig6_eigenvector_anatomy"), numbers
+
+
+def _outliers(eigenvalues) -> int:
+    """Number of outliers: position of the largest ratio between consecutive eigenvalues."""
+    lam = np.sort(np.asarray([x for x in eigenvalues if x is not None], float))[::-1]
+    lam = lam[lam > 0]
+    if lam.size < 2:
+        return int(lam.size)
+    return int(np.argmax(lam[:-1] / lam[1:]) + 1)
+
+
+def _spectrum(config, results, out_dir):
+    figures, numbers = [], {}
+    for name, r in results.items():
+        store = store_lib.ResultStore(r["results"])
+        for step in reversed(store.steps("ok")):
+            spec = store.stored("spectra", step)
+            if spec is None:
+                continue
+            if "dense_eigenvalues" in spec:
+                lam = spec["dense_eigenvalues"]
+                figures += save(plots.fig4_dense_spectrum(lam, title=f"{name}, step {step}"),
+                                 out_dir, f"fig4_dense_spectrum_{name}")
+                numbers[f"{name}_dense"] = dict(
+                    step=step, num=int(lam.size), top=np.sort(lam)[::-1][:12].round(5).tolist(),
+                    outliers=_outliers(np.sort(lam)[::-1][:50]),
+                    fraction_negative=float(np.mean(lam < 0)))
+            if "slq_nodes" in spec:
+                figures += save(plots.fig5_slq_density(spec["slq_nodes"],
+                                                           spec["slq_weights"]),
+                                 out_dir, f"fig5_slq_density_{name}")
+                numbers[f"{name}_slq"] = dict(step=step, probes=int(spec["slq_nodes"].shape[0]))
+            break
+        ok = ok_records(r["records"])
+        if ok:
+            lam = sum(top_and_next(ok[-1]), [])
+            numbers[f"{name}_lanczos_top2k"] = dict(step=ok[-1]["step"], eigenvalues=lam,
+                                                    outliers=_outliers(lam))
+    return figures, numbers
+
+
+def _labels(config, results, out_dir):
+    figures, numbers = [], {}
+    for name, r in results.items():
+        figures += save(plots.eigenvalues_over_time(r["records"]), out_dir,
+                         f"eigenvalues_{name}")
+        ok = ok_records(r["records"])
+        if ok:
+            last = ok[-1]
+            lam = sum(top_and_next(last), [])
+            numbers[name] = dict(step=last["step"], k=last.get("k"), eigenvalues=lam,
+                                 outliers=_outliers(lam), f_top=last.get("f_top"),
+                                 train_accuracy=last.get("train_accuracy"))
+    return figures, numbers
+
+
+def _optim(config, results, out_dir):
+    """Training curves, f_top and lambda_max of runs that differ only in the optimizer, and
+    whether Song et al.'s finding holds: Dom-SGD stalls while Bulk-SGD trains like SGD."""
+    label = lambda n: config.labels.get(n, n)  # noqa: E731
+    figures = save(plots.training_curves({label(n): r["train_log"]
+                                              for n, r in results.items()},
+                                             title=config.name), out_dir, "training_curves")
+    figures += save(plots.fig12_variants({label(n): r["records"]
+                                              for n, r in results.items()}), out_dir, "f_top")
+    numbers = {}
+    for n, r in results.items():
+        checkpoints = [x for x in r["train_log"] if x.get("event") == "checkpoint"]
+        ok = ok_records(r["records"])
+        numbers[n] = dict(
+            test_loss_start=checkpoints[0].get("test_loss") if checkpoints else None,
+            test_loss_final=checkpoints[-1].get("test_loss") if checkpoints else None,
+            test_accuracy_final=checkpoints[-1].get("test_accuracy") if checkpoints else None,
+            train_loss_final=ok[-1].get("train_loss") if ok else None,
+            f_top_final=ok[-1].get("f_top") if ok else None,
+            lambda_max_final=(ok[-1].get("eigenvalues") or [None])[0] if ok else None)
+    if {"sgd", "dom_sgd", "bulk_sgd"} <= set(numbers):
+        sgd, dom, bulk = (numbers[n] for n in ("sgd", "dom_sgd", "bulk_sgd"))
+        if None not in (sgd["test_loss_start"], sgd["test_loss_final"], dom["test_loss_final"],
+                        bulk["test_loss_final"]):
+            drop = lambda x: sgd["test_loss_start"] - x  # noqa: E731
+            numbers["song_et_al_2024"] = dict(
+                claim="Dom-SGD stalls while Bulk-SGD trains",
+                dom_fraction_of_sgd_loss_drop=drop(dom["test_loss_final"]) / drop(
+                    sgd["test_loss_final"]),
+                bulk_fraction_of_sgd_loss_drop=drop(bulk["test_loss_final"]) / drop(
+                    sgd["test_loss_final"]),
+                holds=bool(drop(dom["test_loss_final"]) < 0.2 * drop(sgd["test_loss_final"])
+                           and drop(bulk["test_loss_final"]) > 0.8 * drop(
+                               sgd["test_loss_final"])))
+    return figures, numbers
+
+
+KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
+    "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
+    "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
+    "optim": _optim,
+}
+
+
+def summary_markdown(summary: dict) -> str:
+    """A short human-readable digest of an experiment summary."""
+    lines = [f"## {summary['experiment']}", "", summary.get("description", ""), "",
+             f"data: {summary['dataset']}{' (smoke size)' if summary['smoke'] else ''}; "
+             f"{summary['seconds']:.0f} s", ""]
+    for fig in summary.get("figures", []):
+        if fig.endswith(".png"):
+            lines.append(f"![{fig}]({fig})")
+    lines += ["", "```json", json.dumps(summary.get("numbers", {}), indent=1)[:4000], "```", ""]
+    return "\n".join(lines)
+
+
+

@@ -1,0 +1,170 @@
+"""The result store survives its own files: corrupt records, bases and spectra are reported by
+path, moved aside and recomputed; results.jsonl follows records/; scalar writers."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hessian_subspace import analysis
+from hessian_subspace.analysis import store as store_lib
+from hessian_subspace.analysis import writers
+from hessian_subspace.paper import data
+
+STEPS = (0, 3, 6, 9)
+
+
+def _problem():
+    ds = data.gaussian_mixture(num_classes=3, dim=5, num_examples=90, sigma=0.5, seed=4)
+    keys = jax.random.split(jax.random.key(1), 2)
+    params = {"w": 0.3 * jax.random.normal(keys[0], (5, 3)), "b": jnp.zeros(3)}
+
+    def loss_fn(p, batch):
+        logits = batch["x"] @ p["w"] + p["b"]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), batch["y"]])
+
+    trajectory = {t: jax.tree_util.tree_map(lambda x, t=t: x * (1 + 0.05 * t) + 0.01 * t,
+                                            params) for t in STEPS}
+    return {"x": ds["x"], "y": ds["y"]}, loss_fn, trajectory
+
+
+def _chain():
+    return analysis.chain(analysis.gradient(), analysis.eigenpairs(k=4),
+                          analysis.f_top(k=2, num_minibatches=0),
+                          analysis.subspace_overlap(k=2, reference_steps=(0,)),
+                          analysis.slq(steps=(6,), num_probes=2, num_steps=8))
+
+
+def _analyzer(directory, ds, loss_fn, **kwargs):
+    return analysis.Analyzer(_chain(), loss_fn, data=ds, results_dir=str(directory),
+                             progress=False, **kwargs)
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "versions")} for r in records]
+
+
+@pytest.fixture
+def analysed(tmp_path):
+    ds, loss_fn, trajectory = _problem()
+    _analyzer(tmp_path / "results", ds, loss_fn).run(trajectory)
+    return tmp_path / "results", ds, loss_fn, trajectory
+
+
+def test_layout_and_files_listed_with_checksums(analysed):
+    results, *_ = analysed
+    store = analysis.ResultStore(str(results))
+    assert store.check() == []
+    assert store.steps("ok") == list(STEPS)
+    rec = store.record(6)
+    assert set(rec["files"]) == {"bases", "spectra", "state"}
+    for entry in rec["files"].values():
+        assert os.path.getsize(results / entry["path"]) == entry["bytes"]
+    assert set(store.stored("spectra", 6)) == {"slq_nodes", "slq_weights"}
+    lines = [json.loads(x) for x in open(results / "results.jsonl")]
+    assert [r["step"] for r in lines] == list(STEPS)
+    settings = json.load(open(results / "pipeline.json"))
+    assert [t["name"] for t in settings["transforms"]] == ["gradient", "eigenpairs", "f_top",
+                                                           "subspace_overlap", "slq"]
+
+
+@pytest.mark.parametrize("what", ["record", "basis", "spectrum", "state"])
+def test_a_corrupt_file_is_named_moved_aside_and_its_step_recomputed(analysed, caplog, what):
+    results, ds, loss_fn, trajectory = analysed
+    reference = _comparable(analysis.read_results(str(results)))
+    path = {"record": results / "records" / "step_00000006.json",
+            "basis": results / "bases" / "step_00000006.npz",
+            "spectrum": results / "spectra" / "step_00000006.npz",
+            "state": results / "state" / "step_00000006.npz"}[what]
+    with open(path, "r+b") as f:  # truncate, as a crash of another writer would
+        f.truncate(os.path.getsize(path) // 2)
+    mtimes = {s: os.stat(results / "records" / f"step_{s:08d}.json").st_mtime_ns
+              for s in STEPS if s != 6}
+    analyzer = _analyzer(results, ds, loss_fn)
+    assert str(path) in caplog.text  # reported by path
+    moved = [os.path.join(root, f) for root, _, files in os.walk(results / "quarantine")
+             for f in files]
+    assert any(os.path.basename(m).startswith(path.name) for m in moved)  # moved, not deleted
+    assert not analyzer.done(6) and analyzer.done(3)
+    written = analyzer.run(trajectory)
+    assert [r["step"] for r in written] == [6]  # only the damaged step is recomputed
+    for s, t in mtimes.items():
+        assert os.stat(results / "records" / f"step_{s:08d}.json").st_mtime_ns == t
+    assert _comparable(analysis.read_results(str(results))) == reference
+
+
+def test_an_unreadable_reference_basis_fails_the_step_that_needs_it(analysed):
+    results, ds, loss_fn, trajectory = analysed
+    analyzer = _analyzer(results, ds, loss_fn)
+    basis = results / "bases" / "step_00000000.npz"
+    basis.write_bytes(b"garbage, not a zip file")  # after the store was checked
+    rec = analyzer.process(9, trajectory[9])
+    assert rec["status"] == "failed" and str(basis) in rec["reason"]
+    # Next start: step 0's record lost its file, so 0 is recomputed and then 9 retried.
+    written = _analyzer(results, ds, loss_fn).run(trajectory)
+    assert [r["step"] for r in written] == [0, 9]
+    assert all(r["status"] == "ok" for r in analysis.read_results(str(results)))
+
+
+def test_results_jsonl_is_rebuilt_when_it_disagrees_with_the_records(analysed):
+    results, ds, loss_fn, _ = analysed
+    jsonl = results / "results.jsonl"
+    full = jsonl.read_text()
+    jsonl.write_text(full[: len(full) // 3])  # e.g. a disk-full during the last rebuild
+    _analyzer(results, ds, loss_fn)
+    assert jsonl.read_text() == full
+    jsonl.unlink()
+    analysis.ResultStore(str(results)).check()
+    assert jsonl.read_text() == full
+
+
+def test_memory_store_and_csv_and_tensorboard_writers(tmp_path):
+    ds, loss_fn, trajectory = _problem()
+    csv_path = tmp_path / "scalars.csv"
+    logged = []
+    tb = writers.TensorBoardWriter(str(tmp_path / "tb"))
+    analyzer = analysis.Analyzer(
+        _chain(), loss_fn, data=ds, progress=False,
+        writers=[writers.CSVWriter(str(csv_path)), lambda step, s: logged.append((step, s)), tb],
+        every_steps=3)
+    for t, p in trajectory.items():
+        analyzer(t, p)
+    assert [r["step"] for r in analyzer.records] == list(STEPS)  # in memory, no files
+    assert analyzer.store.directory is None
+    table = writers.read_csv(str(csv_path))
+    assert sorted(table["f_top"]) == list(STEPS)
+    np.testing.assert_allclose([table["f_top"][s] for s in STEPS],
+                               [r["f_top"] for r in analyzer.records], rtol=1e-12)
+    assert "subspace_overlap/0/top2" in table and "eigenvalues" not in table
+    assert [s for s, _ in logged] == list(STEPS)
+    tb.close()
+    # The event file holds the same scalars (read back with tensorboardX's protobufs).
+    from tensorboardX.proto import event_pb2
+    (event_file,) = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "tb") for f in fs]
+    raw = open(event_file, "rb").read()
+    values, pos = {}, 0
+    while pos < len(raw):
+        n = int.from_bytes(raw[pos:pos + 8], "little")
+        event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + n])
+        pos += 16 + n
+        for v in event.summary.value:
+            if v.tag == "f_top":
+                values[event.step] = v.simple_value
+    np.testing.assert_allclose([values[s] for s in STEPS],
+                               [r["f_top"] for r in analyzer.records], rtol=1e-6)
+    with pytest.raises(TypeError, match="writer"):
+        analysis.Analyzer(_chain(), loss_fn, data=ds, writers=[42])
+
+
+def test_store_refuses_mismatched_records_and_keeps_quarantined_copies(tmp_path):
+    store = store_lib.ResultStore(str(tmp_path))
+    store.write_step(5, {"status": "ok"}, {})
+    # A record file holding another step's record is not trusted.
+    os.rename(tmp_path / "records" / "step_00000005.json",
+              tmp_path / "records" / "step_00000007.json")
+    problems = store_lib.ResultStore(str(tmp_path)).check()
+    assert len(problems) == 1 and "step_00000007.json" in problems[0]
+    assert os.listdir(tmp_path / "quarantine" / "records")
