@@ -549,3 +549,25 @@ def test_eigenpairs_of_blocks_and_of_the_ggn_beside_the_full_hessian(tmp_path):
     store = analyzer.store
     assert store.stored("last_layer_bases", 0)["eigenvectors"].shape == (3, last.size)
     assert store.stored("ggn_first_layer_bases", 0)["eigenvectors"].shape == (3, first.size)
+
+
+def test_loss_and_accuracy_on_the_analysis_and_test_sets():
+    model, ds, params, state = _tiny_problem()
+    test = data.gaussian_mixture(num_classes=3, dim=6, num_examples=90, sigma=0.5, seed=0,
+                                 split="test")
+    test = {"x": test["x"][:37], "y": test["y"][:37]}  # ragged against batch_size=16
+    analyzer = analysis.Analyzer(analysis.loss(tasks.inference_metrics(model, CE)),
+                                 tasks.inference_loss(model, CE), data=ds, test_data=test,
+                                 batch_size=16, progress=False)
+    rec = analyzer.process(0, params, state)
+    for prefix, split in (("train", ds), ("test", test)):
+        logits = model.apply({"params": params}, split["x"])
+        np.testing.assert_allclose(rec[f"{prefix}_loss"], float(jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(logits, split["y"]))), rtol=1e-5)
+        np.testing.assert_allclose(rec[f"{prefix}_accuracy"], float(jnp.mean(
+            jnp.argmax(logits, -1) == split["y"])), rtol=1e-6)
+    # Without a metrics function: the analyzer's loss alone, under the same names.
+    plain = analysis.Analyzer(analysis.loss(), tasks.inference_loss(model, CE), data=ds,
+                              progress=False).process(0, params, state)
+    assert set(plain) >= {"train_loss"} and "train_accuracy" not in plain
+    np.testing.assert_allclose(plain["train_loss"], rec["train_loss"], rtol=1e-5)
