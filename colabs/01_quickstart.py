@@ -14,13 +14,15 @@
 # ---
 
 # %% [markdown]
-# # hessian_subspace quickstart: the top Hessian subspace of your own flax model
+# # hessian_subspace quickstart: where gradient descent moves in *your* model
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/hessian-subspace/hessian_subspace/blob/main/colabs/01_quickstart.ipynb)
 #
 # Gur-Ari, Roberts & Dyer (2018) found that during training the gradient lies mostly in the span
-# of the top-k Hessian eigenvectors (k = number of classes). This notebook measures that
-# fraction, f_top = ‖P_top g‖² / ‖g‖², for a small flax model in about ten lines.
+# of the top-k Hessian eigenvectors (k = number of classes), and that this subspace then changes
+# slowly. This notebook asks that of your own model, inside your own training loop, with the
+# metric pipeline: a chain of metric transforms (the paper's, and one of yours) that writes one
+# record per checkpoint, resumably.
 
 # %%
 # Install from the repository (on Colab); skipped where the package is already installed (CI).
@@ -37,65 +39,104 @@ if importlib.util.find_spec("hessian_subspace") is None:
     sys.path.insert(0, os.path.abspath("hs_repo"))  # the package and launch/configs
 
 # %% [markdown]
-# ## Your model and your loss
-# Any `loss(params, batch) -> scalar` that returns the **mean** loss over the batch works.
+# ## Your model, your loss
+# The only contract is `loss_fn(params, batch) -> mean loss over the batch`: a plain function,
+# flax (`model.apply`), nnx (`nnx.merge`) or Equinox (`eqx.combine`) all reduce to it. The loss
+# analysed is exactly this one: the weight-decay term below is part of the Hessian.
 
 # %%
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import hessian_subspace as hs
-from hessian_subspace import data
+from hessian_subspace import analysis
+from hessian_subspace.paper import data
 
-
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(100)(x))
-        x = nn.relu(nn.Dense(100)(x))
-        return nn.Dense(10)(x)
+SMOKE = os.environ.get("HS_SMOKE", "0") == "1"  # CI runs this notebook at smoke size
+num_steps, every = (200, 50) if SMOKE else (800, 100)
 
 
 def loss_fn(params, batch):
-    logits = Net().apply({"params": params}, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    h = jax.nn.relu(batch["x"] @ params["w1"] + params["b1"])
+    h = jax.nn.relu(h @ params["w2"] + params["b2"])
+    logits = h @ params["w3"] + params["b3"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return ce + 1e-4 * sum(jnp.sum(params[w] ** 2) for w in ("w1", "w2", "w3"))
 
 
 # §3's Gaussian mixture: 10 classes, unit class means in 100 dimensions, noise 0.35.
 ds = data.gaussian_mixture(num_classes=10, dim=100, num_examples=4000, sigma=0.35, seed=0)
 train = {"x": jnp.asarray(ds["x"]), "y": jnp.asarray(ds["y"])}
-params = Net().init(jax.random.key(0), train["x"][:1])["params"]
+keys = jax.random.split(jax.random.key(0), 3)
+sizes = [(100, 100), (100, 100), (100, 10)]  # FC 100-100-100-10, LeCun-normal weights
+params = {}
+for i, (key, (m, n)) in enumerate(zip(keys, sizes, strict=True), start=1):
+    params[f"w{i}"] = jax.random.normal(key, (m, n)) / jnp.sqrt(m)
+    params[f"b{i}"] = jnp.zeros(n)
 
 # %% [markdown]
-# ## f_top during training, in ten lines
-# `dataset_hvp` is the Hessian of the mean loss over the whole training set (the paper measures
-# g and H on all of it); `top_eigenpairs` runs Lanczos under `jax.jit`.
+# ## The pipeline: the paper's metrics and one of yours
+# Transforms run in the order given; `chain` checks before any work that each one's inputs are
+# there. A metric of your own is a plain function of the context: here, the fraction of the
+# gradient in the top-**5** subspace.
+
+# %%
+def f_top5(ctx):
+    return {"f_top5": hs.gradient_fraction(ctx["gradient"], ctx["eigenpairs"].eigenvectors[:5])}
+
+
+pipe = analysis.chain(
+    analysis.loss(), analysis.gradient(), analysis.eigenpairs(k=20), analysis.f_top(k=10),
+    analysis.overlap_g_hg(), analysis.subspace_overlap(k=10, reference_steps=(every,)),
+    analysis.transform("f_top5", f_top5, requires=("gradient", "eigenpairs")))
+analyzer = analysis.Analyzer(pipe, loss_fn, data=train, batch_size=1000,
+                             results_dir="results_quickstart", every_steps=every,
+                             writers=[analysis.CSVWriter("results_quickstart/scalars.csv")])
+
+# %% [markdown]
+# ## Your training loop, one extra line
+# `analyzer(step, params)` analyses the scheduled steps (every `every` steps here) and does
+# nothing at the others. Run the cell twice: finished steps are skipped, from the result files.
 
 # %%
 tx = optax.sgd(0.1)
 opt_state = tx.init(params)
-sgd = jax.jit(lambda p, o, b: (lambda u, o: (optax.apply_updates(p, u), o))(
-    *tx.update(jax.grad(loss_fn)(p, b), o)))
-for t in range(801):
-    if t in (0, 100, 200, 400, 800):
-        H = hs.dataset_hvp(loss_fn, params, train, batch_size=1000)    # v -> H v
-        top = hs.top_eigenpairs(H, hs.random_start_vector(jax.random.key(t), params), k=10)
-        loss, g = hs.dataset_value_and_grad(loss_fn, params, train, batch_size=1000)
-        print(f"step {t:3d}  loss {loss:.3f}  f_top {hs.gradient_fraction(g, top.eigenvectors):.3f}"
-              f"  overlap(g, Hg) {hs.hessian_gradient_overlap(g, H(g)):.3f}")
-    i = (t * 64) % 3936
-    batch = {name: x[i:i + 64] for name, x in train.items()}
-    params, opt_state = sgd(params, opt_state, batch)
+
+
+@jax.jit
+def train_step(params, opt_state, batch):
+    updates, opt_state = tx.update(jax.grad(loss_fn)(params, batch), opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+
+for step in range(num_steps + 1):
+    analyzer(step, params)
+    i = (step * 64) % 3936
+    params, opt_state = train_step(params, opt_state, {k: v[i:i + 64] for k, v in train.items()})
 
 # %% [markdown]
-# ## Per-eigenvector overlaps and per-layer eigenvectors
-# `eigenvector_overlaps` gives c_i² = (v_i·g)²/‖g‖²; `as_pytrees` turns the flat eigenvectors
-# back into parameter-shaped pytrees, one leading axis entry per eigenvector.
+# ## The records
+# One JSON record per analysed step (also in `results_quickstart/results.jsonl`), with the
+# Ritz-residual error bar on f_top and the subspace overlap with step `every` (eq. 5).
 
 # %%
-print("c_i^2:", hs.eigenvector_overlaps(g, top.eigenvectors).round(4))
-trees = hs.as_pytrees(top.eigenvectors, params)
-print({layer: {name: leaf.shape for name, leaf in leaves.items()}
-       for layer, leaves in trees.items()})
+for r in analysis.read_results("results_quickstart"):
+    overlap = r["subspace_overlap"].get(str(every), {}).get("top10")
+    print(f"step {r['step']:4d}  loss {r['train_loss']:.3f}  f_top {r['f_top']:.3f} "
+          f"(± {r['f_top_bound']:.0e})  f_top5 {r['f_top5']:.3f}  "
+          f"overlap(g, Hg) {r['overlap_g_hg']:.3f}  "
+          f"top-10 overlap with step {every}: {'-' if overlap is None else f'{overlap:.3f}'}")
+
+# %% [markdown]
+# ## Per-layer eigenvectors
+# The stored basis holds the top eigenvectors as rows in `ravel_pytree` order; `as_pytrees`
+# turns them back into parameter-shaped pytrees, one leading-axis entry per eigenvector.
+
+# %%
+last = analysis.read_results("results_quickstart")[-1]["step"]
+basis = analyzer.store.stored("bases", last)["eigenvectors"]
+trees = hs.as_pytrees(basis, params)
+print({name: leaf.shape for name, leaf in trees.items()})
+print("top eigenvector's mass by layer:",
+      {k: round(float(v), 3) for k, v in hs.mass_by_leaf(basis[0], params).items()})

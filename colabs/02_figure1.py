@@ -39,7 +39,7 @@ if importlib.util.find_spec("hessian_subspace") is None:
 # %%
 import os
 
-from hessian_subspace import plotting, reproduce
+from hessian_subspace.paper import reproduce
 from launch.configs import paper
 
 SMOKE = os.environ.get("HS_SMOKE", "0") == "1"  # CI runs this notebook at smoke size
@@ -55,11 +55,12 @@ print({k: summary[k] for k in ("experiment", "dataset", "seconds")})
 # ## The figure, from the result files
 
 # %%
-from hessian_subspace import pipeline, train
+from hessian_subspace import analysis, training
+from hessian_subspace.paper import figures
 
 run = summary["runs"]["fc_mnist"]
-records = pipeline.read_results(run["results"])
-fig = plotting.fig1_ftop(records, train.read_train_log(run["workdir"]), title="FC on " +
+records = analysis.read_results(run["results"])
+fig = figures.fig1_ftop(records, training.read_train_log(run["workdir"]), title="FC on " +
                          summary["dataset"])
 fig
 

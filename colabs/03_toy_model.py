@@ -37,7 +37,7 @@ if importlib.util.find_spec("hessian_subspace") is None:
     sys.path.insert(0, os.path.abspath("hs_repo"))  # the package and launch/configs
 
 # %%
-from hessian_subspace import data, plotting, toy_model
+from hessian_subspace.paper import data, figures, toy_claims, toy_model
 
 SMOKE = os.environ.get("HS_SMOKE", "0") == "1"
 DIM, N = (30, 120) if SMOKE else (200, 500)
@@ -60,9 +60,9 @@ for row in toy_model.compare_with_analytic(records, means, ETA):
 # ## The empirical claims of §3: noise, biases, more classes
 
 # %%
-results = toy_model.run_paper_configs(dim=DIM, num_examples=N, classes=(2, 5) if SMOKE
+results = toy_claims.run_paper_configs(dim=DIM, num_examples=N, classes=(2, 5) if SMOKE
                                       else (2, 5, 10), measure_at=MEASURE)
 for name, claim in results["claims"].items():
     if isinstance(claim, dict) and "claim" in claim:
         print(f"{name}: {claim['claim']} -> reproduced: {claim['reproduced']}")
-plotting.toy_model_figure(results)
+figures.toy_model_figure(results)

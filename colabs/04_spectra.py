@@ -44,23 +44,25 @@ import jax.numpy as jnp
 import numpy as np
 
 import hessian_subspace as hs
-from hessian_subspace import data, models, plotting, train
+from hessian_subspace import training
+from hessian_subspace.paper import data, figures, models
+from hessian_subspace.training import batches, tasks
 
 SMOKE = os.environ.get("HS_SMOKE", "0") == "1"
 n, dim, steps = (600, 16, 150) if SMOKE else (4000, 50, 1500)
 ds = data.gaussian_mixture(num_classes=10, dim=dim, num_examples=n, sigma=0.5, seed=0)
 dataset = {"x": jnp.asarray(ds["x"]), "y": jnp.asarray(ds["y"])}
 model = models.build_model("fc", num_outputs=10, hidden=(16, 16))
-params, state = models.init_variables(model, jax.random.key(0), dataset["x"][:1])
+params, state = tasks.init_variables(model, jax.random.key(0), dataset["x"][:1])
 
-tx = train.make_optimizer("sgd", 0.1)
-step_fn = train.make_train_step(model, tx, "classification", seed=0)
-st = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+tx = training.make_optimizer("sgd", 0.1)
+step_fn = training.make_train_step(model, tx, "classification", seed=0)
+st = training.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model_state=state)
 for t in range(steps):
-    idx = data.batch_indices(n, 64, t, 0)
+    idx = batches.batch_indices(n, 64, t, 0)
     st, _ = step_fn(st, {"x": ds["x"][idx], "y": ds["y"][idx]})
-loss = models.analysis_loss_fn(model, st.model_state, "classification")
+loss = hs.curvature.bind_state(tasks.inference_loss(model, "classification"), st.model_state)
 H = hs.dataset_hvp(loss, st.params, dataset, batch_size=n)
 print("parameters:", H.dim)
 
@@ -70,7 +72,7 @@ print("parameters:", H.dim)
 # %%
 dense = np.linalg.eigvalsh(np.asarray(hs.dense_matrix(H, st.params), np.float64))
 print("top 12 eigenvalues:", np.sort(dense)[::-1][:12].round(4))
-plotting.fig4_dense_spectrum(dense, title="FC 16-16, 10 classes", k=10)
+figures.fig4_dense_spectrum(dense, title="FC 16-16, 10 classes", k=10)
 
 # %% [markdown]
 # ## Stochastic Lanczos quadrature (Fig. 5)
@@ -80,7 +82,7 @@ plotting.fig4_dense_spectrum(dense, title="FC 16-16, 10 classes", k=10)
 # %%
 nodes, weights = hs.slq_quadrature(H, jax.random.key(0), num_probes=4 if SMOKE else 16,
                                    num_steps=40 if SMOKE else 80)
-plotting.fig5_slq_density(np.asarray(nodes), np.asarray(weights))
+figures.fig5_slq_density(np.asarray(nodes), np.asarray(weights))
 
 # %% [markdown]
 # SLQ against the exact spectrum: the fraction of spectral mass above the bulk.
