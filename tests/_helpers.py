@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,27 @@ import jax.monitoring
 import numpy as np
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Process:
+    """A subprocess in the repository root whose output goes to a file (a pipe nobody reads
+    would block it)."""
+
+    def __init__(self, cmd, log_path):
+        self.log_path = str(log_path)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def finish(self, timeout=600):
+        self.proc.wait(timeout=timeout)
+        self._log.close()
+        return self.proc.returncode, open(self.log_path).read()
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
 
 
 @contextlib.contextmanager

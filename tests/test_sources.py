@@ -5,8 +5,6 @@ and the analyzer inside a training loop."""
 import glob
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -22,6 +20,8 @@ from flax.training import train_state
 from hessian_subspace import analysis
 from hessian_subspace.paper import data, experiment
 from hessian_subspace.training import checkpoint, tasks
+
+from _helpers import Process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = os.path.join(REPO, "launch", "configs", "train.py")
@@ -156,30 +156,13 @@ def test_an_interrupted_analysis_resumes_to_the_uninterrupted_records(tmp_path):
 # Runs of this package on disk: a small training run shared by the tests below.
 
 
-class _Process:
-    """A subprocess whose output goes to a file (a pipe nobody reads would block it)."""
-
-    def __init__(self, cmd, log_path):
-        self.log_path = str(log_path)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def finish(self, timeout=600):
-        self.proc.wait(timeout=timeout)
-        self._log.close()
-        return self.proc.returncode, open(self.log_path).read()
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
 
 
 def _train_run(workdir, num_steps=30, schedule="1:30,5"):
     cmd = [sys.executable, "-m", "launch.train", f"--config={TRAIN_CONFIG}:smoke",
            f"--workdir={workdir}", f"--config.num_steps={num_steps}", "--noprogress",
            f"--config.checkpoint_schedule={schedule}"]
-    return _Process(cmd, f"{workdir}.train.log")
+    return Process(cmd, f"{workdir}.train.log")
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +186,7 @@ def _snapshot(directory):
 def _analyze(workdir, results, *extra):
     cmd = [sys.executable, "-m", "launch.analyze", f"--workdir={workdir}",
            f"--results={results}", "--batch_size=200", "--noprogress", *extra]
-    return _Process(cmd, f"{results}.analyze.log")
+    return Process(cmd, f"{results}.analyze.log")
 
 
 def _run_analyzer(workdir, results, **kwargs):
@@ -259,45 +242,46 @@ def test_corrupt_checkpoints_fail_and_are_retried_once_repaired(finished_run, tm
     assert rec["status"] == "failed" and "`like` lacks" in rec["reason"]
 
 
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        chunk = f.read(8)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
 def test_flipped_bytes_in_checkpoint_data_never_give_silently_wrong_weights(finished_run,
                                                                              tmp_path):
+    # 8 flipped bytes at 15 offsets of every data file of one checkpoint, one flip at a time:
+    # orbax rejects some, some land where nothing is read, and a flip that changes the weights
+    # must be a "checksum mismatch", never wrong weights in an "ok" record.
     src = finished_run / "checkpoints"
     good, _ = checkpoint.run_checkpoints(src).load(3)
-    outcomes = []
-    for path in sorted(glob.glob(str(src / "3" / "model" / "**" / "d" / "*"), recursive=True)):
-        copy = tmp_path / "copy"
-        shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(src, copy)
-        target = path.replace(str(src), str(copy))
-        offset = os.path.getsize(target) // 2
-        with open(target, "r+b") as f:
-            f.seek(offset)
-            chunk = f.read(8)
-            f.seek(offset)
-            f.write(bytes(b ^ 0xFF for b in chunk))
-        try:
-            params, _ = checkpoint.run_checkpoints(copy).load(3)
-        except analysis.CheckpointError as e:
-            outcomes.append(str(e))
-            continue
-        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(good),
-                        strict=True):
-            np.testing.assert_array_equal(a, b)  # a flip orbax does not read changes nothing
-        outcomes.append("unchanged")
-    assert any("checksum mismatch" in o for o in outcomes), outcomes
+    files = sorted(glob.glob(str(src / "3" / "model" / "**" / "d" / "*"), recursive=True))
+    mismatch = None
+    for path in files:
+        for i in range(1, 16):
+            copy = tmp_path / "copy"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(src / "3", copy / "3")
+            target = path.replace(str(src), str(copy))
+            offset = i * os.path.getsize(target) // 16
+            _flip(target, offset)
+            try:
+                params, _ = checkpoint.run_checkpoints(copy).load(3)
+            except analysis.CheckpointError as e:
+                if "checksum mismatch" in str(e):
+                    mismatch = (path, offset)
+                continue
+            for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(good),
+                            strict=True):
+                np.testing.assert_array_equal(a, b)  # a flip orbax does not read changes nothing
+    assert mismatch is not None
     # Through the pipeline: a failed step whose reason says so.
-    flipped = next(p for p, o in zip(sorted(glob.glob(str(src / "3" / "model" / "**" / "d" / "*"),
-                                                      recursive=True)), outcomes, strict=True)
-                   if "checksum mismatch" in o)
     copy = tmp_path / "copy"
     shutil.rmtree(copy)
     shutil.copytree(src, copy)
-    target = flipped.replace(str(src), str(copy))
-    with open(target, "r+b") as f:
-        f.seek(os.path.getsize(target) // 2)
-        chunk = f.read(8)
-        f.seek(os.path.getsize(target) // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    _flip(mismatch[0].replace(str(src), str(copy)), mismatch[1])
     analyzer, source = _run_analyzer(finished_run, tmp_path / "results")
     (rec,) = analyzer.run(checkpoint.run_checkpoints(copy, like=source.like,
                                                      state_like=source.state_like), steps=[3])

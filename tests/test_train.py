@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -14,6 +12,8 @@ import pytest
 from hessian_subspace import training
 from hessian_subspace.paper import experiment
 from hessian_subspace.training import checkpoint
+
+from _helpers import Process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "launch", "configs", "train.py")
@@ -108,31 +108,12 @@ def test_non_finite_loss_is_detected_and_not_checkpointed(tmp_path):
         assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
-class _Process:
-    """A subprocess whose output goes to a file (a pipe nobody reads would block it)."""
-
-    def __init__(self, cmd, log_path):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def finish(self, timeout=600):
-        self.proc.wait(timeout=timeout)
-        self._log.close()
-        return self.proc.returncode, open(self.log_path).read()
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
-
-
 def _launch(workdir, num_steps, schedule="1:10,100"):
     os.makedirs(workdir, exist_ok=True)
     cmd = [sys.executable, "-m", "launch.train", f"--config={SMOKE}:smoke",
            f"--workdir={workdir}", f"--config.num_steps={num_steps}", "--noprogress",
            f"--config.checkpoint_schedule={schedule}"]
-    return _Process(cmd, os.path.join(os.path.dirname(workdir), os.path.basename(workdir) +
+    return Process(cmd, os.path.join(os.path.dirname(workdir), os.path.basename(workdir) +
                                       ".log"))
 
 

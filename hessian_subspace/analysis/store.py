@@ -64,7 +64,25 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [path or "(root)"]
 
 
-class ResultStore:
+class _Records:
+    """What both stores answer from their index of records (``self.index``: step -> record)."""
+
+    index: dict[int, dict]
+
+    def steps(self, status: str | None = None) -> list[int]:
+        """Steps with a record (with ``status`` "ok" or "failed" only, if given)."""
+        return sorted(s for s, r in self.index.items()
+                      if status is None or r.get("status") == status)
+
+    def record(self, step: int) -> dict | None:
+        return self.index.get(int(step))
+
+    def records(self) -> list[dict]:
+        """All records in step order."""
+        return [self.index[s] for s in sorted(self.index)]
+
+
+class ResultStore(_Records):
     """Reads and writes a results directory (see the module docstring).
 
     Args:
@@ -114,18 +132,6 @@ class ResultStore:
                 except (OSError, ValueError) as e:
                     logging.warning("unreadable record %s (%s); skipped", path, e)
         return self._index
-
-    def steps(self, status: str | None = None) -> list[int]:
-        """Steps with a record (with ``status`` "ok" or "failed" only, if given)."""
-        return sorted(s for s, r in self.index.items()
-                      if status is None or r.get("status") == status)
-
-    def record(self, step: int) -> dict | None:
-        return self.index.get(int(step))
-
-    def records(self) -> list[dict]:
-        """All records in step order."""
-        return [self.index[s] for s in sorted(self.index)]
 
     def stored_steps(self, folder: str) -> list[int]:
         """Steps whose successful record lists a file in ``folder``."""
@@ -274,7 +280,7 @@ class ResultStore:
             _io.write_json(os.path.join(self.directory, SETTINGS), settings)
 
 
-class MemoryStore:
+class MemoryStore(_Records):
     """A :class:`ResultStore` kept in memory (``results_dir=None``): same interface, no files."""
 
     directory = None
@@ -282,16 +288,6 @@ class MemoryStore:
     def __init__(self):
         self.index: dict[int, dict] = {}
         self._files: dict[tuple[str, int], dict] = {}
-
-    def steps(self, status: str | None = None) -> list[int]:
-        return sorted(s for s, r in self.index.items()
-                      if status is None or r.get("status") == status)
-
-    def record(self, step: int) -> dict | None:
-        return self.index.get(int(step))
-
-    def records(self) -> list[dict]:
-        return [self.index[s] for s in sorted(self.index)]
 
     def stored_steps(self, folder: str) -> list[int]:
         return sorted(s for (f, s) in self._files if f == folder
