@@ -21,6 +21,21 @@ WHICH = ("LA", "SA", "LM")
 DEFAULT_BREAKDOWN_FACTOR = 100.0
 
 
+def constrain(x, sharding):
+    """``with_sharding_constraint(x, sharding)``, or ``x`` when there is no sharding."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def vector_sharding(matvec, sharding):
+    """The sharding of flat vectors: the one given, else the operator's own (None: none)."""
+    if sharding is not None:
+        if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.spec) != 1:
+            raise ValueError("`sharding` must be a NamedSharding of 1-D (flat) vectors, e.g. "
+                             "hessian_subspace.sharding.vector_sharding(mesh)")
+        return sharding
+    return getattr(matvec, "vector_sharding", None)
+
+
 def check_start_vector(v0: PyTree) -> None:
     _tree.check_floating("v0", v0)
     if not _tree.is_concrete(v0):

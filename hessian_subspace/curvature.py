@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _tree
+from hessian_subspace import _tree, layout
+from hessian_subspace import sharding as sharding_lib
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
@@ -113,6 +114,8 @@ def _check_like(name: str, tree: PyTree, like: PyTree) -> None:
 
 
 def _num_examples(data: PyTree) -> int:
+    if isinstance(data, layout.BatchedData):
+        return data.num_examples
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
         raise ValueError(
@@ -128,46 +131,58 @@ def _num_examples(data: PyTree) -> int:
     return n
 
 
-def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *, batch_size: int) -> PyTree:
+def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
+                 batch_size: int | None = None) -> PyTree:
     r"""Example-weighted mean of a per-batch mean quantity over a whole data set.
 
-    Computes :math:`\sum_j (n_j/n)\,\mathrm{fn}(\mathrm{batch}_j)` in one compiled loop. Batches
-    are strided: with :math:`m = \lfloor n/b \rfloor` full batches, batch :math:`j` holds
-    examples :math:`j, j+m, j+2m, \dots` of the first :math:`mb`, so when ``data`` is sharded
-    along its example axis every batch is spread over all devices (data parallelism). The
-    remaining :math:`n - mb` examples form one ragged batch with weight :math:`(n-mb)/n`.
+    Computes :math:`\sum_j (n_j/n)\,\mathrm{fn}(\mathrm{batch}_j)` in one compiled loop over the
+    full batches, plus the ragged ones. ``data`` is either a pytree of arrays (batches are then
+    strided: with :math:`m = \lfloor n/b \rfloor` full batches, batch :math:`j` holds examples
+    :math:`j, j+m, j+2m, \dots` of the first :math:`mb`, and the remaining :math:`n - mb` form
+    one ragged batch of weight :math:`(n-mb)/n`), or a :class:`hessian_subspace.layout.
+    BatchedData` laid out over a device mesh by :func:`hessian_subspace.batch_data`, in which
+    case every device reads only its own examples and nothing but the results is communicated.
 
     Args:
       fn: ``fn(batch) -> pytree``, the *mean* over the batch of some per-example quantity.
-      data: pytree of arrays, each with a leading example axis of size n.
-      batch_size: b, the number of examples per batch (clamped to n).
+      data: pytree of arrays, each with a leading example axis of size n, or a ``BatchedData``.
+      batch_size: b, the number of examples per batch (clamped to n); not used with a
+        ``BatchedData``, which has its own.
 
     Returns:
       The pytree :math:`\frac{1}{n}\sum_a q(x_a)` where ``fn`` averages q over a batch.
     """
-    n = _num_examples(data)
-    b = min(int(batch_size), n)
-    num_full, rest = divmod(n, b)
+    if not isinstance(data, layout.BatchedData):
+        if batch_size is None:
+            raise ValueError("`batch_size` is required unless `data` is a BatchedData.")
+        data = _strided(data, int(batch_size))
+    first = jax.eval_shape(fn, data.first_batch())
+    total = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    for part, weight, stacked in data.parts():
+        if stacked:
+            def body(j, acc, part=part):
+                batch = jax.tree_util.tree_map(lambda x: jnp.take(x, j, axis=1), part)
+                out = fn(batch)
+                return jax.tree_util.tree_map(lambda a, o: a + o.astype(a.dtype), acc, out)
 
-    def strided(x):  # (num_full * b, ...) -> (b, num_full, ...); batch j is [:, j].
-        return jnp.reshape(x[: num_full * b], (b, num_full) + x.shape[1:])
-
-    grid = jax.tree_util.tree_map(strided, data)
-
-    def body(j, acc):
-        batch = jax.tree_util.tree_map(lambda x: jnp.take(x, j, axis=1), grid)
-        out = fn(batch)
-        return jax.tree_util.tree_map(lambda a, o: a + o.astype(a.dtype), acc, out)
-
-    first = jax.eval_shape(fn, jax.tree_util.tree_map(lambda x: x[:b], data))
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-    total = jax.lax.fori_loop(0, num_full, body, zeros)
-    total = jax.tree_util.tree_map(lambda t: t * (b / n), total)
-    if rest:
-        ragged = fn(jax.tree_util.tree_map(lambda x: x[num_full * b :], data))
-        total = jax.tree_util.tree_map(
-            lambda t, r: t + r.astype(t.dtype) * (rest / n), total, ragged)
+            summed = jax.lax.fori_loop(0, data.num_batches, body, total)
+            total = jax.tree_util.tree_map(lambda t, w=weight: t * w, summed)
+        else:
+            total = jax.tree_util.tree_map(
+                lambda t, r, w=weight: t + r.astype(t.dtype) * w, total, fn(part))
     return total
+
+
+def _strided(data: PyTree, batch_size: int) -> layout.BatchedData:
+    """The single-device layout of raw arrays, inside a trace (reshapes, no copies)."""
+    n = _num_examples(data)
+    b = min(batch_size, n)
+    num_full, rest = divmod(n, b)
+    grid = jax.tree_util.tree_map(
+        lambda x: jnp.reshape(x[: num_full * b], (b, num_full) + x.shape[1:]), data)
+    ragged = jax.tree_util.tree_map(lambda x: x[num_full * b:], data) if rest else None
+    return layout.BatchedData(grid=grid, rest=ragged, tail=None, num_examples=n, local_batch=b,
+                              num_batches=num_full, data_parallel=1, mesh=None, axes=())
 
 
 def _validate_batch_size(batch_size) -> int:
@@ -236,8 +251,28 @@ class _DatasetOperator:
 
     def _matvec(self, v: PyTree) -> PyTree:
         with _matmul_precision(self.precision):
-            return dataset_mean(lambda batch: self._batch_product(v, batch), self.data,
-                                batch_size=self.batch_size)
+            out = dataset_mean(lambda batch: self._batch_product(v, batch), self.data,
+                               batch_size=self.batch_size)
+        if self.param_shardings is not None:  # H v is laid out like the parameters.
+            leaves, treedef = jax.tree_util.tree_flatten(out)
+            out = treedef.unflatten([jax.lax.with_sharding_constraint(x, s) for x, s in
+                                     zip(leaves, self.param_shardings, strict=True)])
+        return out
+
+    @property
+    def mesh(self):
+        """The device mesh of the data or of the parameters (None: one device)."""
+        if isinstance(self.data, layout.BatchedData) and self.data.mesh is not None:
+            return self.data.mesh
+        if self.param_shardings:
+            return getattr(self.param_shardings[0], "mesh", None)
+        return None
+
+    @property
+    def vector_sharding(self):
+        """How flat parameter-space vectors (Krylov bases) are split: over every device of
+        :attr:`mesh` (None without one); the eigensolvers read it."""
+        return sharding_lib.vector_sharding(self.mesh)
 
     @property
     def num_examples(self) -> int:
@@ -260,10 +295,12 @@ class _DatasetOperator:
             curvature=self.curvature,
             reduction="mean over examples",
             num_examples=self.num_examples,
-            batch_size=min(self.batch_size, self.num_examples),
+            batch_size=(self.data.batch_size if isinstance(self.data, layout.BatchedData)
+                        else min(self.batch_size, self.num_examples)),
             num_params=self.dim,
             param_dtypes=dtypes,
             matmul_precision=self.precision or "default",
+            mesh=None if self.mesh is None else dict(self.mesh.shape),
         )
 
 
@@ -280,7 +317,7 @@ def apply_operator(op, v: PyTree) -> PyTree:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["params", "data", "loss_fn"],
-    meta_fields=["batch_size", "precision"],
+    meta_fields=["batch_size", "precision", "param_shardings"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class HessianOperator(_DatasetOperator):
@@ -296,8 +333,9 @@ class HessianOperator(_DatasetOperator):
     params: PyTree
     data: PyTree
     loss_fn: jax.tree_util.Partial
-    batch_size: int
+    batch_size: int | None
     precision: str | None
+    param_shardings: tuple | None = None
 
     curvature: ClassVar[str] = "hessian"
 
@@ -305,23 +343,28 @@ class HessianOperator(_DatasetOperator):
         return jax.jvp(lambda p: jax.grad(self.loss_fn)(p, batch), (self.params,), (v,))[1]
 
 
-def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: int,
-                precision: str | None = None) -> HessianOperator:
+def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
+                batch_size: int | None = None, precision: str | None = None
+                ) -> HessianOperator:
     r"""Returns ``v ↦ H v`` for the **mean** loss over the whole data set ``data``.
 
     ``loss_fn(params, batch)`` must return the mean loss over ``batch``. All batches run inside
     one compiled program (a ``lax.fori_loop``), with batch j weighted by its share of examples,
-    so the result does not depend on ``batch_size`` (up to round-off). If ``data`` is sharded
-    along its example axis over a device mesh, each batch is split across the devices and the
-    products are reduced by XLA: data parallelism with no change to the caller's code.
+    so the result does not depend on ``batch_size`` (up to round-off). For data parallelism,
+    lay ``data`` out over a device mesh with :func:`hessian_subspace.batch_data`: every device
+    then computes on its own examples and only the products are reduced; parameters sharded
+    over the mesh (e.g. :func:`hessian_subspace.sharding.fsdp_shardings`) keep their layout in
+    ``H v`` and the eigensolvers split their bases over all devices (:attr:`vector_sharding`).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over a batch. A
         ``jax.tree_util.Partial`` binding arrays (e.g. frozen batch-norm statistics) keeps them
         dynamic, so a new checkpoint does not recompile.
       params: pytree of floating-point arrays; must be finite.
-      data: pytree of arrays with a common leading example axis (the fixed analysis set).
-      batch_size: examples per batch (memory knob only; clamped to the data set size).
+      data: pytree of arrays with a common leading example axis (the fixed analysis set), or a
+        :class:`hessian_subspace.layout.BatchedData`.
+      batch_size: examples per batch (memory knob only; clamped to the data set size); not
+        needed with a ``BatchedData``.
       precision: matmul precision of the product ("default", "high", "highest", ...);
         None keeps JAX's default. Reported back by ``describe()``.
 
@@ -339,11 +382,25 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: in
     """
     batch_size, precision = _check_operator_args(params, data, batch_size, precision)
     return HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
-                           batch_size=batch_size, precision=precision)
+                           batch_size=batch_size, precision=precision,
+                           param_shardings=_param_shardings(params))
+
+
+def _param_shardings(params: PyTree) -> tuple | None:
+    """The leaves' shardings when the parameters are spread over a mesh of several devices
+    (None otherwise: nothing to keep)."""
+    shardings = [getattr(x, "sharding", None) for x in jax.tree_util.tree_leaves(params)]
+    if not shardings or any(not isinstance(s, jax.sharding.NamedSharding) for s in shardings):
+        return None
+    if all(s.mesh.size == 1 for s in shardings):
+        return None
+    return tuple(shardings)
 
 
 def _check_operator_args(params, data, batch_size, precision):
     """Validates what every data-set operator takes; returns (batch_size, precision)."""
+    if isinstance(data, layout.BatchedData) and batch_size is None:
+        batch_size = data.batch_size
     batch_size = _validate_batch_size(batch_size)
     precision = _check_precision(precision)
     _tree.check_floating("params", params)
@@ -420,7 +477,7 @@ def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTr
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["params", "data", "output_fn", "output_loss"],
-    meta_fields=["batch_size", "precision"],
+    meta_fields=["batch_size", "precision", "param_shardings"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class GGNOperator(_DatasetOperator):
@@ -432,8 +489,9 @@ class GGNOperator(_DatasetOperator):
     data: PyTree
     output_fn: jax.tree_util.Partial
     output_loss: jax.tree_util.Partial
-    batch_size: int
+    batch_size: int | None
     precision: str | None
+    param_shardings: tuple | None = None
 
     curvature: ClassVar[str] = "ggn"
 
@@ -442,7 +500,7 @@ class GGNOperator(_DatasetOperator):
 
 
 def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, data: PyTree, *,
-                batch_size: int, precision: str | None = None) -> GGNOperator:
+                batch_size: int | None = None, precision: str | None = None) -> GGNOperator:
     r"""Returns ``v ↦ G v``, the Gauss-Newton matrix of the **mean** loss over ``data``.
 
     :math:`G v = \sum_j (n_j/n)\, G_j v` with :math:`G_j` the GGN of batch j's mean loss
@@ -473,7 +531,7 @@ def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, da
     batch_size, precision = _check_operator_args(params, data, batch_size, precision)
     return GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
                        output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
-                       precision=precision)
+                       precision=precision, param_shardings=_param_shardings(params))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -482,19 +540,23 @@ def _dataset_value_and_grad(loss_fn, params, data, batch_size):
                         batch_size=batch_size)
 
 
-def dataset_value_and_grad(loss_fn: LossFn, params: PyTree, data: PyTree, *, batch_size: int
-                           ) -> tuple[jax.Array, PyTree]:
+def dataset_value_and_grad(loss_fn: LossFn, params: PyTree, data: PyTree, *,
+                           batch_size: int | None = None) -> tuple[jax.Array, PyTree]:
     """Mean loss and its gradient over the whole data set, batched like :func:`dataset_hvp`.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over a batch.
       params: pytree of floating-point arrays.
-      data: pytree of arrays with a common leading example axis.
-      batch_size: examples per batch.
+      data: pytree of arrays with a common leading example axis, or a ``BatchedData``.
+      batch_size: examples per batch (not needed with a ``BatchedData``).
 
     Returns:
       ``(loss, grad)``: a scalar and a pytree like ``params``.
     """
+    if isinstance(data, layout.BatchedData):
+        batch_size = None if batch_size is None else _validate_batch_size(batch_size)
+        _tree.check_finite("params", params)
+        return _dataset_value_and_grad(as_loss_pytree(loss_fn), params, data, None)
     batch_size = _validate_batch_size(batch_size)
     _tree.check_finite("params", params)
     _num_examples(data)

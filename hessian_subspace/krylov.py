@@ -36,6 +36,7 @@ import numpy as np
 from jax import flatten_util
 
 from hessian_subspace import _linalg, _tree
+from hessian_subspace import sharding as sharding_lib
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -109,15 +110,16 @@ class _State(NamedTuple):
     residual: jax.Array
 
 
-def _recurrence(mv, v0, *, num_steps, reorth, eps, breakdown_factor):
+def _recurrence(mv, v0, *, num_steps, reorth, eps, breakdown_factor, sharding=None):
     """The three-term recurrence with `reorth` full Gram-Schmidt passes; stops at breakdown."""
     p = v0.shape[0]
     dtype = v0.dtype
-    q0 = v0 / jnp.linalg.norm(v0)
+    rows = sharding_lib.basis_sharding(sharding)
+    q0 = _linalg.constrain(v0 / jnp.linalg.norm(v0), sharding)
     zero = jnp.zeros((), dtype)
     init = _State(
         i=jnp.zeros((), jnp.int32),
-        basis=jnp.zeros((num_steps, p), dtype),
+        basis=_linalg.constrain(jnp.zeros((num_steps, p), dtype), rows),
         alphas=jnp.zeros((num_steps,), dtype),
         betas=jnp.zeros((num_steps,), dtype),
         q=q0,
@@ -134,7 +136,7 @@ def _recurrence(mv, v0, *, num_steps, reorth, eps, breakdown_factor):
 
     def body(s: _State):
         i = s.i
-        basis = s.basis.at[i].set(s.q)
+        basis = _linalg.constrain(s.basis.at[i].set(s.q), rows)
         w = mv(s.q)
         nonfinite = ~jnp.all(jnp.isfinite(w))
         w = jnp.where(nonfinite, 0.0, w)
@@ -154,12 +156,13 @@ def _recurrence(mv, v0, *, num_steps, reorth, eps, breakdown_factor):
     return jax.lax.while_loop(cond, body, init)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "reorth", "dtype", "breakdown_factor"))
-def _lanczos_jit(matvec, v0, *, num_steps, reorth, dtype, breakdown_factor):
+@functools.partial(jax.jit, static_argnames=("num_steps", "reorth", "dtype", "breakdown_factor",
+                                             "sharding"))
+def _lanczos_jit(matvec, v0, *, num_steps, reorth, dtype, breakdown_factor, sharding=None):
     mv, like_flat = _tree.flat_matvec(matvec, v0, dtype)
     eps = _linalg.breakdown_eps(like_flat, dtype)
     s = _recurrence(mv, like_flat.astype(dtype), num_steps=num_steps, reorth=reorth, eps=eps,
-                    breakdown_factor=breakdown_factor)
+                    breakdown_factor=breakdown_factor, sharding=sharding)
     valid = jnp.arange(num_steps) < s.i
     nan = jnp.asarray(jnp.nan, dtype)
     poison = lambda x: jnp.where(s.nonfinite, nan, x)  # noqa: E731
@@ -171,7 +174,8 @@ def _lanczos_jit(matvec, v0, *, num_steps, reorth, dtype, breakdown_factor):
 
 
 def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int = 2,
-            dtype=None, breakdown_factor: float = DEFAULT_BREAKDOWN_FACTOR) -> LanczosResult:
+            dtype=None, breakdown_factor: float = DEFAULT_BREAKDOWN_FACTOR,
+            sharding=None) -> LanczosResult:
     r"""Lanczos tridiagonalisation of a symmetric operator from the start vector ``v0``.
 
     One compiled ``lax.while_loop``; ``jax.vmap``-able over ``v0``. Each step costs one
@@ -193,6 +197,10 @@ def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int 
         dtype, so a float32 HVP feeds a float64 Lanczos.
       breakdown_factor: c in the breakdown test, with ε the rounding unit of the coarser of the
         operator's and the recurrence's dtypes.
+      sharding: a ``NamedSharding`` of flat ``(p,)`` vectors: the basis is kept split the same
+        way along p (about ``num_steps * p / devices`` numbers per device). Default: the
+        operator's ``vector_sharding`` (set when its data or parameters are on a mesh), else
+        none.
 
     Returns:
       A :class:`LanczosResult`. If ``matvec`` returns a non-finite value the loop stops and
@@ -213,9 +221,11 @@ def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int 
     num_steps = _tree.check_int("num_steps", num_steps, 1, dim)
     reorthogonalize = _tree.check_int("reorthogonalize", reorthogonalize, 0, 4)
     dtype = _tree.resolve_dtype(dtype, v0)
+    sharding = _linalg.vector_sharding(matvec, sharding)
     with _tree.x64_scope(dtype):
         return _lanczos_jit(matvec, v0, num_steps=num_steps, reorth=reorthogonalize,
-                            dtype=jnp.dtype(dtype), breakdown_factor=float(breakdown_factor))
+                            dtype=jnp.dtype(dtype), breakdown_factor=float(breakdown_factor),
+                            sharding=sharding)
 
 
 def ritz_values(result: LanczosResult) -> tuple[jax.Array, jax.Array]:
@@ -290,20 +300,26 @@ class _BlockState(NamedTuple):
     norm_est: jax.Array  # (); max ||H q|| seen, a lower bound on ||H||.
     done: jax.Array
     nonfinite: jax.Array
+    total: jax.Array  # () int32; blocks applied (matvecs / b), restarts included.
+    restarts: jax.Array  # () int32; thick restarts so far.
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("k", "num_blocks", "block_size", "which", "tol", "reorth", "dtype",
-                     "check_every", "breakdown_factor"),
+                     "check_every", "breakdown_factor", "capacity", "keep", "sharding"),
 )
 def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, dtype,
-             check_every, breakdown_factor):
+             check_every, breakdown_factor, capacity=None, keep=None, sharding=None):
     mv, like_flat = _tree.flat_matvec(matvec, v0, dtype)
+    rows_sharding = sharding_lib.basis_sharding(sharding)
     block_mv = jax.vmap(mv)
     eps = _linalg.breakdown_eps(like_flat, dtype)
     b, p = block_size, like_flat.shape[0]
-    n = num_blocks * b
+    # The basis holds `capacity` blocks; with fewer than `num_blocks` it is thick-restarted
+    # (Wu & Simon 2000) when full, keeping the `keep` wanted Ritz vectors.
+    capacity = num_blocks if capacity is None else capacity
+    n = capacity * b
     blk = jnp.arange(n) // b
 
     start = jnp.concatenate(
@@ -321,11 +337,26 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
         return _linalg.relative_residuals(est, theta[sel], norm, eps)
 
     def cond(s):
-        return (s.j < num_blocks) & ~s.done & ~s.nonfinite
+        return (s.total < num_blocks) & ~s.done & ~s.nonfinite
+
+    def restart(s):
+        """Keep the `keep` wanted Ritz vectors of the full basis: H Y = Y diag(θ) + r sᵀ with r
+        the pending block, so T becomes diag(θ) and the pending block continues from row keep."""
+        theta, vecs, valid = _linalg.ritz(_linalg.symmetric_projection(s.projected, b), n)
+        sel = _linalg.select(theta, valid, keep, which)
+        kept = jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST)  # (keep, p)
+        basis = _linalg.constrain(
+            jnp.zeros_like(s.basis).at[:keep].set(kept), rows_sharding)
+        projected = jnp.zeros_like(s.projected).at[:keep, :keep].set(jnp.diag(theta[sel]))
+        return s._replace(j=jnp.asarray(keep // b, jnp.int32), basis=basis, projected=projected,
+                          restarts=s.restarts + 1)
 
     def body(s):
+        if capacity < num_blocks:
+            s = jax.lax.cond(s.j >= capacity, restart, lambda s: s, s)
         j = s.j
-        basis = jax.lax.dynamic_update_slice_in_dim(s.basis, s.block, j * b, axis=0)
+        basis = _linalg.constrain(
+            jax.lax.dynamic_update_slice_in_dim(s.basis, s.block, j * b, axis=0), rows_sharding)
         w = block_mv(s.block)  # (b, p): H Q_j, one batched matvec.
         nonfinite = ~jnp.all(jnp.isfinite(w))
         w = jnp.where(nonfinite, 0.0, w)
@@ -339,23 +370,27 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
             w = jax.vmap(lambda x: _linalg.orthogonalize(x, basis, reorth - 1))(w)
         threshold = breakdown_factor * eps * norm_est
         block, replaced, coupling = _linalg.block_orthonormalize(
-            w, basis, jax.random.fold_in(key, j + 2), threshold)
+            w, basis, jax.random.fold_in(key, s.total + 2), threshold)
+        block = _linalg.constrain(block, rows_sharding)
         new = _BlockState(j=j + 1, basis=basis, projected=projected, block=block,
                           coupling=coupling, replaced=replaced, norm_est=norm_est,
-                          done=j + 1 >= num_blocks, nonfinite=s.nonfinite | nonfinite)
+                          done=s.total + 1 >= num_blocks, nonfinite=s.nonfinite | nonfinite,
+                          total=s.total + 1, restarts=s.restarts)
         # Never stop right after a refill: an invariant block says nothing about eigenvalues
         # that the basis has not reached yet.
-        due = ((j + 1) * b >= k) & ((j + 1) % check_every == 0) & ~replaced
+        due = ((j + 1) * b >= k) & ((s.total + 1) % check_every == 0) & ~replaced
         converged = jax.lax.cond(due, lambda s: jnp.all(ritz_estimates(s) <= tol),
                                  lambda s: jnp.zeros((), bool), new)
         return new._replace(done=new.done | converged)
 
     init = _BlockState(
-        j=jnp.zeros((), jnp.int32), basis=jnp.zeros((n, p), dtype),
-        projected=jnp.zeros((n, n), dtype), block=first, coupling=jnp.zeros((b, b), dtype),
-        replaced=jnp.zeros((), bool),
+        j=jnp.zeros((), jnp.int32),
+        basis=_linalg.constrain(jnp.zeros((n, p), dtype), rows_sharding),
+        projected=jnp.zeros((n, n), dtype), block=_linalg.constrain(first, rows_sharding),
+        coupling=jnp.zeros((b, b), dtype), replaced=jnp.zeros((), bool),
         norm_est=jnp.zeros((), dtype), done=jnp.zeros((), bool),
-        nonfinite=~jnp.all(jnp.isfinite(first)),
+        nonfinite=~jnp.all(jnp.isfinite(first)), total=jnp.zeros((), jnp.int32),
+        restarts=jnp.zeros((), jnp.int32),
     )
     s = jax.lax.while_loop(cond, body, init)
 
@@ -378,7 +413,7 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
         eigenvectors=jnp.where(s.nonfinite, nan, eigenvectors),
         residuals=jnp.where(s.nonfinite, nan, residuals),
         converged=converged,
-        num_matvecs=s.j * b + k,
+        num_matvecs=s.total * b + k,
     )
 
 
@@ -386,7 +421,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
                    which: str = "LA", tol: float | None = None, block_size: int = 1,
                    reorthogonalize: int = 2, dtype=None, key: jax.Array | None = None,
                    check_every: int | None = None,
-                   breakdown_factor: float = DEFAULT_BREAKDOWN_FACTOR) -> Eigenpairs:
+                   breakdown_factor: float = DEFAULT_BREAKDOWN_FACTOR,
+                   max_basis: int | None = None, sharding=None) -> Eigenpairs:
     r"""The k extreme eigenpairs of a symmetric operator: (block) Lanczos with full
     reorthogonalisation and Rayleigh-Ritz.
 
@@ -411,14 +447,22 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     of the operator's dtype, :math:`\|H\|_{est}`: largest |Ritz value|) and orthogonality to
     the other returned vectors (which catches ghost copies).
 
+    **Memory-bounded (thick restart).** With ``max_basis``, the basis holds at most that many
+    vectors: when it is full, the wanted ``keep`` Ritz vectors (k plus half the spare room) are
+    kept, the projection becomes :math:`\mathrm{diag}(\theta)`, and the pending Lanczos block
+    continues from them (thick-restart Lanczos, Wu & Simon 2000; with the projection recorded
+    explicitly, the arrow part of :math:`T` is filled in by the next products). The explicit
+    residual check is the same.
+
     Args:
       matvec: ``v -> H v`` for symmetric H, on pytrees like ``v0`` or flat arrays.
       v0: start vector (pytree like the params, or flat); see :func:`random_start_vector`.
       k: number of eigenpairs, ``1 <= k < p``.
-      num_steps: maximum Krylov dimension (= matvecs before the k residual checks),
-        ``max(k, block_size) <= num_steps <= p``, rounded down to a multiple of
-        ``block_size``; default :func:`default_num_steps`. The basis holds
-        ``num_steps * p`` numbers.
+      num_steps: maximum number of Krylov matvecs before the k residual checks, rounded down
+        to a multiple of ``block_size``; without ``max_basis`` also the basis size
+        (``max(k, block_size) <= num_steps <= p``; default :func:`default_num_steps`, and the
+        basis holds ``num_steps * p`` numbers); with it, the budget over all restarts (default
+        ``max(default_num_steps, 20 * max_basis)``).
       which: "LA" largest algebraic (the paper's top-k), "SA" smallest algebraic,
         "LM" largest magnitude.
       tol: relative residual tolerance (default :func:`default_tol` of the operator's dtype).
@@ -431,6 +475,11 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
       check_every: blocks between convergence checks (each is an eigh of the
         ``num_steps``-square T); default ``max(1, num_blocks // 32)``.
       breakdown_factor: c in the rank test :math:`\|w\| \le c\,\varepsilon\,\|H\|_{est}`.
+      max_basis: cap on the basis size (vectors), ``k + 2 * block_size <= max_basis <= p``;
+        None: no restart.
+      sharding: a ``NamedSharding`` of flat ``(p,)`` vectors; the basis is split the same way
+        (``max_basis * p / devices`` numbers per device). Default: the operator's
+        ``vector_sharding``.
 
     Returns:
       :class:`Eigenpairs` with ``eigenvalues`` (k,), ``eigenvectors`` (k, p) in
@@ -449,7 +498,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
 
     References:
       Lanczos (1950); Golub & Underwood, "The block Lanczos method for computing eigenvalues"
-      (1977); Gur-Ari, Roberts, Dyer (2018), App. A.
+      (1977); K. Wu, H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
+      problems", SIAM J. Matrix Anal. Appl. 22 (2000); Gur-Ari, Roberts, Dyer (2018), App. A.
     """
     matvec = _tree.as_operator(matvec)
     _linalg.check_start_vector(v0)
@@ -458,26 +508,41 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
         raise ValueError(f"the operator must have dimension >= 2, got {dim}.")
     k = _tree.check_int("k", k, 1, dim - 1)
     block_size = _tree.check_int("block_size", block_size, 1, dim)
+    capacity = keep = None
+    if max_basis is not None:
+        max_basis = _tree.check_int("max_basis", max_basis, k + 2 * block_size, dim)
+        capacity = max_basis // block_size
+        n = capacity * block_size
+        keep = min(n - block_size, k + (n - k) // 2)
+        keep = max(keep - keep % block_size, -(-k // block_size) * block_size)
+        if num_steps is None:
+            num_steps = max(default_num_steps(k, dim, block_size), 20 * max_basis)
+        num_steps = _tree.check_int("num_steps", num_steps, n)
     if num_steps is None:
         num_steps = default_num_steps(k, dim, block_size)
-    num_steps = _tree.check_int("num_steps", num_steps, max(k, block_size), dim)
+    if max_basis is None:
+        num_steps = _tree.check_int("num_steps", num_steps, max(k, block_size), dim)
     num_blocks = num_steps // block_size
     if num_blocks * block_size < k:
         raise ValueError(f"`num_steps` rounded down to a multiple of block_size={block_size} "
                          f"is {num_blocks * block_size} < k={k}.")
+    if capacity is not None and capacity >= num_blocks:
+        capacity = keep = None  # the budget never fills the basis: no restart
     if which not in _linalg.WHICH:
         raise ValueError(f"`which` must be one of {_linalg.WHICH}, got {which!r}.")
     reorthogonalize = _tree.check_int("reorthogonalize", reorthogonalize, 0, 4)
     if check_every is None:
-        check_every = max(1, num_blocks // 32)
+        check_every = max(1, (capacity or num_blocks) // 32)
     check_every = _tree.check_int("check_every", check_every, 1)
     dtype = _tree.resolve_dtype(dtype, v0)
     tol = _linalg.resolve_tol(tol, v0)
+    sharding = _linalg.vector_sharding(matvec, sharding)
     with _tree.x64_scope(dtype):
         key = jax.random.key(1) if key is None else key
         out = _top_jit(matvec, v0, key, k=k, num_blocks=num_blocks, block_size=block_size,
                        which=which, tol=tol, reorth=reorthogonalize, dtype=jnp.dtype(dtype),
-                       check_every=check_every, breakdown_factor=float(breakdown_factor))
+                       check_every=check_every, breakdown_factor=float(breakdown_factor),
+                       capacity=capacity, keep=keep, sharding=sharding)
     if _tree.is_concrete(out) and not np.all(np.isfinite(np.asarray(out.eigenvalues))):
         raise FloatingPointError(
             "`matvec` returned a non-finite value during Lanczos; check the parameters and the "

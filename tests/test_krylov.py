@@ -321,3 +321,59 @@ def test_non_finite_matvec_is_reported_not_propagated():
     assert not bool(inside.converged.any()) and bool(jnp.isnan(inside.eigenvalues).all())
     res = hs.lanczos(bad, jnp.ones(10), 4)
     assert bool(jnp.isnan(res.alphas).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Thick restart: the same eigenpairs with a bounded basis.
+
+
+_RESTART_CASES = {
+    # name: (spectrum, k, which, block size, basis cap)
+    "decaying": (np.r_[10.0, 8.0, 7.0, 6.5, 6.0, np.linspace(0.0, 5.0, 295)], 5, "LA", 1, 9),
+    "clustered": (np.r_[[5.0] * 4, np.linspace(0.0, 4.5, 196)], 4, "LA", 4, 16),
+    "negative": (np.r_[np.linspace(-3.0, 1.0, 150), 2.0, 2.5], 3, "SA", 1, 12),
+    "magnitude": (np.r_[-9.0, 8.0, np.linspace(-2.0, 2.0, 120)], 2, "LM", 1, 6),
+    "low_rank": (np.r_[[3.0, 2.0, 1.0], np.zeros(97)], 3, "LA", 1, 7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_RESTART_CASES))
+def test_restarted_solver_matches_dense_eigh_and_the_unrestarted_one(name):
+    lam, k, which, b, cap = _RESTART_CASES[name]
+    with jax.enable_x64(True):
+        a, _ = matrix_with_spectrum(lam, seed=3)
+        a = jnp.asarray(a)
+        w, v = top_subspace(a, k, which)
+        v0 = hs.random_start_vector(jax.random.key(0), jnp.zeros(lam.size))
+        full = hs.top_eigenpairs(lambda x: a @ x, v0, k, which=which, tol=1e-9, block_size=b,
+                                 num_steps=min(lam.size, 200))
+        capped = hs.top_eigenpairs(lambda x: a @ x, v0, k, which=which, tol=1e-9, block_size=b,
+                                   max_basis=cap, num_steps=3000)
+    for res in (full, capped):
+        assert bool(res.converged.all()), name
+        np.testing.assert_allclose(res.eigenvalues, w, rtol=1e-9, atol=1e-9)
+        assert np.max(np.abs(projector(res.eigenvectors) - projector(v))) < 1e-6
+    # A basis of `cap` vectors instead of up to 200, for more matvecs (reported honestly).
+    assert int(capped.num_matvecs) > 0 and int(full.num_matvecs) > 0
+
+
+def test_restarted_solver_on_an_mlp_hessian_and_its_argument_checks():
+    model = models.MLP(hidden=(8,), num_outputs=3)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.normal(size=(64, 5)), "y": rng.integers(0, 3, 64)}
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64),
+                                        models.init_params(model, jax.random.key(0),
+                                                           data["x"][:1]))
+        loss = tasks.cross_entropy_loss(model)
+        op = hs.dataset_hvp(loss, params, data, batch_size=16)
+        h = np.asarray(hs.dense_hessian(loss, params, data))
+        v0 = hs.random_start_vector(jax.random.key(1), params)
+        res = hs.top_eigenpairs(op, v0, 6, tol=1e-8, max_basis=14, num_steps=2000)
+    w, v = top_subspace(h, 6)
+    assert bool(res.converged.all())
+    np.testing.assert_allclose(res.eigenvalues, w, rtol=1e-8)
+    with pytest.raises(ValueError, match="max_basis"):
+        hs.top_eigenpairs(op, v0, 6, max_basis=7)  # needs k + 2 block sizes
+    with pytest.raises(ValueError, match="num_steps"):
+        hs.top_eigenpairs(op, v0, 6, max_basis=14, num_steps=10)  # budget below the basis

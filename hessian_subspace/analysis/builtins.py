@@ -28,7 +28,6 @@ state) as inputs, so the checkpoints of one run share compiled programs.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -37,7 +36,7 @@ import numpy as np
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace import _tree, curvature, metrics
+from hessian_subspace import _tree, curvature, krylov, metrics
 from hessian_subspace.analysis.transforms import Stored, Transform
 
 PyTree = Any
@@ -70,9 +69,9 @@ def _flat(tree: PyTree) -> jax.Array:
 # Loss, accuracy and the gradient.
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _data_metrics(metrics_fn, params: PyTree, data: PyTree, *, batch_size: int) -> dict:
-    return curvature.dataset_mean(lambda b: metrics_fn(params, b), data, batch_size=batch_size)
+@jax.jit
+def _data_metrics(metrics_fn, params: PyTree, batches) -> dict:
+    return curvature.dataset_mean(lambda b: metrics_fn(params, b), batches)
 
 
 def loss(metrics_fn: Callable | None = None, *, name: str = "loss") -> Transform:
@@ -95,11 +94,10 @@ def loss(metrics_fn: Callable | None = None, *, name: str = "loss") -> Transform
         else:
             fn = ctx.bind(metrics_fn)
         out = {}
-        for prefix, data in (("train", ctx["data"]), ("test", ctx["test_data"])):
-            if data is None:
+        for prefix, batches in (("train", ctx["batches"]), ("test", ctx["test_batches"])):
+            if batches is None:
                 continue
-            values = _data_metrics(fn, ctx["params"], data,
-                                   batch_size=min(ctx["batch_size"], _num_examples(data)))
+            values = _data_metrics(fn, ctx["params"], batches)
             out.update({f"{prefix}_{k}": float(v) for k, v in values.items()})
         return out, state
 
@@ -119,10 +117,10 @@ def _num_examples(data: PyTree) -> int:
     return int(np.shape(jax.tree_util.tree_leaves(data)[0])[0])
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _value_and_grad(loss_fn, params, data, *, batch_size):
-    value, grad = curvature.dataset_mean(lambda b: jax.value_and_grad(loss_fn)(params, b), data,
-                                         batch_size=batch_size)
+@jax.jit
+def _value_and_grad(loss_fn, params, batches):
+    value, grad = curvature.dataset_mean(lambda b: jax.value_and_grad(loss_fn)(params, b),
+                                         batches)
     return value, grad, jnp.linalg.norm(_flat(grad))
 
 
@@ -136,9 +134,7 @@ def gradient(*, name: str = "gradient") -> Transform:
 
     def update(ctx, state):
         op = ctx["operator"]
-        data = ctx["data"]
-        _, grad, norm = _value_and_grad(ctx["loss_fn"], ctx["params"], data,
-                                        batch_size=min(ctx["batch_size"], _num_examples(data)))
+        _, grad, norm = _value_and_grad(ctx["loss_fn"], ctx["params"], ctx["batches"])
         out = {"gradient": grad, "grad_norm": float(norm)}
         if not np.isfinite(out["grad_norm"]):
             raise FloatingPointError("the full-data gradient is not finite")
@@ -188,7 +184,8 @@ def _cap(num_steps: int | None, num: int, dim: int) -> int | None:
 def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                block_size: int = 1, warm_start: bool = True, tracker: bool = False,
                tracker_blocks: int = 4, curvature_name: str | None = None,
-               block: Any = "default", name: str = "eigenpairs") -> Transform:
+               block: Any = "default", max_basis: int | None = None,
+               name: str = "eigenpairs") -> Transform:
     """The top-k eigenpairs of the curvature operator (:func:`hessian_subspace.top_eigenpairs`),
     with explicit residuals and converged flags.
 
@@ -212,6 +209,10 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
         (``tracker_blocks`` blocks), Lanczos when it does not converge.
       curvature_name: "hessian" or "ggn" (None: the analyzer's operator).
       block: leaf-path prefixes of a diagonal block (default: the analyzer's).
+      max_basis: cap on the Krylov basis (vectors): thick-restarted Lanczos
+        (:func:`hessian_subspace.top_eigenpairs`). Default: none, unless the analyzer's
+        ``memory_budget`` (bytes per device) is smaller than the unrestarted basis, in which
+        case the basis is capped to fit it (recorded as ``max_basis``).
       name: the transform's name and context entry (other names store in ``NAME_bases/``).
     """
     k = _positive_int("k", k)
@@ -223,6 +224,8 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
         num_steps = _positive_int("num_steps", num_steps)
     if tracker and not warm_start:
         raise ValueError("`tracker` needs `warm_start`")
+    if max_basis is not None:
+        max_basis = _positive_int("max_basis", max_basis, k + 2)
     folder = bases_folder(name)
 
     def init(ctx):
@@ -249,9 +252,13 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                 eig = tracked
         if eig is None:
             v0 = warm_start_vector(key, prev_basis, op.like)
-            eig = hs.top_eigenpairs(op, v0, num, num_steps=_cap(num_steps, num, op.dim), tol=tol,
-                                    block_size=block_size, key=key)
+            cap = _basis_cap(ctx, op, num, num_steps, block_size, max_basis)
+            steps = _cap(num_steps, num, op.dim) if cap is None else num_steps
+            eig = hs.top_eigenpairs(op, v0, num, num_steps=steps, tol=tol, block_size=block_size,
+                                    key=key, max_basis=cap)
             ctx.count_hvps(int(eig.num_matvecs))
+            if cap is not None:
+                out[_key(name, "max_basis")] = cap
         values = np.asarray(eig.eigenvalues, np.float64)
         out.update({
             name: eig, _key(name, "eigenvalues"): values,
@@ -271,6 +278,31 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                                  warm_start=warm_start, tracker=tracker,
                                  tracker_blocks=tracker_blocks, curvature=curvature_name,
                                  block=block))
+
+
+def _basis_cap(ctx, op, num: int, num_steps: int | None, block_size: int,
+               max_basis: int | None) -> int | None:
+    """The basis cap: ``max_basis``, or what fits the analyzer's memory budget when the
+    unrestarted basis would not (None: no restart)."""
+    if max_basis is not None:
+        return min(max_basis, op.dim)
+    budget = ctx["memory_budget"] if "memory_budget" in ctx else None
+    if budget is None:
+        return None
+    mesh = ctx["mesh"] if "mesh" in ctx else None
+    devices = 1 if mesh is None else mesh.size
+    itemsize = np.dtype(_dtype_of(op.like)).itemsize
+    per_vector = itemsize * op.dim / devices
+    full = _cap(num_steps, num, op.dim) or krylov.default_num_steps(num, op.dim, block_size)
+    if full * per_vector <= budget:
+        return None
+    fits = int(budget // per_vector)
+    if fits < num + 2 * block_size:
+        raise ValueError(
+            f"`memory_budget` {budget:.3g} bytes holds {fits} Krylov vectors of {op.dim} "
+            f"parameters over {devices} devices; {num} eigenpairs need at least "
+            f"{num + 2 * block_size}")
+    return fits
 
 
 def _key(name: str, field: str) -> str:

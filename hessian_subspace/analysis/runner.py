@@ -29,7 +29,8 @@ import numpy as np
 from absl import logging
 
 import hessian_subspace as hs
-from hessian_subspace import _tree, curvature
+from hessian_subspace import _tree, curvature, layout
+from hessian_subspace import sharding as sharding_lib
 from hessian_subspace.analysis import context as context_lib
 from hessian_subspace.analysis import sources as sources_lib
 from hessian_subspace.analysis import store as store_lib
@@ -112,6 +113,16 @@ class Analyzer:
       retry_failed: checkpoints whose record says "failed" are analysed again (default); False
         skips them like finished ones.
       progress: log a line per checkpoint and show a progress bar in :meth:`run`.
+      mesh: a device mesh (:func:`hessian_subspace.sharding.parse_mesh`; None: the default
+        device). The analysis set is laid out over its ``data_axes``
+        (:func:`hessian_subspace.batch_data`: each device computes on its own examples), and
+        the Krylov bases are split over all its devices.
+      data_axes: the mesh axes that split examples.
+      param_sharding: where the parameters go on the mesh: a function ``params -> shardings``
+        (e.g. ``functools.partial(sharding.fsdp_shardings, mesh=mesh)``) or None: parameters
+        that already live on the mesh keep their sharding, others are replicated.
+      memory_budget: bytes per device for a Krylov basis; an eigensolve whose unrestarted basis
+        would not fit runs thick-restarted with the basis that fits (None: no limit).
 
     Example::
 
@@ -133,7 +144,8 @@ class Analyzer:
                  precision: str | None = None, seed: int = 0, every_steps: int | None = None,
                  on_steps: Iterable[int] = (), writers: Sequence[Any] = (),
                  record_fields: Mapping[str, Any] | None = None, retry_failed: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, mesh=None, data_axes: Sequence[str] | str = ("data",),
+                 param_sharding: Callable | None = None, memory_budget: float | None = None):
         # Everything is checked before anything is written.
         if isinstance(transforms, Transform):
             transforms = chain(transforms)
@@ -182,9 +194,23 @@ class Analyzer:
         self.writers = tuple(writers_lib.as_writer(w) for w in writers)
         self.record_fields = dict(record_fields or {})
         self.retry_failed, self.progress = bool(retry_failed), bool(progress)
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"`mesh` must be a jax.sharding.Mesh (see "
+                            f"hessian_subspace.sharding.parse_mesh), got {type(mesh).__name__}")
+        self.mesh = mesh
+        self.data_axes = (sharding_lib.data_axes(mesh, data_axes) if mesh is not None
+                          else tuple([data_axes] if isinstance(data_axes, str) else data_axes))
+        if param_sharding is not None and not callable(param_sharding):
+            raise TypeError("`param_sharding` must be a function params -> shardings")
+        self.param_sharding = param_sharding
+        if memory_budget is not None and not float(memory_budget) > 0:
+            raise ValueError(f"`memory_budget` must be > 0 bytes, got {memory_budget!r}")
+        self.memory_budget = None if memory_budget is None else float(memory_budget)
+        self.data = self._host("data", data)
+        self.test_data = None if test_data is None else self._host("test_data", test_data)
         with self._scope():
-            self.data = self._device("data", data)
-            self.test_data = None if test_data is None else self._device("test_data", test_data)
+            self.batches = self._lay_out(self.data)
+            self.test_batches = None if test_data is None else self._lay_out(self.test_data)
         self.settings = self._describe(data)
         self.store = (store_lib.MemoryStore() if results_dir is None
                       else store_lib.ResultStore(results_dir))
@@ -198,7 +224,8 @@ class Analyzer:
     def _scope(self):
         return _tree.x64_scope(self._jdtype)
 
-    def _device(self, name: str, data: PyTree) -> PyTree:
+    def _host(self, name: str, data: PyTree) -> PyTree:
+        """The data set as host arrays in the analysis dtype (checked)."""
         leaves = jax.tree_util.tree_leaves(data)
         if not leaves:
             raise ValueError(f"`{name}` is empty; it must be a pytree of arrays with a leading "
@@ -207,11 +234,37 @@ class Analyzer:
         if None in sizes or len(sizes) != 1 or 0 in sizes:
             raise ValueError(f"every leaf of `{name}` needs the same leading example axis (>= 1 "
                              f"example); got leading sizes {sorted(map(str, sizes))}")
-        return jax.tree_util.tree_map(self._cast, data)
+        dtype = np.float64 if self.dtype == "float64" else np.float32
+
+        def cast(x):
+            x = np.asarray(x)
+            return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+
+        return jax.tree_util.tree_map(cast, data)
+
+    def _lay_out(self, data: PyTree):
+        return layout.batch_data(data, batch_size=self.batch_size, mesh=self.mesh,
+                                 axes=self.data_axes)
 
     def _cast(self, x):
         x = jnp.asarray(x)
         return x.astype(self._jdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def _place(self, params: PyTree) -> PyTree:
+        """Parameters cast to the analysis dtype and placed on the mesh."""
+        params = jax.tree_util.tree_map(self._cast, params)
+        if self.mesh is None:
+            return params
+        if self.param_sharding is not None:
+            return jax.device_put(params, self.param_sharding(params))
+        replicated = sharding_lib.replicated(self.mesh)
+
+        def place(x):
+            s = getattr(x, "sharding", None)
+            on_mesh = isinstance(s, jax.sharding.NamedSharding) and s.mesh == self.mesh
+            return x if on_mesh else jax.device_put(x, replicated)
+
+        return jax.tree_util.tree_map(place, params)
 
     def _describe(self, data: PyTree) -> dict:
         return dict(
@@ -219,7 +272,8 @@ class Analyzer:
             analyzer=dict(batch_size=self.batch_size, dtype=self.dtype,
                           precision=self.precision, seed=self.seed, curvature=self.curvature,
                           block=list(self.block) if self.block else None,
-                          loss_fn=_name(self.loss_fn), output_fn=_name(self.output_fn)),
+                          loss_fn=_name(self.loss_fn), output_fn=_name(self.output_fn),
+                          memory_budget=self.memory_budget),
             data=_fingerprint(data))
 
     @property
@@ -308,8 +362,8 @@ class Analyzer:
             name = curvature_name or self.curvature
             block = self.block if block == "default" else _check_block(block)
             if name == "hessian":
-                op = curvature.dataset_hvp(bound_loss, params, self.data,
-                                           batch_size=self.batch_size, precision=self.precision)
+                op = curvature.dataset_hvp(bound_loss, params, self.batches,
+                                           precision=self.precision)
             elif name == "ggn":
                 output_fn = output_fn or self.output_fn
                 output_loss = output_loss or self.output_loss
@@ -317,8 +371,7 @@ class Analyzer:
                     raise ValueError("the Gauss-Newton matrix needs `output_fn` and "
                                      "`output_loss` (give them to the Analyzer or to ggn())")
                 op = curvature.dataset_ggn(bind(output_fn), curvature.as_loss_pytree(
-                    output_loss), params, self.data, batch_size=self.batch_size,
-                    precision=self.precision)
+                    output_loss), params, self.batches, precision=self.precision)
             else:
                 raise ValueError(f"`curvature` must be one of {CURVATURES}, got {name!r}")
             return op if block is None else hs.restrict(op, list(block))
@@ -344,16 +397,20 @@ class Analyzer:
         return treedef.unflatten([saved[f"leaf_{i}"] for i in range(len(leaves))])
 
     def _compute(self, step: int, params: PyTree, state: PyTree):
-        params = jax.tree_util.tree_map(self._cast, params)
+        params = self._place(params)
         if state is not None:
             state = jax.tree_util.tree_map(self._cast, state)
+            if self.mesh is not None:
+                state = jax.device_put(state, sharding_lib.replicated(self.mesh))
         bind = context_lib.default_bind(state)
         bound_loss = bind(self.loss_fn)
         make_operator = self._make_operator(params, bound_loss, bind)
         operator = make_operator()
         entries = dict(
             params=params, state=state, loss_fn=bound_loss, data=self.data,
-            test_data=self.test_data, batch_size=self.batch_size, operator=operator,
+            test_data=self.test_data, batches=self.batches, test_batches=self.test_batches,
+            batch_size=self.batch_size, operator=operator, mesh=self.mesh,
+            memory_budget=self.memory_budget,
             dtype=self.dtype, precision=self.precision, seed=self.seed,
             output_fn=None if self.output_fn is None else bind(self.output_fn),
             output_loss=None if self.output_loss is None else curvature.as_loss_pytree(

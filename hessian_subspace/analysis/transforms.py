@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 PyTree = Any
 
 # What the analyzer puts in every context before the first transform runs.
-BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batch_size",
-                "operator", "dtype", "precision", "seed", "output_fn", "output_loss")
+BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batches",
+                "test_batches", "batch_size", "operator", "dtype", "precision", "seed",
+                "output_fn", "output_loss", "mesh", "memory_budget")
 
 
 class Stored(dict):
