@@ -4,7 +4,8 @@ Jitted Hessian-vector products, a jitted Lanczos eigensolver and the metrics of
 Gur-Ari, Roberts & Dyer, "Gradient Descent Happens in a Tiny Subspace" (arXiv:1812.04754).
 
 The package root is the pure numerical core (JAX and NumPy only): :mod:`curvature`,
-:mod:`blocks`, :mod:`krylov`, :mod:`tracking`, :mod:`spectrum`, :mod:`metrics`. The
+:mod:`blocks`, :mod:`krylov`, :mod:`tracking`, :mod:`spectrum`, :mod:`metrics`, and for device
+meshes :mod:`sharding` and :mod:`layout`. The
 subpackages build on it: :mod:`hessian_subspace.analysis` (the metric pipeline: checkpoints
 through composable transforms into result files), :mod:`hessian_subspace.training` (optax
 training loop, orbax checkpoints, optimisers in the top subspace) and
@@ -15,7 +16,9 @@ explicitly: ``from hessian_subspace import analysis``.
 from hessian_subspace import blocks as blocks
 from hessian_subspace import curvature as curvature
 from hessian_subspace import krylov as krylov
+from hessian_subspace import layout as layout
 from hessian_subspace import metrics as metrics
+from hessian_subspace import sharding as sharding
 from hessian_subspace import spectrum as spectrum
 from hessian_subspace import tracking as tracking
 from hessian_subspace.blocks import RestrictedOperator as RestrictedOperator
@@ -37,6 +40,8 @@ from hessian_subspace.krylov import lanczos as lanczos
 from hessian_subspace.krylov import random_start_vector as random_start_vector
 from hessian_subspace.krylov import ritz_values as ritz_values
 from hessian_subspace.krylov import top_eigenpairs as top_eigenpairs
+from hessian_subspace.layout import BatchedData as BatchedData
+from hessian_subspace.layout import batch_data as batch_data
 from hessian_subspace.metrics import SubspaceErrorBound as SubspaceErrorBound
 from hessian_subspace.metrics import eigenvector_overlaps as eigenvector_overlaps
 from hessian_subspace.metrics import gradient_fraction as gradient_fraction
