@@ -51,6 +51,17 @@ def check_floating(name: str, tree: PyTree) -> None:
             raise ValueError(f"`{name}` must hold floating-point arrays, got dtype {dtype}.")
 
 
+def to_host(x) -> np.ndarray:
+    """``x`` as a numpy array on this host, also when it lives on devices of several processes
+    (a fully replicated array is read from a local copy; a split one is gathered)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def tree_size(tree: PyTree) -> int:
     """Total number of scalars in `tree`."""
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))

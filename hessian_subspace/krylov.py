@@ -398,6 +398,8 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
     sel = _linalg.select(theta, valid, k, which)
     eigenvalues = theta[sel]
     eigenvectors = jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST)
+    if sharding is not None:  # k vectors, whole on every device (readable by every process)
+        eigenvectors = _linalg.constrain(eigenvectors, sharding_lib.replicated(sharding.mesh))
     h_vectors = block_mv(eigenvectors) if k == b else jax.vmap(mv)(eigenvectors)
     residuals = jnp.linalg.norm(h_vectors - eigenvalues[:, None] * eigenvectors, axis=1)
     norm = jnp.max(jnp.where(valid, jnp.abs(theta), 0.0))

@@ -7,6 +7,14 @@ r"""Stream a training run's checkpoints through the metric pipeline into result 
 
 Restarting with the same arguments skips every checkpoint that already has a record. The
 checkpoint directory is only read. One line per checkpoint: time spent, HVPs used, metrics.
+
+On a device mesh (examples over 'data', parameters FSDP over 'model'), and over several
+processes (run one command per process; the results directory must be shared, process 0
+writes it):
+
+  python -m launch.analyze --workdir=runs/fc --mesh=data:4,model:2
+  python -m launch.analyze --workdir=runs/fc --mesh=data:4 \
+      --coordinator_address=localhost:12355 --num_processes=2 --process_id=0   # and =1
 """
 
 import os
@@ -15,6 +23,7 @@ from absl import app, flags, logging
 
 from hessian_subspace.analysis import presets
 from hessian_subspace.paper import experiment
+from launch import _runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
@@ -44,6 +53,8 @@ flags.DEFINE_list("block", None, "Only these parameter leaves (path prefixes, e.
 flags.DEFINE_bool("next_bound", False, "One more Ritz pair: error bars on next-k quantities.")
 flags.DEFINE_bool("tracker", False, "Warm start by block Krylov from the previous basis.")
 flags.DEFINE_bool("retry_failed", True, "Analyse again checkpoints whose record says failed.")
+flags.DEFINE_float("memory_budget", None, "Bytes per device for a Krylov basis (thick-restarted "
+                   "Lanczos when the unrestarted basis would not fit).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
 flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
@@ -52,6 +63,7 @@ flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
+    _runtime.check_flags()
     ints = lambda xs: tuple(int(x) for x in xs or ())  # noqa: E731
     settings = presets.Settings(
         transforms=tuple(FLAGS.transforms), k=FLAGS.k, lanczos_steps=FLAGS.lanczos_steps,
@@ -61,14 +73,15 @@ def main(argv):
         slq_steps=ints(FLAGS.slq_steps), dense_steps=ints(FLAGS.dense_steps),
         curvature=FLAGS.curvature, also_ggn=FLAGS.also_ggn,
         block=tuple(FLAGS.block) if FLAGS.block else None, next_bound=FLAGS.next_bound,
-        tracker=FLAGS.tracker)
+        tracker=FLAGS.tracker, memory_budget=FLAGS.memory_budget)
+    mesh = _runtime.initialize()
     results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
     records = experiment.analyze_run(
         FLAGS.workdir, results, settings=settings,
         steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
         poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
         num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics,
-        retry_failed=FLAGS.retry_failed, progress=FLAGS.progress)
+        retry_failed=FLAGS.retry_failed, progress=FLAGS.progress, mesh=mesh)
     failed = [r["step"] for r in records if r.get("status") == "failed"]
     logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
                  len(failed), failed)

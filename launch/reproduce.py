@@ -16,6 +16,7 @@ from absl import app, flags, logging
 
 from hessian_subspace import _io
 from hessian_subspace.paper import reproduce, summaries
+from launch import _runtime
 from launch.configs import paper
 
 FLAGS = flags.FLAGS
@@ -38,10 +39,15 @@ def main(argv):
             print(f"{name:28s} {paper.get_config(name).description}")
         return
     names = sorted(paper.EXPERIMENTS) if FLAGS.experiment == ["all"] else FLAGS.experiment
+    if FLAGS.coordinator_address is not None:
+        raise ValueError("--coordinator_address: experiments train, which is single-host; train "
+                         "with launch.train and analyse on several hosts with launch.analyze")
+    mesh = _runtime.initialize() if FLAGS.mesh else None
     for name in names:
         summary = reproduce.run_experiment(
             paper.get_config(name), FLAGS.root, dataset=FLAGS.dataset, smoke_size=FLAGS.smoke,
-            num_analysis=FLAGS.num_analysis, only_runs=FLAGS.runs, progress=FLAGS.progress)
+            num_analysis=FLAGS.num_analysis, only_runs=FLAGS.runs, progress=FLAGS.progress,
+            mesh=mesh)
         text = summaries.summary_markdown(summary)
         _io.write_text(os.path.join(FLAGS.root, name, "summary.md"), text)
         print(text)

@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hessian_subspace.paper import experiment
+from launch import _runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -21,8 +22,10 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
+    mesh = _runtime.initialize()
     logging.info("JAX devices: %s", jax.devices())
-    experiment.train_from_config(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    experiment.train_from_config(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
+                                 mesh=mesh if FLAGS.mesh else None)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ class Settings:
     # on FC-net Hessians it needed more HVPs than a warm-started Lanczos (BUILD_NOTES, issue 6).
     tracker: bool = False
     tracker_blocks: int = 4
+    # Bytes per device for a Krylov basis; a solve that would exceed it is thick-restarted.
+    memory_budget: float | None = None
 
     def __post_init__(self):
         for name in ("transforms", "reference_steps", "slq_steps", "dense_steps"):
@@ -139,4 +141,4 @@ def analyzer_options(settings: Settings) -> dict:
     """The :class:`~hessian_subspace.analysis.Analyzer` keyword arguments of ``settings``."""
     return dict(batch_size=settings.batch_size, dtype=settings.dtype,
                 precision=settings.precision, seed=settings.seed, curvature=settings.curvature,
-                block=settings.block)
+                block=settings.block, memory_budget=settings.memory_budget)

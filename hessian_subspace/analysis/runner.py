@@ -212,8 +212,10 @@ class Analyzer:
             self.batches = self._lay_out(self.data)
             self.test_batches = None if test_data is None else self._lay_out(self.test_data)
         self.settings = self._describe(data)
+        # In a multi-process analysis every process computes every record; process 0 writes.
         self.store = (store_lib.MemoryStore() if results_dir is None
-                      else store_lib.ResultStore(results_dir))
+                      else store_lib.ResultStore(results_dir,
+                                                 writer=jax.process_index() == 0))
         self.store.check_settings(self.settings)  # read-only: refuse a directory of others
         for problem in self.store.check():
             logging.warning("results store: %s", problem)
@@ -324,9 +326,7 @@ class Analyzer:
         self._check_state_arg(state)
         start = time.perf_counter()
         _tree.check_floating("params", params)
-        bad = sum(int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
-                  for x in jax.tree_util.tree_leaves((params, state))
-                  if np.issubdtype(np.asarray(x).dtype, np.inexact))
+        bad = int(_count_nonfinite((params, state)))
         if bad:
             return self.fail(step, f"{bad} non-finite values in the parameters or model state")
         try:
@@ -420,7 +420,7 @@ class Analyzer:
                                   stored_steps=self.store.stored_steps, bind=bind)
         states = self._chain_state(step, ctx)
         record: dict[str, Any] = dict(
-            step=step, status="ok", dtype=self.dtype,
+            step=step, status="ok", dtype=self.dtype, processes=jax.process_count(),
             precision=dict(hvp_matmul=self.precision or "default", lanczos=self.dtype,
                            inner_products="highest"),
             versions=_versions(), **self.record_fields)
@@ -443,7 +443,7 @@ class Analyzer:
                     if clash:
                         raise ValueError(f"transform {t.name!r} stores {sorted(clash)} in "
                                          f"{key!r}, which an earlier transform stored already")
-                    arrays.update({k: np.asarray(v) for k, v in value.items()})
+                    arrays.update({k: _tree.to_host(v) for k, v in value.items()})
                     ctx._pending[key] = arrays
                     continue
                 if key in t.context_only:
@@ -562,8 +562,17 @@ def _recordable(transform: str, key: str, value: Any) -> Any:
         raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
                          "return it as analysis.Stored(...) or list it in `context_only`")
     if isinstance(value, jax.Array) or hasattr(value, "__array__"):
-        return np.asarray(value)
-    return value
+        return _tree.to_host(value)
+    return jax.tree_util.tree_map(
+        lambda x: _tree.to_host(x) if isinstance(x, jax.Array) else x, value)
+
+
+
+@jax.jit
+def _count_nonfinite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return sum((jnp.size(x) - jnp.sum(jnp.isfinite(x))) for x in leaves) if leaves else 0
 
 
 def _summary(record: dict) -> str:

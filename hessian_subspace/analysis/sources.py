@@ -103,8 +103,10 @@ def conform(tree: PyTree, like: PyTree, what: str) -> PyTree:
             raise CheckpointError(f"{what} leaf {name!r} has shape {tuple(np.shape(leaf))}, "
                                   f"`like` has {shape}")
         dtype = np.dtype(ref.dtype if hasattr(ref, "dtype") else np.result_type(ref))
-        if np.issubdtype(dtype, np.inexact) and np.asarray(leaf).dtype != dtype:
-            leaf = np.asarray(leaf).astype(dtype)
+        have = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf))
+        if np.issubdtype(dtype, np.inexact) and have != dtype:
+            leaf = leaf.astype(dtype) if isinstance(leaf, jax.Array) else \
+                np.asarray(leaf).astype(dtype)
         out.append(leaf)
     return treedef.unflatten(out)
 
@@ -148,7 +150,7 @@ class OrbaxCheckpoints:
                  select: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None,
                  meta_item: str | None = None,
                  verify: Callable[[dict, PyTree, PyTree], None] | None = None,
-                 final_step: int | None = None):
+                 final_step: int | None = None, exact: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
         if select is not None and not callable(select):
             raise TypeError(f"`select` must be callable, got {type(select).__name__}")
@@ -166,6 +168,9 @@ class OrbaxCheckpoints:
         self.params_key, self.state_key = params_key, state_key
         self.select, self.meta_item, self.verify = select, meta_item, verify
         self.final_step = final_step
+        # The item holds exactly `like` (and `state_like`) at the keys: restore with them as
+        # the target, so that arrays land on their shardings (orbax's multi-host path).
+        self.exact = bool(exact) and like is not None and select is None
 
     def steps(self) -> list[int]:
         if not os.path.isdir(self.directory):
@@ -187,7 +192,7 @@ class OrbaxCheckpoints:
             try:
                 if self.item is None and self.meta_item is None:
                     return manager.restore(step, args=ocp.args.StandardRestore()), None, {}
-                items = {self.item: ocp.args.StandardRestore()}
+                items = {self.item: ocp.args.StandardRestore(self._target())}
                 if self.state_item is not None:
                     items[self.state_item] = ocp.args.StandardRestore()
                 if self.meta_item is not None:
@@ -212,6 +217,27 @@ class OrbaxCheckpoints:
                                   f"{type(e).__name__}: {first}") from e
         finally:
             manager.close()
+
+    def _target(self):
+        """The abstract restore target of the item (None: restore what is there)."""
+        if not self.exact or self.item is None:
+            return None
+        import orbax.checkpoint as ocp
+
+        def abstract(tree):
+            return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+        if self.params_key is None:
+            return abstract(self.like)
+        if not isinstance(self.params_key, str) or "/" in self.params_key or (
+                self.state_key is not None and not isinstance(self.state_key, str)):
+            return None
+        target = {self.params_key: abstract(self.like)}
+        if self.state_key is not None:
+            if self.state_like is None:
+                return None
+            target[self.state_key] = abstract(self.state_like)
+        return target
 
     def load(self, step: int) -> tuple[PyTree, PyTree | None]:
         """``(params, state)`` of ``step``; raises :class:`CheckpointError`."""

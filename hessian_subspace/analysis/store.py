@@ -87,11 +87,16 @@ class ResultStore(_Records):
 
     Args:
       directory: the results directory (created at the first write).
+      writer: whether this process writes (in a multi-process analysis only process 0 does;
+        the others read the same directory, which must be shared, and keep what this session
+        computed in memory, so that every process takes the same decisions).
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, writer: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
+        self.writer = bool(writer)
         self._index: dict[int, dict] | None = None
+        self._session: dict[tuple[str, int], dict] = {}
 
     # ---- paths -----------------------------------------------------------------------------
 
@@ -145,6 +150,8 @@ class ResultStore(_Records):
           CorruptFile: the file cannot be read; it is moved to ``quarantine/`` (and at the next
             :meth:`check` its step is recomputed).
         """
+        if (folder, int(step)) in self._session:
+            return self._session[(folder, int(step))]
         record = self.index.get(int(step))
         if record is None or folder not in record.get("files", {}):
             return None
@@ -161,6 +168,9 @@ class ResultStore(_Records):
         """Moves ``path`` to ``quarantine/`` (keeping its relative path, with a time stamp) and
         logs why; returns the new path (None if the file is gone)."""
         if not os.path.exists(path):
+            return None
+        if not self.writer:  # process 0 moves it; this one only stops trusting it
+            logging.warning("%s: %s", path, reason)
             return None
         rel = os.path.relpath(path, self.directory)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -221,6 +231,8 @@ class ResultStore(_Records):
         return "".join(json.dumps(r) + "\n" for r in self.records())
 
     def _sync_jsonl(self) -> None:
+        if not self.writer:
+            return
         path = os.path.join(self.directory, JSONL)
         text = self._jsonl_text()
         try:
@@ -240,13 +252,19 @@ class ResultStore(_Records):
         files = {}
         for folder, arrays in stored.items():
             path = self.file_path(folder, step)
+            if not self.writer:
+                self._session[(folder, int(step))] = {k: np.asarray(v) for k, v in
+                                                      arrays.items()}
+                files[folder] = dict(path=os.path.relpath(path, self.directory))
+                continue
             _io.write_npz(path, arrays)
             files[folder] = dict(path=os.path.relpath(path, self.directory),
                                  bytes=os.path.getsize(path), sha256=_io.sha256(path))
         if files:
             record["files"] = files
         record = _io.to_jsonable(record)
-        _io.write_json(self.record_path(step), record)
+        if self.writer:
+            _io.write_json(self.record_path(step), record)
         self.index[int(step)] = record
         self._sync_jsonl()
         return record
@@ -276,7 +294,7 @@ class ResultStore(_Records):
                 f"{os.path.join(self.directory, SETTINGS)}); use another results directory")
 
     def write_settings(self, settings: dict) -> None:
-        if self.read_settings() is None:
+        if self.writer and self.read_settings() is None:
             _io.write_json(os.path.join(self.directory, SETTINGS), settings)
 
 

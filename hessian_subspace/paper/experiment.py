@@ -10,6 +10,7 @@ like anyone's (:func:`hessian_subspace.training.tasks.inference_loss`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hessian_subspace import analysis, curvature
+from hessian_subspace import analysis, curvature, sharding
 from hessian_subspace.analysis import presets
 from hessian_subspace.paper import data as data_lib
 from hessian_subspace.paper import models
@@ -145,7 +146,7 @@ def build_optimizer(config: ConfigDict, model=None, num_outputs: int | None = No
 
 
 def train_from_config(config: ConfigDict, workdir: str, *,
-                      callbacks: Sequence[Callable] = (), progress: bool = True):
+                      callbacks: Sequence[Callable] = (), progress: bool = True, mesh=None):
     """Loads the data, builds model and optimizer, and trains with checkpoints in ``workdir``.
 
     Resumes automatically from the last finalised checkpoint of the same config.
@@ -168,7 +169,7 @@ def train_from_config(config: ConfigDict, workdir: str, *,
         num_steps=config.num_steps, seed=config.seed, workdir=workdir,
         schedule=train_lib.CheckpointSchedule(config.checkpoint_schedule), meta=meta,
         eval_batch_size=config.eval_batch_size, log_every=config.log_every,
-        callbacks=callbacks, progress=progress)
+        callbacks=callbacks, progress=progress, mesh=mesh)
 
 
 def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: float = 1.0
@@ -193,11 +194,13 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
 
 def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, results_dir: str, *,
                  settings: presets.Settings | None = None, test_set: dict | None = None,
-                 record_fields: dict | None = None, progress: bool = True
+                 record_fields: dict | None = None, progress: bool = True, mesh=None
                  ) -> analysis.Analyzer:
     """The analyzer of a run of the paper's models: :func:`presets.paper_chain` of
     ``settings`` on the inference-mode loss, metrics and outputs of the config's model.
-    ``record_fields`` (default: ``k`` and the config) go into every record."""
+    ``record_fields`` (default: ``k`` and the config) go into every record. On a ``mesh``,
+    examples are split over its ``data`` axis and parameters FSDP-style over its ``model``
+    axis (:func:`hessian_subspace.sharding.fsdp_shardings`)."""
     settings = settings or presets.Settings()
     model = build_model(config, num_outputs)
     k = settings.k or num_outputs
@@ -209,14 +212,32 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
         results_dir=results_dir, test_data=xy(test_set),
         output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss(config.task),
         record_fields=dict(k=k, config=config_to_json(config)) if record_fields is None
-        else record_fields, progress=progress, **presets.analyzer_options(settings))
+        else record_fields, progress=progress, mesh=mesh,
+        param_sharding=None if mesh is None else functools.partial(
+            sharding.fsdp_shardings, mesh=mesh),
+        **presets.analyzer_options(settings))
+
+
+def restore_like(model, example_x, mesh=None) -> tuple[Any, Any]:
+    """``(params, model_state)`` as ``ShapeDtypeStruct``s: the restore target of a run's
+    checkpoints; on a mesh with the FSDP shardings of :func:`analyzer_for` (state replicated),
+    so that every process restores only its shards."""
+    like, state_like = jax.eval_shape(lambda: tasks.init_variables(
+        model, jax.random.key(0), np.asarray(example_x)))
+    if mesh is None:
+        return like, state_like
+    place = lambda tree, shardings: jax.tree_util.tree_map(  # noqa: E731
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+    return (place(like, sharding.fsdp_shardings(like, mesh)),
+            place(state_like, jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
+                                                     state_like)))
 
 
 def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | None = None,
                 steps=None, watch: bool = False, poll_seconds: float = 2.0,
                 timeout_seconds: float = 600.0, num_analysis: int | None = None,
                 test_metrics: bool = False, retry_failed: bool = True,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, mesh=None) -> list[dict]:
     """Streams a run's checkpoints (finished, or live with ``watch``) through the pipeline.
 
     The model and the analysis set are rebuilt from the config stored in the checkpoints.
@@ -232,11 +253,10 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
                             settings=settings, test_set=data["test"] if test_metrics else None,
                             record_fields=dict(k=(settings or presets.Settings()).k or
                                                num_outputs, config=config_json),
-                            progress=progress)
+                            progress=progress, mesh=mesh)
     analyzer.retry_failed = retry_failed
     model = build_model(config, num_outputs)
-    like, state_like = jax.eval_shape(lambda: tasks.init_variables(
-        model, jax.random.key(0), np.asarray(data["analysis"]["x"][:1])))
+    like, state_like = restore_like(model, data["analysis"]["x"][:1], mesh)
     source = ckpt_lib.run_checkpoints(os.path.join(workdir, train_lib.CHECKPOINT_DIR),
                                       like=like, state_like=state_like,
                                       final_step=config.get("num_steps"))

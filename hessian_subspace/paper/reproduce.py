@@ -69,7 +69,8 @@ def _hash(obj) -> str:
 
 # Analysis settings added after result directories existed. At their defaults they are left out
 # of the directory name, so a rerun finds and resumes the analyses made before they existed.
-_LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks")
+_LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks",
+                   "memory_budget")
 
 
 def analysis_identity(settings: presets.Settings) -> dict:
@@ -194,8 +195,10 @@ class RunResult(dict):
     """``workdir``, ``results`` (directories), ``records`` and ``train_log`` of a run."""
 
 
-def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> RunResult:
-    """Trains (or resumes) a run and analyses its checkpoints (skipping those done)."""
+def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
+            mesh=None) -> RunResult:
+    """Trains (or resumes) a run and analyses its checkpoints (skipping those done), on
+    ``mesh`` if given (training on this host's devices; the analysis on all of them)."""
     train_config = _train_part(run)
     identity = experiment.config_to_json(train_config)
     identity = {k: v for k, v in identity.items() if k not in ("log_every",)}
@@ -204,7 +207,8 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
     results = os.path.join(workdir, f"analysis-{_hash(analysis_identity(settings))}")
     start = time.perf_counter()
     logging.info("run %s: training in %s", name, workdir)
-    experiment.train_from_config(train_config, workdir, progress=progress)
+    train_mesh = mesh if mesh is None or mesh.is_fully_addressable else None
+    experiment.train_from_config(train_config, workdir, progress=progress, mesh=train_mesh)
     train_seconds = time.perf_counter() - start
     a = run.analysis
     steps = None if a.steps is None else list(a.steps)
@@ -215,7 +219,7 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
     logging.info("run %s: analysing into %s", name, results)
     experiment.analyze_run(workdir, results, settings=settings, steps=steps,
                            num_analysis=run.data.num_analysis, test_metrics=a.test_metrics,
-                           progress=progress)
+                           progress=progress, mesh=mesh)
     return RunResult(workdir=workdir, results=results,
                      records=analysis.read_results(results),
                      train_log=train_lib.read_train_log(workdir),
@@ -225,7 +229,7 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True) -> 
 
 def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
                    smoke_size: bool = False, num_analysis: int | None = None,
-                   only_runs=None, progress: bool = True) -> dict:
+                   only_runs=None, progress: bool = True, mesh=None) -> dict:
     """Runs every run of an experiment, then makes its figures and summary.
 
     Args:
@@ -259,7 +263,7 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
             run.data.num_analysis = num_analysis
         if smoke_size:
             run = smoke(run)
-        results[name] = run_one(run, root, name, progress=progress)
+        results[name] = run_one(run, root, name, progress=progress, mesh=mesh)
     plot_config = smoke_plot(config) if smoke_size else config
     figures, numbers = summaries.KINDS[config.kind](plot_config, results, out_dir)
     summary = dict(

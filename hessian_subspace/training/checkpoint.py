@@ -39,7 +39,7 @@ def checksum(tree: PyTree) -> str:
     """SHA-256 over every leaf of ``tree`` (key path, dtype, shape, bytes), in flatten order."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.ascontiguousarray(np.asarray(leaf))
+        arr = np.ascontiguousarray(_tree.to_host(leaf))
         h.update(f"{_tree.path_name(path)}|{arr.dtype.str}|{arr.shape}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -128,13 +128,16 @@ def run_checkpoints(directory: str | os.PathLike, *, like: PyTree = None,
 
     Args:
       directory: the run's ``checkpoints/`` directory (only read).
-      like: parameters (or ``ShapeDtypeStruct``s) the restored tree must match.
+      like: parameters (or ``ShapeDtypeStruct``s) the restored tree must match; with
+        ``state_like`` too, they are the restore target, and their shardings say where the
+        arrays go (every process reads only its shards: orbax's multi-host path).
       state_like: the same for the model state.
       final_step: the run's last step (``watch`` stops after it).
     """
     return sources.OrbaxCheckpoints(directory, like=like, state_like=state_like, item=MODEL,
                                     params_key="params", state_key="model_state",
-                                    meta_item=META, verify=_verify, final_step=final_step)
+                                    meta_item=META, verify=_verify, final_step=final_step,
+                                    exact=state_like is not None)
 
 
 def list_steps(directory: str | os.PathLike) -> list[int]:

@@ -215,6 +215,36 @@ def read_train_log(workdir: str) -> list[dict]:
     return out
 
 
+def _placement(mesh, data_axes, batch_size):
+    """``(place(state), put_batch(batch))`` for training on ``mesh`` (identity without one)."""
+    if mesh is None:
+        return (lambda state: state), (lambda batch: batch)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from hessian_subspace import sharding
+
+    if jax.process_count() > 1 and not mesh.is_fully_addressable:
+        raise ValueError("multi-host training is not implemented: train on one host (a mesh of "
+                         "its devices) and analyse the checkpoints on several")
+    axes = sharding.data_axes(mesh, data_axes)
+    size = sharding.data_parallel_size(mesh, axes)
+    if batch_size % size:
+        raise ValueError(f"`batch_size` {batch_size} must be a multiple of the mesh's data "
+                         f"axes size {size} ({dict(mesh.shape)})")
+    split = NamedSharding(mesh, PartitionSpec(axes))
+    replicated = sharding.replicated(mesh)
+
+    def place(state: TrainState) -> TrainState:
+        return state.replace(
+            step=jax.device_put(state.step, replicated),
+            params=jax.device_put(state.params, sharding.fsdp_shardings(state.params, mesh)),
+            opt_state=jax.device_put(state.opt_state,
+                                     sharding.fsdp_shardings(state.opt_state, mesh)),
+            model_state=jax.device_put(state.model_state, replicated))
+
+    return place, lambda batch: jax.device_put(batch, split)
+
+
 def _tree_is_finite(tree) -> bool:
     leaves = jax.tree_util.tree_leaves(tree)
     return bool(all(jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype,
@@ -226,7 +256,8 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
           workdir: str, schedule: CheckpointSchedule = CheckpointSchedule(),
           meta: dict | None = None, eval_batch_size: int = 1000, log_every: int = 50,
           callbacks: Sequence[Callable[[int, TrainState], None]] = (),
-          curvature_data: dict | None = None, progress: bool = True) -> TrainState:
+          curvature_data: dict | None = None, progress: bool = True,
+          mesh=None, data_axes=("data",)) -> TrainState:
     """Trains ``model`` with ``optimizer``, checkpointing into ``workdir/checkpoints``.
 
     If ``workdir`` already holds checkpoints of the same run (same ``meta["identity"]``),
@@ -254,6 +285,12 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
       curvature_data: fixed data passed to the optimizer's update at every step as
         ``curvature_data=`` (the Hessian access of :mod:`optim`'s transformations).
       progress: show a progress bar.
+      mesh: a device mesh of this process's devices: each mini-batch is split over
+        ``data_axes`` (``batch_size`` must be a multiple of their size), parameters and
+        optimizer state FSDP-style over the ``model`` axis
+        (:func:`hessian_subspace.sharding.fsdp_shardings`). Multi-host training is not
+        implemented (a mesh over several processes is refused); analyses are multi-host.
+      data_axes: the mesh axes that split examples.
 
     Returns:
       The final :class:`TrainState`.
@@ -267,6 +304,7 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
     n = int(train_set["x"].shape[0])
     if not 1 <= batch_size <= n:
         raise ValueError(f"`batch_size` must be in [1, {n}], got {batch_size}.")
+    place, put_batch = _placement(mesh, data_axes, batch_size)
     meta = dict(meta or {})
     os.makedirs(workdir, exist_ok=True)
     writer = ckpt_lib.CheckpointWriter(os.path.join(workdir, CHECKPOINT_DIR))
@@ -285,6 +323,7 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
         state = TrainState(step=jnp.asarray(done[-1], jnp.int32), params=restored["params"],
                            opt_state=restored["opt_state"], model_state=restored["model_state"])
         logging.info("Resuming from step %d in %s", done[-1], workdir)
+    state = place(state)
     start = int(state.step)
     log = _JsonLines(os.path.join(workdir, TRAIN_LOG), keep_until_step=start if done else None)
     step_fn = make_train_step(model, optimizer, task, seed)
@@ -331,7 +370,7 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
         tick, tick_step = time.perf_counter(), start
         for step in range(start, num_steps):
             idx = batches.batch_indices(n, batch_size, step, seed)
-            batch = {"x": train_set["x"][idx], "y": train_set["y"][idx]}
+            batch = put_batch({"x": train_set["x"][idx], "y": train_set["y"][idx]})
             if curvature_data is None:
                 state, metrics = step_fn(state, batch)
             else:
