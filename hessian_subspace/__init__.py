@@ -18,6 +18,7 @@ from hessian_subspace import curvature as curvature
 from hessian_subspace import krylov as krylov
 from hessian_subspace import layout as layout
 from hessian_subspace import metrics as metrics
+from hessian_subspace import preconditioned as preconditioned
 from hessian_subspace import sharding as sharding
 from hessian_subspace import spectrum as spectrum
 from hessian_subspace import tracking as tracking
@@ -55,6 +56,9 @@ from hessian_subspace.metrics import random_vertex_overlap as random_vertex_over
 from hessian_subspace.metrics import subspace_error_bound as subspace_error_bound
 from hessian_subspace.metrics import subspace_overlap as subspace_overlap
 from hessian_subspace.metrics import subspace_overlap_bound as subspace_overlap_bound
+from hessian_subspace.preconditioned import PreconditionedOperator as PreconditionedOperator
+from hessian_subspace.preconditioned import adam_scale as adam_scale
+from hessian_subspace.preconditioned import precondition as precondition
 from hessian_subspace.spectrum import SpectralDensity as SpectralDensity
 from hessian_subspace.spectrum import hutchinson_trace as hutchinson_trace
 from hessian_subspace.spectrum import slq_quadrature as slq_quadrature

@@ -10,7 +10,7 @@ from launch.configs import paper
 
 
 def test_every_experiment_config_builds_valid_runs():
-    assert len(paper.EXPERIMENTS) == 15
+    assert len(paper.EXPERIMENTS) == 16
     for name in paper.EXPERIMENTS:
         config = paper.get_config(name)
         assert config.name == name and config.kind in summaries.KINDS
@@ -70,3 +70,27 @@ def test_every_experiment_at_smoke_size(name, tmp_path_factory, fashion_mnist_di
                                            dataset=data, smoke_size=True, progress=False)
         assert all(not r["failed"] for r in summary["runs"].values()), summary["runs"]
         assert summary["figures"], name
+
+
+@pytest.mark.slow
+def test_transformer_lm_smoke_trains_and_analyses_every_view(tmp_path):
+    summary = reproduce.run_experiment(paper.get_config("transformer_lm"), str(tmp_path),
+                                       smoke_size=True, progress=False)
+    (run,) = summary["runs"].values()
+    assert run["failed"] == []
+    numbers = summary["numbers"]
+    assert numbers["train_loss_final"] < numbers["train_loss_start"]  # the LM learns
+    assert numbers["all_converged"]  # every eigensolve converged
+    assert set(numbers["f_top_at_final"]) == {"2", "4"}
+    assert 1 <= numbers["k_saturation_final"] <= 8
+    # Per-block spectra: every block of the decoder has its top eigenvalues.
+    blocks = numbers["block_top_eigenvalue"]
+    assert set(blocks) == {"token_embed", "position_embed", "block_0/ln_1", "block_0/attn/q",
+                           "block_0/attn/k", "block_0/attn/v", "block_0/attn/o", "block_0/ln_2",
+                           "block_0/mlp", "ln_f", "head"}
+    assert all(v is not None and v > 0 for v in blocks.values())
+    # Adam's geometry after its first update (step 0 has no second moment yet).
+    assert numbers["adam_lambda_max"][0] is None
+    assert all(x is not None and x > 0 for x in numbers["adam_lambda_max"][1:])
+    assert {"f_top_vs_k.png", "block_spectra.png", "adam_sharpness.png"} <= set(
+        summary["figures"])

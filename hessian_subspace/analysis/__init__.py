@@ -32,6 +32,7 @@ from hessian_subspace.analysis import presets as presets
 from hessian_subspace.analysis import spectra as spectra
 from hessian_subspace.analysis import sources as sources
 from hessian_subspace.analysis import store as store
+from hessian_subspace.analysis import views as views
 from hessian_subspace.analysis import writers as writers
 from hessian_subspace.analysis.builtins import c2 as c2
 from hessian_subspace.analysis.builtins import eigenpairs as eigenpairs
@@ -57,5 +58,8 @@ from hessian_subspace.analysis.transforms import Stored as Stored
 from hessian_subspace.analysis.transforms import Transform as Transform
 from hessian_subspace.analysis.transforms import chain as chain
 from hessian_subspace.analysis.transforms import transform as transform
+from hessian_subspace.analysis.views import adam_preconditioned as adam_preconditioned
+from hessian_subspace.analysis.views import block_spectra as block_spectra
+from hessian_subspace.analysis.views import f_top_curve as f_top_curve
 from hessian_subspace.analysis.writers import CSVWriter as CSVWriter
 from hessian_subspace.analysis.writers import TensorBoardWriter as TensorBoardWriter

@@ -13,7 +13,7 @@ import json
 from typing import Any, Callable
 
 from hessian_subspace.analysis import builtins as b
-from hessian_subspace.analysis import spectra
+from hessian_subspace.analysis import spectra, views
 from hessian_subspace.analysis.transforms import Chain, chain
 
 TRANSFORMS = (
@@ -27,6 +27,9 @@ TRANSFORMS = (
     "subspace_overlap",  # eq. 5 against reference steps and the previous step, d = 2..2k
     "slq",  # spectral density by SLQ, at `slq_steps` (Fig. 5)
     "dense_spectrum",  # all eigenvalues, at `dense_steps`, small models only (Fig. 4)
+    "f_top_curve",  # f_top for every k up to 2k, at `f_top_ks`, and where it saturates
+    "block_spectra",  # top eigenvalues and SLQ density of each parameter block
+    "adam",  # the Hessian through Adam's preconditioner (optimizer state from the checkpoint)
 )
 DEFAULT_TRANSFORMS = TRANSFORMS[:8]
 
@@ -64,9 +67,18 @@ class Settings:
     tracker_blocks: int = 4
     # Bytes per device for a Krylov basis; a solve that would exceed it is thick-restarted.
     memory_budget: float | None = None
+    f_top_ks: tuple[int, ...] = (10, 50)
+    block_spectra_steps: tuple[int, ...] = ()  # () with "block_spectra": every checkpoint
+    block_k: int = 4
+    block_slq_probes: int = 4
+    block_slq_steps: int = 30
+    adam_k: int = 10
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
 
     def __post_init__(self):
-        for name in ("transforms", "reference_steps", "slq_steps", "dense_steps"):
+        for name in ("transforms", "reference_steps", "slq_steps", "dense_steps", "f_top_ks",
+                     "block_spectra_steps"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (tuple, list)):
                 raise ValueError(f"`{name}` must be a sequence, got {value!r}")
@@ -94,7 +106,8 @@ class Settings:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = None) -> Chain:
+def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = None,
+                blocks: dict | None = None) -> Chain:
     """The chain of the paper's measurements that ``settings.transforms`` names, in the order
     of :data:`TRANSFORMS` (the GGN beside the Hessian, ``also_ggn``, after ``f_top``).
 
@@ -103,6 +116,7 @@ def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = Non
       k: size of the top subspace (``settings.k`` or the number of classes); eigenpairs are
         computed for 2k (2k + 1 with ``next_bound``).
       metrics_fn: for "loss": ``metrics(params, batch[, state])`` with loss and accuracy.
+      blocks: for "block_spectra": ``{name: leaf prefix}`` (None: top-level keys).
     """
     s = settings
     todo = set(s.transforms)
@@ -134,6 +148,16 @@ def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = Non
                            num_steps=s.slq_lanczos_steps))
     if "dense_spectrum" in todo:
         parts.append(spectra.dense_spectrum(steps=s.dense_steps, max_params=s.dense_max_params))
+    if "f_top_curve" in todo:
+        parts.append(views.f_top_curve(s.f_top_ks))
+    if "block_spectra" in todo:
+        parts.append(views.block_spectra(blocks, k=s.block_k, tol=s.tol,
+                                         slq_probes=s.block_slq_probes,
+                                         slq_steps=s.block_slq_steps,
+                                         steps=s.block_spectra_steps or None))
+    if "adam" in todo:
+        parts.append(views.adam_preconditioned(s.adam_k, b2=s.adam_b2, eps=s.adam_eps,
+                                               tol=s.tol))
     return chain(*parts)
 
 

@@ -308,19 +308,22 @@ class Analyzer:
 
     # ---- one checkpoint --------------------------------------------------------------------
 
-    def __call__(self, step: int, params: PyTree, state: PyTree = None) -> dict | None:
+    def __call__(self, step: int, params: PyTree, state: PyTree = None, *,
+                 extras: Mapping[str, Any] | None = None) -> dict | None:
         """Analyses ``step`` if it is scheduled and not done yet (call it at every step of a
         training loop). Returns the record written, or None."""
         step = _check_step(step)
         if not self.scheduled(step) or self.done(step):
             return None
-        return self.process(step, params, state)
+        return self.process(step, params, state, extras=extras)
 
-    def process(self, step: int, params: PyTree, state: PyTree = None) -> dict:
+    def process(self, step: int, params: PyTree, state: PyTree = None, *,
+                extras: Mapping[str, Any] | None = None) -> dict:
         """Runs every transform on one checkpoint and writes its record (whatever the schedule,
         replacing an existing record). Non-finite parameters, a non-finite quantity during the
         analysis, or an unreadable stored file give a record with ``status: "failed"`` and the
-        reason; the analysis goes on with the next checkpoint.
+        reason; the analysis goes on with the next checkpoint. ``extras`` (e.g. the optimizer
+        state) reach the transforms as ``ctx["extras"]``.
         """
         step = _check_step(step)
         self._check_state_arg(state)
@@ -331,7 +334,7 @@ class Analyzer:
             return self.fail(step, f"{bad} non-finite values in the parameters or model state")
         try:
             with self._scope():
-                record, stored, new_state = self._compute(step, params, state)
+                record, stored, new_state = self._compute(step, params, state, extras)
         except (FloatingPointError, store_lib.CorruptFile) as e:
             return self.fail(step, f"non-finite values during the analysis: {e}"
                              if isinstance(e, FloatingPointError) else str(e))
@@ -396,7 +399,7 @@ class Analyzer:
             return template
         return treedef.unflatten([saved[f"leaf_{i}"] for i in range(len(leaves))])
 
-    def _compute(self, step: int, params: PyTree, state: PyTree):
+    def _compute(self, step: int, params: PyTree, state: PyTree, extras=None):
         params = self._place(params)
         if state is not None:
             state = jax.tree_util.tree_map(self._cast, state)
@@ -410,7 +413,7 @@ class Analyzer:
             params=params, state=state, loss_fn=bound_loss, data=self.data,
             test_data=self.test_data, batches=self.batches, test_batches=self.test_batches,
             batch_size=self.batch_size, operator=operator, mesh=self.mesh,
-            memory_budget=self.memory_budget,
+            memory_budget=self.memory_budget, extras=dict(extras or {}),
             dtype=self.dtype, precision=self.precision, seed=self.seed,
             output_fn=None if self.output_fn is None else bind(self.output_fn),
             output_loss=None if self.output_loss is None else curvature.as_loss_pytree(
@@ -500,11 +503,13 @@ class Analyzer:
                         or self.done(step):
                     continue
                 try:
-                    params, state = source.load(step)
+                    loaded = source.load(step)
                 except sources_lib.CheckpointError as e:
                     written.append(self.fail(step, f"checkpoint unreadable: {e}"))
                 else:
-                    written.append(self.process(step, params, state))
+                    params, state, *rest = loaded
+                    written.append(self.process(step, params, state,
+                                                extras=rest[0] if rest else None))
                 bar.update(1)
             if wanted is not None and wanted <= seen:
                 break

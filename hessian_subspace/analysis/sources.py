@@ -40,7 +40,9 @@ class Source(Protocol):
         """Finalised steps, ascending (re-read on every call, so a live run shows new ones)."""
 
     def load(self, step: int) -> tuple[PyTree, PyTree | None]:
-        """``(params, state)`` of one step; raises :class:`CheckpointError`."""
+        """``(params, state)`` of one step, or ``(params, state, extras)`` with a dict of
+        anything else the analysis may use (``ctx["extras"]``: e.g. the optimizer state);
+        raises :class:`CheckpointError`."""
 
 
 class _QuietOrbax(logging.Filter):
@@ -150,7 +152,8 @@ class OrbaxCheckpoints:
                  select: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None,
                  meta_item: str | None = None,
                  verify: Callable[[dict, PyTree, PyTree], None] | None = None,
-                 final_step: int | None = None, exact: bool = False):
+                 final_step: int | None = None, exact: bool = False,
+                 extra_items: Sequence[str] = ()):
         self.directory = os.path.abspath(os.fspath(directory))
         if select is not None and not callable(select):
             raise TypeError(f"`select` must be callable, got {type(select).__name__}")
@@ -171,6 +174,9 @@ class OrbaxCheckpoints:
         # The item holds exactly `like` (and `state_like`) at the keys: restore with them as
         # the target, so that arrays land on their shardings (orbax's multi-host path).
         self.exact = bool(exact) and like is not None and select is None
+        self.extra_items = tuple(extra_items)
+        if self.extra_items and item is None:
+            raise ValueError("`extra_items` needs `item` (a composite checkpoint)")
 
     def steps(self) -> list[int]:
         if not os.path.isdir(self.directory):
@@ -181,7 +187,7 @@ class OrbaxCheckpoints:
         finally:
             manager.close()
 
-    def _restore(self, step: int) -> tuple[PyTree, PyTree, dict]:
+    def _restore(self, step: int) -> tuple[PyTree, PyTree, dict, dict]:
         import orbax.checkpoint as ocp
 
         manager = _manager(self.directory)
@@ -191,16 +197,18 @@ class OrbaxCheckpoints:
                                       f"{self.directory}")
             try:
                 if self.item is None and self.meta_item is None:
-                    return manager.restore(step, args=ocp.args.StandardRestore()), None, {}
+                    return manager.restore(step, args=ocp.args.StandardRestore()), None, {}, {}
                 items = {self.item: ocp.args.StandardRestore(self._target())}
                 if self.state_item is not None:
                     items[self.state_item] = ocp.args.StandardRestore()
                 if self.meta_item is not None:
                     items[self.meta_item] = ocp.args.JsonRestore()
+                for name in self.extra_items:
+                    items[name] = ocp.args.StandardRestore()
                 out = manager.restore(step, args=ocp.args.Composite(**items))
                 meta = dict(out[self.meta_item] or {}) if self.meta_item else {}
                 state = out[self.state_item] if self.state_item is not None else None
-                return out[self.item], state, meta
+                return out[self.item], state, meta, {n: out[n] for n in self.extra_items}
             except ValueError as e:
                 if "Composite" in str(e) and self.item is None:
                     names = sorted(dict(manager.item_metadata(step) or {}))
@@ -241,7 +249,7 @@ class OrbaxCheckpoints:
 
     def load(self, step: int) -> tuple[PyTree, PyTree | None]:
         """``(params, state)`` of ``step``; raises :class:`CheckpointError`."""
-        tree, state_tree, meta = self._restore(int(step))
+        tree, state_tree, meta, extras = self._restore(int(step))
         what = f"step {step} in {self.directory}"
         if self.select is not None:
             try:
@@ -260,7 +268,7 @@ class OrbaxCheckpoints:
             params = conform(params, self.like, f"{what} (params)")
         if self.state_like is not None and state is not None:
             state = conform(state, self.state_like, f"{what} (state)")
-        return params, state
+        return (params, state, extras) if self.extra_items else (params, state)
 
     def describe(self) -> dict:
         return dict(kind="orbax", directory=self.directory, item=self.item,

@@ -36,7 +36,7 @@ PyTree = Any
 # What the analyzer puts in every context before the first transform runs.
 BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batches",
                 "test_batches", "batch_size", "operator", "dtype", "precision", "seed",
-                "output_fn", "output_loss", "mesh", "memory_budget")
+                "output_fn", "output_loss", "mesh", "memory_budget", "extras")
 
 
 class Stored(dict):

@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from hessian_subspace.paper.synthetic import gaussian_mixture, sine_regression
+from hessian_subspace.paper.synthetic import (TEXT_SOURCES, gaussian_mixture, sine_regression,
+                                              text_sequences)
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
 _IDX_DTYPES = {
@@ -172,6 +173,9 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
       * ``"idx:PATH"``: :func:`load_idx_dataset` on the IDX directory ``PATH`` ("train"/"test").
       * ``"gaussian_mixture"``: :func:`gaussian_mixture` with ``kwargs``; "test" shares the means.
       * ``"sine"``: :func:`sine_regression` with ``kwargs``; "test" uses another seed stream.
+      * ``"text:pydoc"``: byte-level language modelling on the help text that ships with Python
+        (:func:`hessian_subspace.paper.synthetic.text_sequences`, ``kwargs``: ``context``):
+        ``x`` and ``y`` int32 ``(n, context)``, the next byte at every position.
 
     >>> ds = load_dataset("sine", "test", num_examples=3)
     >>> sorted(ds), ds["x"].shape
@@ -198,10 +202,16 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
         return gaussian_mixture(split=split, **kwargs)
     if name == "sine":
         return sine_regression(split=split, **kwargs)
+    if name.startswith("text:"):
+        if name[5:] not in TEXT_SOURCES:
+            raise DataError(f"unknown text source {name!r}; known: "
+                            f"{['text:' + s for s in TEXT_SOURCES]}.")
+        return text_sequences(name[5:], split=split, **kwargs)
     if name in TFDS_NAMES:
         _no_kwargs(name, kwargs)
         return _load_tfds(name, split, data_dir)
-    valid = ", ".join(repr(n) for n in TFDS_NAMES + SYNTHETIC_NAMES)
+    valid = ", ".join(repr(n) for n in TFDS_NAMES + SYNTHETIC_NAMES
+                      + tuple("text:" + s for s in TEXT_SOURCES))
     raise DataError(f"unknown data set {name!r}; valid names: {valid}, 'idx:/path/to/idx-dir'.")
 
 

@@ -91,6 +91,8 @@ def load_data(config: ConfigDict) -> dict[str, Any]:
     analysis = data_lib.analysis_set(train, num_examples=d.num_analysis, seed=config.seed)
     if config.task == "regression":
         num_outputs = int(np.shape(train["y"])[-1])
+    elif d.name.startswith("text:"):
+        num_outputs = 256  # bytes
     else:
         num_outputs = int(max(np.max(train["y"]), np.max(test["y"]))) + 1
     return dict(train=train, test=test, analysis=analysis, num_outputs=num_outputs,
@@ -204,8 +206,10 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
     settings = settings or presets.Settings()
     model = build_model(config, num_outputs)
     k = settings.k or num_outputs
+    blocks = (models.gpt_blocks(model.depth) if isinstance(model, models.GPT) else None)
     chain = presets.paper_chain(settings, k=k,
-                                metrics_fn=tasks.inference_metrics(model, config.task))
+                                metrics_fn=tasks.inference_metrics(model, config.task),
+                                blocks=blocks)
     xy = lambda ds: None if ds is None else {"x": ds["x"], "y": ds["y"]}  # noqa: E731
     return analysis.Analyzer(
         chain, tasks.inference_loss(model, config.task), data=xy(analysis_set),
@@ -257,8 +261,9 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
     analyzer.retry_failed = retry_failed
     model = build_model(config, num_outputs)
     like, state_like = restore_like(model, data["analysis"]["x"][:1], mesh)
-    source = ckpt_lib.run_checkpoints(os.path.join(workdir, train_lib.CHECKPOINT_DIR),
-                                      like=like, state_like=state_like,
-                                      final_step=config.get("num_steps"))
+    source = ckpt_lib.run_checkpoints(
+        os.path.join(workdir, train_lib.CHECKPOINT_DIR), like=like, state_like=state_like,
+        final_step=config.get("num_steps"),
+        optimizer="adam" in (settings or presets.Settings()).transforms)
     return analyzer.run(source, steps=steps, watch=watch, poll_seconds=poll_seconds,
                         timeout_seconds=timeout_seconds)

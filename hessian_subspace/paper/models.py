@@ -13,6 +13,8 @@ Models (every ``__call__(x, train=False)``), built by name with :func:`build_mod
 - ``"resnet18"``: :class:`ResNet18`, the CIFAR variant (11,173,962 parameters).
 - ``"fc_regression"``: :class:`MLP` with one output, for the sine regression task.
 - ``"small_convnet"``: :class:`SmallConvNet`, for tests and benchmarks.
+- ``"gpt"``: :class:`GPT`, a GPT-2-style decoder for byte-level language modelling (issue 10's
+  transformer; not in the paper).
 
 References:
   Gur-Ari, Roberts, Dyer, "Gradient Descent Happens in a Tiny Subspace", arXiv:1812.04754
@@ -225,6 +227,93 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_outputs, name="dense_out")(x)
 
 
+class _Attention(nn.Module):
+    """Causal multi-head self-attention with q, k, v, o projections (GPT-2)."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        h = self.heads
+        split = lambda y: y.reshape(n, t, h, d // h)  # noqa: E731
+        q = split(nn.Dense(d, name="q")(x))
+        k = split(nn.Dense(d, name="k")(x))
+        v = split(nn.Dense(d, name="v")(x))
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(d // h)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+        out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, d)
+        return nn.Dense(d, name="o")(out)
+
+
+class _Mlp(nn.Module):
+    ratio: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        return nn.Dense(d, name="proj")(nn.gelu(nn.Dense(self.ratio * d, name="fc")(x)))
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    heads: int
+    mlp_ratio: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + _Attention(self.heads, name="attn")(nn.LayerNorm(name="ln_1")(x))
+        return x + _Mlp(self.mlp_ratio, name="mlp")(nn.LayerNorm(name="ln_2")(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder: token and learned position embeddings, ``depth`` pre-LN blocks
+    of causal self-attention and a GELU MLP, a final LayerNorm and an untied output head.
+
+    For byte-level language modelling ``num_outputs`` (the vocabulary) is 256; inputs are int
+    tokens ``(n, t)`` with ``t <= context`` and the outputs next-token logits ``(n, t, vocab)``.
+    Leaves are named so that they group into the blocks of Zhang et al. (2024) (see
+    :func:`gpt_blocks`): ``token_embed``, ``position_embed``, ``block_i/ln_1``,
+    ``block_i/attn/{q,k,v,o}``, ``block_i/ln_2``, ``block_i/mlp``, ``ln_f``, ``head``. No
+    dropout, so training and inference agree (``train`` is ignored).
+
+    References:
+      Radford et al., "Language models are unsupervised multitask learners" (GPT-2), 2019.
+    """
+
+    num_outputs: int = 256
+    context: int = 64
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        t = x.shape[1]
+        h = nn.Embed(self.num_outputs, self.width, name="token_embed")(x)
+        position = self.param("position_embed", nn.initializers.normal(0.02),
+                              (self.context, self.width))
+        h = h + position[:t]
+        for i in range(self.depth):
+            h = _DecoderBlock(self.heads, self.mlp_ratio, name=f"block_{i}")(h)
+        h = nn.LayerNorm(name="ln_f")(h)
+        return nn.Dense(self.num_outputs, use_bias=False, name="head")(h)
+
+
+def gpt_blocks(depth: int) -> dict[str, str]:
+    """The parameter blocks of :class:`GPT` for per-block spectra: ``{name: leaf prefix}``."""
+    blocks = {"token_embed": "token_embed", "position_embed": "position_embed"}
+    for i in range(depth):
+        for part in ("ln_1", "attn/q", "attn/k", "attn/v", "attn/o", "ln_2", "mlp"):
+            blocks[f"block_{i}/{part}"] = f"block_{i}/{part}"
+    blocks.update(ln_f="ln_f", head="head")
+    return blocks
+
+
 # ---------------------------------------------------------------------------------- registry
 
 
@@ -260,6 +349,18 @@ def _small_convnet(num_outputs: int, channels: Sequence[int] = (8, 16)) -> Small
     return SmallConvNet(channels=tuple(channels), num_outputs=num_outputs)
 
 
+def _gpt(num_outputs: int, context: int = 64, width: int = 64, depth: int = 2, heads: int = 4,
+         mlp_ratio: int = 4) -> GPT:
+    for name, value in (("context", context), ("width", width), ("depth", depth),
+                        ("heads", heads), ("mlp_ratio", mlp_ratio)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if width % heads:
+        raise ValueError(f"`width` {width} must be a multiple of `heads` {heads}.")
+    return GPT(num_outputs=num_outputs, context=context, width=width, depth=depth, heads=heads,
+               mlp_ratio=mlp_ratio)
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "softmax": _softmax,
     "fc": _fc,
@@ -267,6 +368,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "fc_regression": _fc,
     "small_convnet": _small_convnet,
+    "gpt": _gpt,
 }
 
 MODEL_NAMES = tuple(_BUILDERS)
@@ -324,6 +426,6 @@ def param_count(params: PyTree) -> int:
 
 
 __all__ = [
-    "ACTIVATIONS", "MODEL_NAMES", "KerasConvNet", "MLP", "ResNet18", "SmallConvNet",
-    "build_model", "init_params", "param_count",
+    "ACTIVATIONS", "MODEL_NAMES", "GPT", "KerasConvNet", "MLP", "ResNet18", "SmallConvNet",
+    "build_model", "gpt_blocks", "init_params", "param_count",
 ]

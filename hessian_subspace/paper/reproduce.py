@@ -70,7 +70,8 @@ def _hash(obj) -> str:
 # Analysis settings added after result directories existed. At their defaults they are left out
 # of the directory name, so a rerun finds and resumes the analyses made before they existed.
 _LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks",
-                   "memory_budget")
+                   "memory_budget", "f_top_ks", "block_spectra_steps", "block_k",
+                   "block_slq_probes", "block_slq_steps", "adam_k", "adam_b2", "adam_eps")
 
 
 def analysis_identity(settings: presets.Settings) -> dict:
@@ -91,8 +92,10 @@ def _train_part(run: ConfigDict) -> ConfigDict:
 def settings_of(run: ConfigDict) -> presets.Settings:
     a = run.analysis
     fields = {f: a[f] for f in presets.Settings.__dataclass_fields__ if f in a}
-    for f in ("transforms", "reference_steps", "slq_steps", "dense_steps"):
-        fields[f] = tuple(fields[f])
+    for f in ("transforms", "reference_steps", "slq_steps", "dense_steps", "f_top_ks",
+              "block_spectra_steps"):
+        if f in fields:
+            fields[f] = tuple(fields[f])
     return presets.Settings(**fields)
 
 
@@ -103,9 +106,9 @@ def settings_of(run: ConfigDict) -> presets.Settings:
 def override_dataset(run: ConfigDict, dataset: str) -> ConfigDict:
     """The same run on another data set: "idx:DIR" (MNIST-format files, e.g. Fashion-MNIST),
     "gaussian_mixture" (§3's mixture with the run's number of classes and input size), or a
-    tfds name. Regression runs (the sine task) keep their data."""
+    tfds name. Regression runs (the sine task) and language models (text) keep their data."""
     run = copy.deepcopy(run)
-    if run.task == "regression":
+    if run.task == "regression" or run.data.name.startswith("text:"):
         return run
     image_runs = run.model.name in ("convnet", "resnet18", "small_convnet")
     if dataset == "gaussian_mixture":
@@ -182,6 +185,17 @@ def smoke(run: ConfigDict) -> ConfigDict:
         a.k, a.lanczos_steps = 2, 16
         a.num_minibatches = 1
         a.steps = [0, 30]
+    if run.model.name == "gpt":  # one block of width 16 on 16-byte contexts
+        run.data.kwargs = ConfigDict(dict(context=16))
+        run.model.kwargs = ConfigDict(dict(context=16, width=16, depth=1, heads=2))
+        run.data.num_analysis = 64
+        a.batch_size = 64
+        a.k = 4
+        a.f_top_ks = [2, 4]
+        a.block_spectra_steps = [0, 30]
+        a.block_slq_probes, a.block_slq_steps, a.adam_k = 2, 8, 2
+        a.memory_budget = None
+        a.steps = [0, 10, 30]
     a.slq_steps = [30] if a.slq_steps else []
     a.dense_steps = [30] if a.dense_steps else []
     return run

@@ -291,10 +291,50 @@ def _optim(config, results, out_dir):
     return figures, numbers
 
 
+def _transformer(config, results, out_dir):
+    """The transformer experiment: f_top against k, per-block spectra, Adam's geometry."""
+    (name, r), = results.items()
+    ok = ok_records(r["records"])
+    figures, numbers = [], {}
+    lr = None
+    if ok and isinstance(ok[-1].get("config"), dict):
+        lr = ok[-1]["config"].get("optimizer", {}).get("learning_rate")
+    for make, file in ((lambda: plots.transformer.f_top_vs_k(ok, title=name), "f_top_vs_k"),
+                       (lambda: plots.transformer.adam_sharpness(ok, lr, title=name),
+                        "adam_sharpness")):
+        try:
+            figures += save(make(), out_dir, file)
+        except ValueError as e:  # a transform the (smoke) analysis did not run
+            numbers[f"{file}_skipped"] = str(e)
+    with_blocks = [x for x in ok if isinstance(x.get("block_spectra"), dict)]
+    if with_blocks:
+        last = with_blocks[-1]
+        stored = store_lib.ResultStore(r["results"]).stored("block_slq", last["step"]) or {}
+        densities = {b: (stored[f"{b}.nodes"], stored[f"{b}.weights"])
+                     for b in last["block_spectra"] if f"{b}.nodes" in stored}
+        figures += save(plots.transformer.block_spectra(with_blocks, densities, title=name),
+                        out_dir, "block_spectra")
+        numbers["block_top_eigenvalue"] = {
+            b: (v.get("eigenvalues") or [None])[0] for b, v in last["block_spectra"].items()}
+        numbers["block_spectra_step"] = last["step"]
+    if ok:
+        last = ok[-1]
+        numbers.update(
+            steps=[x["step"] for x in ok], train_loss_start=ok[0].get("train_loss"),
+            train_loss_final=last.get("train_loss"), f_top_final=last.get("f_top"),
+            f_top_at_final=last.get("f_top_at"), k_saturation_final=last.get("k_saturation"),
+            k_saturation=[x.get("k_saturation") for x in ok],
+            lambda_max=[(x.get("eigenvalues") or [None])[0] for x in ok],
+            adam_lambda_max=[(x.get("adam_eigenvalues") or [None])[0] for x in ok],
+            adam_f_top=[x.get("adam_f_top") for x in ok],
+            all_converged=all(x.get("all_converged", False) for x in ok))
+    return figures, numbers
+
+
 KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
     "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
     "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
-    "optim": _optim,
+    "optim": _optim, "transformer": _transformer,
 }
 
 

@@ -100,3 +100,42 @@ def sine_regression(num_examples: int, noise: float = 0.1, seed: int = 0, *,
     # Rounding to float32 could reach 1; keep the half-open interval the docstring promises.
     x32 = np.minimum(x.astype(np.float32), np.nextafter(np.float32(1.0), np.float32(0)))
     return {"x": x32, "y": y.astype(np.float32)}
+
+
+TEXT_SOURCES = ("pydoc",)
+
+
+def text_corpus(source: str = "pydoc") -> bytes:
+    """A real English text that ships with Python, as bytes: ``"pydoc"`` is the help text of
+    every statement, operator and topic in ``pydoc_data.topics`` (about 465 KB of prose and
+    code samples, the text ``help()`` shows), in sorted topic order."""
+    if source != "pydoc":
+        raise ValueError(f"unknown text source {source!r}; known: {TEXT_SOURCES}")
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[key] for key in sorted(topics.topics)).encode("utf-8")
+
+
+def text_sequences(source: str = "pydoc", *, context: int = 64, split: str = "train",
+                   test_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Byte-level language modelling examples from :func:`text_corpus`: consecutive windows of
+    ``context`` bytes ``x`` and the next byte at each position ``y`` (both int32
+    ``(n, context)``, values < 256). The first ``1 - test_fraction`` of the text is "train",
+    the rest "test".
+
+    >>> ds = text_sequences(context=8)
+    >>> ds["x"].shape[1], bool((ds["x"][:, 1:] == ds["y"][:, :-1]).all())
+    (8, True)
+    """
+    _check_split(split, f"text:{source}")
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
+        raise ValueError(f"`context` must be a positive int, got {context!r}")
+    data = np.frombuffer(text_corpus(source), dtype=np.uint8).astype(np.int32)
+    cut = int(len(data) * (1 - test_fraction))
+    data = data[:cut] if split == "train" else data[cut:]
+    n = (len(data) - 1) // context
+    if n < 1:
+        raise ValueError(f"`context` {context} is longer than the {split} text")
+    x = data[: n * context].reshape(n, context)
+    y = data[1: n * context + 1].reshape(n, context)
+    return {"x": x, "y": y}

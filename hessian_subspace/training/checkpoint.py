@@ -121,8 +121,8 @@ class CheckpointWriter:
 
 
 def run_checkpoints(directory: str | os.PathLike, *, like: PyTree = None,
-                    state_like: PyTree = None, final_step: int | None = None
-                    ) -> sources.OrbaxCheckpoints:
+                    state_like: PyTree = None, final_step: int | None = None,
+                    optimizer: bool = False) -> sources.OrbaxCheckpoints:
     """The checkpoints of a training run of this package, as an analysis source: item
     ``model``, keys ``params`` and ``model_state``, checksums verified.
 
@@ -133,11 +133,15 @@ def run_checkpoints(directory: str | os.PathLike, *, like: PyTree = None,
         arrays go (every process reads only its shards: orbax's multi-host path).
       state_like: the same for the model state.
       final_step: the run's last step (``watch`` stops after it).
+      optimizer: also restore the optimizer state (as restored: nested dicts and lists), as
+        ``extras["optimizer"]`` of each checkpoint (e.g. Adam's second moment for
+        :func:`hessian_subspace.analysis.views.adam_preconditioned`).
     """
     return sources.OrbaxCheckpoints(directory, like=like, state_like=state_like, item=MODEL,
                                     params_key="params", state_key="model_state",
                                     meta_item=META, verify=_verify, final_step=final_step,
-                                    exact=state_like is not None)
+                                    exact=state_like is not None,
+                                    extra_items=(OPTIMIZER,) if optimizer else ())
 
 
 def list_steps(directory: str | os.PathLike) -> list[int]:

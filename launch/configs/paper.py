@@ -245,6 +245,31 @@ EXPERIMENTS.update({
 })
 
 
+def _transformer_lm():
+    # A GPT-2-style decoder (pre-LN, causal attention), byte-level language model on the help
+    # text that ships with Python; Adam, whose second moment the analysis reads back.
+    return reproduce.make_run(
+        data=dict(name="text:pydoc", kwargs=dict(context=64), num_analysis=128, num_test=256),
+        model=dict(name="gpt", kwargs=dict(context=64, width=64, depth=2, heads=4)),
+        optimizer=dict(name="adam", learning_rate=3e-3), batch_size=32, num_steps=1000,
+        checkpoint_schedule="1:10,10:100,100", eval_batch_size=256,
+        analysis=dict(
+            transforms=["loss", "gradient", "eigenpairs", "f_top", "subspace_overlap",
+                        "f_top_curve", "block_spectra", "adam"],
+            k=30, f_top_ks=[10, 50], batch_size=128, reference_steps=[0, 100],
+            num_minibatches=2, block_spectra_steps=[0, 100, 1000], block_k=4,
+            block_slq_probes=4, block_slq_steps=30, adam_k=10, memory_budget=1e8,
+            steps=[0, 10, 50, 100, 200, 500, 1000]))
+
+
+EXPERIMENTS["transformer_lm"] = lambda: _experiment(
+    "transformer_lm", "transformer",
+    "Beyond the paper: a GPT-style decoder as a byte-level language model (Python's pydoc "
+    "text); f_top for k = 10, 50 and where it saturates, per-block spectra (Zhang et al. 2024) "
+    "and the Adam-preconditioned Hessian.",
+    {"gpt_pydoc": _transformer_lm()})
+
+
 def get_config(arg: str | None = None) -> ConfigDict:
     """The experiment named ``arg`` (see ``EXPERIMENTS``)."""
     if arg not in EXPERIMENTS:

@@ -31,6 +31,7 @@ References:
     Eigenvalue Density. ICML 2019 (SLQ densities).
 """
 
+from hessian_subspace.paper.figures import transformer as transformer
 from hessian_subspace.paper.figures._common import save as save
 from hessian_subspace.paper.figures.curves import fig1_ftop as fig1_ftop
 from hessian_subspace.paper.figures.curves import fig12_variants as fig12_variants
