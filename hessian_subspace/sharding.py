@@ -114,7 +114,7 @@ def fsdp_shardings(params: PyTree, mesh: Mesh, axis: str = "model") -> PyTree:
       >>> import jax.numpy as jnp
       >>> mesh = parse_mesh("model:1")
       >>> fsdp_shardings({"w": jnp.zeros((3, 8))}, mesh)["w"].spec
-      PartitionSpec(None, 'model')
+      P(None, 'model')
     """
     if axis not in mesh.axis_names:
         return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
