@@ -397,9 +397,10 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
     theta, vecs, valid = _linalg.ritz(_linalg.symmetric_projection(s.projected, b), s.j * b)
     sel = _linalg.select(theta, valid, k, which)
     eigenvalues = theta[sel]
-    eigenvectors = jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST)
-    if sharding is not None:  # k vectors, whole on every device (readable by every process)
-        eigenvectors = _linalg.constrain(eigenvectors, sharding_lib.replicated(sharding.mesh))
+    replicated = None if sharding is None else sharding_lib.replicated(sharding.mesh)
+    # Computed split like the basis (a replicated product would gather the whole basis).
+    eigenvectors = _linalg.constrain(jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST),
+                                     rows_sharding)
     h_vectors = block_mv(eigenvectors) if k == b else jax.vmap(mv)(eigenvectors)
     residuals = jnp.linalg.norm(h_vectors - eigenvalues[:, None] * eigenvectors, axis=1)
     norm = jnp.max(jnp.where(valid, jnp.abs(theta), 0.0))
@@ -412,7 +413,8 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
     nan = jnp.asarray(jnp.nan, dtype)
     return Eigenpairs(
         eigenvalues=jnp.where(s.nonfinite, nan, eigenvalues),
-        eigenvectors=jnp.where(s.nonfinite, nan, eigenvectors),
+        # k vectors, whole on every device (readable by every process), gathered last.
+        eigenvectors=_linalg.constrain(jnp.where(s.nonfinite, nan, eigenvectors), replicated),
         residuals=jnp.where(s.nonfinite, nan, residuals),
         converged=converged,
         num_matvecs=s.total * b + k,

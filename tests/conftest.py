@@ -17,3 +17,18 @@ def fashion_mnist_dir():
 
 # tests/fixtures holds recorded data and the (provenance-only) scripts that made it.
 collect_ignore_glob = ["fixtures/*"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA:CPU executable keeps its
+    JIT code in a few memory mappings, and the whole suite in one process compiles enough of
+    them to pass Linux's vm.max_map_count (65,530), after which LLVM's next mmap fails and the
+    process dies (SIGSEGV/SIGABRT inside a compile)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

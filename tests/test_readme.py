@@ -2,6 +2,10 @@
 
 import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 CI = os.path.join(os.path.dirname(README), ".ci", "run")
@@ -24,7 +28,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_examples_run_as_pasted(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write results/ and ckpts/ where they run
-    own, library = _blocks("python")
+    own, _, library = _blocks("python")
     exec(compile(own, "README.md", "exec"), {})
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if " f_top " in line]
@@ -37,3 +41,19 @@ def test_readme_examples_run_as_pasted(capsys, tmp_path, monkeypatch):
     match = re.search(r"f_top ([0-9.eE+-]+)", out)
     assert match and 0.0 <= float(match.group(1)) <= 1.0
     assert "converged" in out
+
+
+@pytest.mark.slow
+def test_readme_mesh_example_runs_on_8_devices(tmp_path):
+    """The mesh example as pasted, on 8 simulated devices (mesh data:4, model:2)."""
+    _, sharded, _ = _blocks("python")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", sharded], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "converged True" in proc.stdout
+    match = re.search(r"f_top ([0-9.]+) mesh \{'data': 4, 'model': 2\} basis capped at (\d+)",
+                      proc.stdout)
+    assert match, proc.stdout
+    assert 0.0 <= float(match.group(1)) <= 1.0 and int(match.group(2)) < 40

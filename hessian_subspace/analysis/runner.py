@@ -566,8 +566,20 @@ def _recordable(transform: str, key: str, value: Any) -> Any:
     if size > _MAX_RECORDED:
         raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
                          "return it as analysis.Stored(...) or list it in `context_only`")
-    if isinstance(value, jax.Array) or hasattr(value, "__array__"):
+    return _host_values(value)
+
+
+def _host_values(value: Any) -> Any:
+    """Device arrays in ``value`` as host arrays; dicts keep their key order (which
+    ``tree_map`` would sort: the order of layers in a record is the parameters' order)."""
+    if isinstance(value, jax.Array):
         return _tree.to_host(value)
+    if isinstance(value, dict):
+        return type(value)((k, _host_values(v)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_host_values(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_values(v) for v in value)
     return jax.tree_util.tree_map(
         lambda x: _tree.to_host(x) if isinstance(x, jax.Array) else x, value)
 
