@@ -8,11 +8,11 @@ Each mesh runs in its own process (``--xla_force_host_platform_device_count``), 
 data and parameters:
 - FC 784-100-100-10 on Fashion-MNIST: the top-k eigenvalues (float32) and their largest relative
   difference from one device's; gradient and HVP time over the data set and their ratio; the
-  Lanczos loop's time per HVP; the compiled memory per device of the Krylov basis (growth of the
-  solve's temporaries from 40 to 120 vectors, against 80 float32 vectors of p numbers);
+  Lanczos loop's time per HVP (the basis's memory per device: tests/test_sharded.py);
 - GPT-style decoders (``--gpt_sizes`` width x depth) on byte-level text: parameters, gradient and
-  HVP time over ``--gpt_examples`` sequences and their ratio, and the time of a ``--gpt_steps``
-  Lanczos solve for the top ``--gpt_k``, so a user can extrapolate the cost to their model.
+  HVP time over ``--gpt_examples`` sequences and their ratio, and the time of a top-``--gpt_k``
+  solve (at most ``--gpt_steps`` HVPs) per HVP, so a user can extrapolate the cost to their
+  model (time ~ HVPs x HVP time, HVP time ~ examples x parameters).
 
 Simulated devices share this machine's cores, so times across meshes measure overhead, not
 speed-up; the eigenvalue agreement and the memory split are the portable numbers.
@@ -38,6 +38,7 @@ flags.DEFINE_integer("devices", 8, "Simulated devices for the meshes.")
 flags.DEFINE_integer("examples", 10000, "Fashion-MNIST examples in the Hessian.")
 flags.DEFINE_integer("batch_size", 2000, "Global batch size inside the data-set HVP.")
 flags.DEFINE_integer("k", 10, "Top eigenpairs.")
+flags.DEFINE_float("tol", 1e-4, "Relative residual target of the solves.")
 flags.DEFINE_integer("repeats", 3, "Timing repeats (median reported).")
 flags.DEFINE_list("gpt_sizes", ["64x2", "128x2", "128x4"], "GPT width x depth to time.")
 flags.DEFINE_integer("gpt_examples", 256, "Sequences of 64 bytes in the GPT's Hessian.")
@@ -59,7 +60,7 @@ def _median(fn, repeats):
     return statistics.median(times)
 
 
-def _costs(loss_fn, params, batches, k, steps, repeats, sharding):
+def _costs(loss_fn, params, batches, k, steps, repeats, sharding, tol):
     """Gradient, HVP and Lanczos times of one problem, and its top-k eigenvalues."""
     import jax
     import numpy as np
@@ -68,15 +69,18 @@ def _costs(loss_fn, params, batches, k, steps, repeats, sharding):
 
     op = hs.dataset_hvp(loss_fn, params, batches)
     v = hs.random_start_vector(jax.random.key(1), params)
-    grad = jax.jit(lambda p: hs.dataset_value_and_grad(loss_fn, p, batches))
-    t_grad = _median(lambda: grad(params), repeats)
+    # Data and operator enter as arguments (pytrees), never as constants of the program.
+    grad = jax.jit(lambda p, b: hs.dataset_value_and_grad(loss_fn, p, b))
+    t_grad = _median(lambda: grad(params, batches), repeats)
     t_hvp = _median(lambda: op(v), repeats)
-    solve = jax.jit(lambda v: hs.top_eigenpairs(op, v, k, num_steps=steps, sharding=sharding))
-    t_solve = _median(lambda: solve(v), max(1, repeats // 2))
-    res = solve(v)
+    solve = jax.jit(lambda op, v: hs.top_eigenpairs(op, v, k, num_steps=steps, tol=tol,
+                                                    sharding=sharding))
+    t_solve = _median(lambda: solve(op, v), max(1, repeats // 2))
+    res = solve(op, v)
+    hvps = int(res.num_matvecs)
     return op, v, dict(num_params=op.dim, grad_s=t_grad, hvp_s=t_hvp, hvp_over_grad=t_hvp / t_grad,
-                       lanczos_steps=steps, lanczos_s=t_solve,
-                       lanczos_over_steps_x_hvp=t_solve / ((steps + k) * t_hvp),
+                       top_k=k, max_steps=steps, hvps=hvps, converged=int(np.sum(res.converged)),
+                       solve_s=t_solve, solve_over_hvps_x_hvp=t_solve / (hvps * t_hvp),
                        eigenvalues=np.asarray(res.eigenvalues, np.float64).tolist())
 
 
@@ -107,16 +111,11 @@ def _child(spec):
     loss_fn = tasks.cross_entropy_loss(model)
     params = place(models.init_params(model, jax.random.key(0), jnp.asarray(data["x"][:1])))
     batches = hs.batch_data(data, batch_size=FLAGS.batch_size, mesh=mesh)
-    op, v, fc = _costs(loss_fn, params, batches, FLAGS.k, 60, FLAGS.repeats, vec)
+    op, v, fc = _costs(loss_fn, params, batches, FLAGS.k, 150, FLAGS.repeats, vec, FLAGS.tol)
 
-    def temp(steps):
-        solve = jax.jit(lambda v: hs.top_eigenpairs(op, v, FLAGS.k, num_steps=steps,
-                                                    sharding=vec))
-        return int(solve.lower(v).compile().memory_analysis().temp_size_in_bytes)
-
-    basis = temp(120) - temp(40)
-    fc.update(layout=batches.describe(), basis_80_vectors_bytes_per_device=basis,
-              basis_80_vectors_fraction_of_whole=basis / (80 * op.dim * 4))
+    # The basis's memory per device is measured by tests/test_sharded.py (compiled memory
+    # analysis of a solve whose basis dominates its buffers; here the data set would).
+    fc.update(layout=batches.describe())
     out["fc_fashion_mnist"] = fc
 
     text = synthetic.text_sequences(context=64)
@@ -130,7 +129,7 @@ def _child(spec):
                                           jnp.asarray(tdata["x"][:1])))
         batches = hs.batch_data(tdata, batch_size=min(128, FLAGS.gpt_examples), mesh=mesh)
         _, _, row = _costs(loss_fn, params, batches, FLAGS.gpt_k, FLAGS.gpt_steps,
-                           max(1, FLAGS.repeats - 1), vec)
+                           max(1, FLAGS.repeats - 1), vec, FLAGS.tol)
         gpt.append(dict(width=width, depth=depth, **row))
     out["gpt_text"] = gpt
     print(json.dumps(out))
