@@ -98,10 +98,16 @@ def flat_matvec(matvec: Callable[[PyTree], PyTree], like: PyTree, dtype) -> tupl
     """Wraps a pytree matvec as a flat `(p,) -> (p,)` function in `dtype`.
 
     Vectors are cast to the template's dtype before `matvec` (so an HVP runs in the parameters'
-    precision) and its output is cast to `dtype` (the eigensolver's precision).
+    precision) and its output is cast to `dtype` (the eigensolver's precision). An operator
+    with a ``prepared()`` method is replaced by what it returns first: called once inside the
+    solver's trace, it can do the work every product shares (the data-set operators of
+    :mod:`hessian_subspace.curvature` linearise themselves there).
     Returns the flat matvec and the flattened template.
     """
     like_flat, unravel = flatten_util.ravel_pytree(like)
+    prepare = getattr(matvec, "prepared", None)
+    if callable(prepare):  # e.g. an operator that caches its linearisation for many products
+        matvec = prepare()
 
     def mv(x: jax.Array) -> jax.Array:
         out = matvec(unravel(x.astype(like_flat.dtype)))

@@ -50,6 +50,12 @@ class RestrictedOperator:
     def _matvec(self, v: PyTree) -> PyTree:
         return self.select(self.operator(self.embed(v)))
 
+    def prepared(self):
+        """This operator over the wrapped one's ``prepared()`` (its cached linearisation, if
+        it has one): called once by the solvers inside their trace."""
+        prepare = getattr(self.operator, "prepared", None)
+        return self if prepare is None else dataclasses.replace(self, operator=prepare())
+
     def embed(self, v: PyTree) -> PyTree:
         """A block vector as a full one, zero outside S."""
         leaves, treedef = jax.tree_util.tree_flatten(self.full_like)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -132,7 +133,7 @@ def _num_examples(data: PyTree) -> int:
 
 
 def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
-                 batch_size: int | None = None) -> PyTree:
+                 batch_size: int | None = None, unroll: bool = False) -> PyTree:
     r"""Example-weighted mean of a per-batch mean quantity over a whole data set.
 
     Computes :math:`\sum_j (n_j/n)\,\mathrm{fn}(\mathrm{batch}_j)` in one compiled loop over the
@@ -148,6 +149,9 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
       data: pytree of arrays, each with a leading example axis of size n, or a ``BatchedData``.
       batch_size: b, the number of examples per batch (clamped to n); not used with a
         ``BatchedData``, which has its own.
+      unroll: write the batch loop out in the program instead of a ``fori_loop`` (no loop:
+        XLA:CPU runs convolutions in loop bodies slowly; compile time grows with the number
+        of batches). A single full batch is never looped.
 
     Returns:
       The pytree :math:`\frac{1}{n}\sum_a q(x_a)` where ``fn`` averages q over a batch.
@@ -165,7 +169,12 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
                 out = fn(batch)
                 return jax.tree_util.tree_map(lambda a, o: a + o.astype(a.dtype), acc, out)
 
-            summed = jax.lax.fori_loop(0, data.num_batches, body, total)
+            if data.num_batches == 1 or unroll:
+                summed = total
+                for j in range(data.num_batches):
+                    summed = body(j, summed)
+            else:
+                summed = jax.lax.fori_loop(0, data.num_batches, body, total)
             total = jax.tree_util.tree_map(lambda t, w=weight: t * w, summed)
         else:
             total = jax.tree_util.tree_map(
@@ -252,12 +261,19 @@ class _DatasetOperator:
     def _matvec(self, v: PyTree) -> PyTree:
         with _matmul_precision(self.precision):
             out = dataset_mean(lambda batch: self._batch_product(v, batch), self.data,
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, unroll=self.unroll)
         if self.param_shardings is not None:  # H v is laid out like the parameters.
             leaves, treedef = jax.tree_util.tree_flatten(out)
             out = treedef.unflatten([jax.lax.with_sharding_constraint(x, s) for x, s in
                                      zip(leaves, self.param_shardings, strict=True)])
         return out
+
+    def prepared(self):
+        """What the eigensolvers apply many times: with ``cache`` set, the product linearised
+        once (:class:`LinearizedOperator`: the forward and backward passes that do not depend
+        on ``v`` are computed here, inside the caller's trace, and only the products with ``v``
+        are left); otherwise the operator itself."""
+        return linearize(self) if self.cache else self
 
     @property
     def mesh(self):
@@ -277,6 +293,15 @@ class _DatasetOperator:
     @property
     def num_examples(self) -> int:
         return _num_examples(self.data)
+
+    @property
+    def data_batches(self) -> int:
+        """Batches of the data-set loop (the ragged and replicated ones included)."""
+        if isinstance(self.data, layout.BatchedData):
+            return self.data.num_batches + sum(1 for _, _, stacked in self.data.parts()
+                                               if not stacked)
+        full, rest = divmod(self.num_examples, min(self.batch_size, self.num_examples))
+        return full + (1 if rest else 0)
 
     @property
     def dim(self) -> int:
@@ -301,6 +326,7 @@ class _DatasetOperator:
             param_dtypes=dtypes,
             matmul_precision=self.precision or "default",
             mesh=None if self.mesh is None else dict(self.mesh.shape),
+            cached_linearization=bool(self.cache),
         )
 
 
@@ -317,7 +343,7 @@ def apply_operator(op, v: PyTree) -> PyTree:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["params", "data", "loss_fn"],
-    meta_fields=["batch_size", "precision", "param_shardings"],
+    meta_fields=["batch_size", "precision", "param_shardings", "cache", "unroll"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class HessianOperator(_DatasetOperator):
@@ -336,6 +362,8 @@ class HessianOperator(_DatasetOperator):
     batch_size: int | None
     precision: str | None
     param_shardings: tuple | None = None
+    cache: bool = False
+    unroll: bool = False
 
     curvature: ClassVar[str] = "hessian"
 
@@ -344,7 +372,8 @@ class HessianOperator(_DatasetOperator):
 
 
 def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
-                batch_size: int | None = None, precision: str | None = None
+                batch_size: int | None = None, precision: str | None = None,
+                cache: bool | str = "auto", cache_budget: float | None = None
                 ) -> HessianOperator:
     r"""Returns ``v ↦ H v`` for the **mean** loss over the whole data set ``data``.
 
@@ -367,6 +396,13 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
         needed with a ``BatchedData``.
       precision: matmul precision of the product ("default", "high", "highest", ...);
         None keeps JAX's default. Reported back by ``describe()``.
+      cache: whether the eigensolvers, spectra and trackers linearise the product once per
+        solve and apply the stored linear map at every step (:func:`linearize`: the forward
+        and backward passes of the gradient are done once; the same numbers to round-off).
+        "auto" (default): when :func:`linearization_bytes` fits ``cache_budget``. A single
+        ``op(v)`` never caches.
+      cache_budget: bytes per device the stored linearisation may take with ``cache="auto"``
+        (default :func:`default_cache_budget`).
 
     Returns:
       A :class:`HessianOperator`, callable on pytrees shaped like ``params``.
@@ -381,9 +417,10 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
       Array([1., 0., 0.], dtype=float32)
     """
     batch_size, precision = _check_operator_args(params, data, batch_size, precision)
-    return HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
-                           batch_size=batch_size, precision=precision,
-                           param_shardings=_param_shardings(params))
+    op = HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
+                         batch_size=batch_size, precision=precision,
+                         param_shardings=_param_shardings(params))
+    return _with_cache(op, cache, cache_budget)
 
 
 def _param_shardings(params: PyTree) -> tuple | None:
@@ -477,7 +514,7 @@ def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTr
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["params", "data", "output_fn", "output_loss"],
-    meta_fields=["batch_size", "precision", "param_shardings"],
+    meta_fields=["batch_size", "precision", "param_shardings", "cache", "unroll"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class GGNOperator(_DatasetOperator):
@@ -492,6 +529,8 @@ class GGNOperator(_DatasetOperator):
     batch_size: int | None
     precision: str | None
     param_shardings: tuple | None = None
+    cache: bool = False
+    unroll: bool = False
 
     curvature: ClassVar[str] = "ggn"
 
@@ -500,7 +539,8 @@ class GGNOperator(_DatasetOperator):
 
 
 def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, data: PyTree, *,
-                batch_size: int | None = None, precision: str | None = None) -> GGNOperator:
+                batch_size: int | None = None, precision: str | None = None,
+                cache: bool | str = "auto", cache_budget: float | None = None) -> GGNOperator:
     r"""Returns ``v ↦ G v``, the Gauss-Newton matrix of the **mean** loss over ``data``.
 
     :math:`G v = \sum_j (n_j/n)\, G_j v` with :math:`G_j` the GGN of batch j's mean loss
@@ -515,6 +555,7 @@ def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, da
       data: pytree of arrays with a common leading example axis.
       batch_size: examples per batch (clamped to the data set size).
       precision: matmul precision of the product; reported by ``describe()``.
+      cache, cache_budget: the cached linearisation, as in :func:`dataset_hvp`.
 
     Returns:
       A :class:`GGNOperator`, callable on pytrees shaped like ``params``.
@@ -529,9 +570,175 @@ def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, da
       Array([1., 0., 0.], dtype=float32)
     """
     batch_size, precision = _check_operator_args(params, data, batch_size, precision)
-    return GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
-                       output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
-                       precision=precision, param_shardings=_param_shardings(params))
+    op = GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
+                     output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
+                     precision=precision, param_shardings=_param_shardings(params))
+    return _with_cache(op, cache, cache_budget)
+
+
+# --------------------------------------------------------------------------------------------
+# Cached linearisation: for one checkpoint the operator is fixed, so everything in a product
+# that does not depend on v (the forward and backward passes of the gradient) is computed once.
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["linear", "source"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearizedOperator:
+    r"""``v ↦ A v`` of a data-set operator A through its stored linearisation.
+
+    ``linear`` is the ``jax.tree_util.Partial`` that ``jax.linearize`` returns for the
+    (linear) product ``v ↦ A v`` at ``v = 0``: its leaves are the residuals, the activations
+    and derivatives of the forward and backward passes, computed once; applying it evaluates
+    only the operations that involve ``v`` (for forward-over-reverse: the tangent forward and
+    backward passes). It lives inside one compiled solve (:func:`linearize` is called by the
+    solvers through the operator's ``prepared()``), so nothing is recompiled per checkpoint.
+    ``source`` is the operator it came from (template, mesh, ``describe()``).
+    """
+
+    linear: jax.tree_util.Partial
+    source: Any
+
+    def __call__(self, v: PyTree) -> PyTree:
+        out = self.linear(v)
+        shardings = getattr(self.source, "param_shardings", None)
+        if shardings is not None:
+            leaves, treedef = jax.tree_util.tree_flatten(out)
+            out = treedef.unflatten([jax.lax.with_sharding_constraint(x, s) for x, s in
+                                     zip(leaves, shardings, strict=True)])
+        return out
+
+    @property
+    def like(self) -> PyTree:
+        return self.source.like
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+    @property
+    def mesh(self):
+        return getattr(self.source, "mesh", None)
+
+    @property
+    def vector_sharding(self):
+        return getattr(self.source, "vector_sharding", None)
+
+    def describe(self) -> dict:
+        return self.source.describe()
+
+
+def _linear_map(op) -> jax.tree_util.Partial:
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, op.like)
+    return jax.linearize(op._matvec, zeros)[1]
+
+
+def linearize(op) -> LinearizedOperator:
+    r"""The product of a data-set operator, linearised once: ``jax.linearize`` of
+    ``v ↦ op(v)`` at ``v = 0``.
+
+    The product is linear in ``v``, so the linear map is the same operator (the same
+    operations on ``v``, so the same numbers to round-off); what does not depend on ``v`` —
+    for :math:`Hv` by forward-over-reverse, the forward pass and the backward pass of the
+    gradient, over every batch — is computed once, here, and stored (memory:
+    :func:`linearization_bytes`). Costs about one product. Meant for use inside a jitted solve
+    (the eigensolvers call it through ``op.prepared()`` when the operator's ``cache`` is
+    set); outside one it works too, but every call compiles again.
+
+    Args:
+      op: a :class:`HessianOperator` or :class:`GGNOperator` (or any operator with ``like``
+        and a ``_matvec`` that is linear in its argument).
+
+    Returns:
+      A :class:`LinearizedOperator`.
+    """
+    return LinearizedOperator(linear=_linear_map(op), source=op)
+
+
+@jax.jit
+def _linear_map_jit(op):
+    return _linear_map(op)
+
+
+MAX_UNROLLED_BATCHES = 32
+
+
+def prepare(op, *, unroll: bool = False):
+    """``op.prepared()`` computed by one compiled call, for code that applies ``op`` from
+    Python many times (the host-driven eigensolver): the stored linearisation of a data-set
+    operator whose ``cache`` is set (inside wrappers such as :func:`hessian_subspace.restrict`
+    too); anything else is returned as it is. With ``unroll``, data-set operators of at most
+    ``MAX_UNROLLED_BATCHES`` batches write their batch loop out (no loop in the program).
+    Repeated calls with operators of the same shapes return operators of the same pytree
+    structure, so the code applying them compiles once."""
+    if isinstance(op, _DatasetOperator):
+        if unroll and op.data_batches <= MAX_UNROLLED_BATCHES:
+            op = dataclasses.replace(op, unroll=True)
+        return LinearizedOperator(linear=_linear_map_jit(op), source=op) if op.cache else op
+    inner = getattr(op, "operator", None)
+    if inner is not None and callable(getattr(op, "prepared", None)):
+        prepared = prepare(inner, unroll=unroll)
+        return op if prepared is inner else dataclasses.replace(op, operator=prepared)
+    return op
+
+
+_BYTES_CACHE: dict = {}
+
+
+def linearization_bytes(op) -> int:
+    """Bytes of the residuals :func:`linearize` stores for ``op``, per device.
+
+    Read from the traced program (no computation): the residual arrays other than the
+    operator's own inputs (parameters and data are resident anyway), divided by the devices of
+    the operator's mesh (residuals of data-parallel batches are split like the data; an
+    estimate when parameters are replicated). Remembered per operator type and shapes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    key = (treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves))
+    if key not in _BYTES_CACHE:
+        closed = jax.make_jaxpr(lambda o: jax.tree_util.tree_leaves(_linear_map(o)))(op)
+        inputs = {id(v) for v in closed.jaxpr.invars}
+        seen, total = set(), 0
+        for v in closed.jaxpr.outvars:
+            if hasattr(v, "val") or id(v) in inputs or id(v) in seen:  # literal or input
+                continue
+            seen.add(id(v))
+            total += int(np.prod(v.aval.shape, dtype=np.int64)) * np.dtype(v.aval.dtype).itemsize
+        _BYTES_CACHE[key] = total
+    mesh = getattr(op, "mesh", None)
+    return _BYTES_CACHE[key] // (1 if mesh is None else mesh.size)
+
+
+def default_cache_budget() -> float:
+    """Bytes per device a cached linearisation may take by default: a quarter of the first
+    local device's memory limit where the runtime reports one (GPUs, TPUs), else a quarter of
+    the host's physical memory shared among its local devices."""
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 -- backends without memory statistics
+        stats = {}
+    if stats.get("bytes_limit"):
+        return 0.25 * float(stats["bytes_limit"])
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 * 2**30
+    return 0.25 * float(physical) / max(1, jax.local_device_count())
+
+
+def _with_cache(op, cache, cache_budget):
+    """``op`` with its ``cache`` flag resolved ("auto": the linearisation fits the budget)."""
+    if cache_budget is not None and (isinstance(cache_budget, bool)
+                                     or not float(cache_budget) > 0):
+        raise ValueError(f"`cache_budget` must be a positive number of bytes, got "
+                         f"{cache_budget!r}.")
+    if cache == "auto":
+        budget = default_cache_budget() if cache_budget is None else float(cache_budget)
+        cache = linearization_bytes(op) <= budget
+    elif not isinstance(cache, bool):
+        raise ValueError(f"`cache` must be True, False or 'auto', got {cache!r}.")
+    return dataclasses.replace(op, cache=bool(cache))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

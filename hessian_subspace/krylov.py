@@ -304,13 +304,23 @@ class _BlockState(NamedTuple):
     restarts: jax.Array  # () int32; thick restarts so far.
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("k", "num_blocks", "block_size", "which", "tol", "reorth", "dtype",
-                     "check_every", "breakdown_factor", "capacity", "keep", "sharding"),
-)
-def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, dtype,
-             check_every, breakdown_factor, capacity=None, keep=None, sharding=None):
+_TOP_STATIC = ("k", "num_blocks", "block_size", "which", "tol", "reorth", "dtype", "check_every",
+               "breakdown_factor", "capacity", "keep", "sharding")
+
+
+class _Program(NamedTuple):
+    init: _BlockState
+    cond: Callable[[_BlockState], jax.Array]
+    body: Callable[[_BlockState], _BlockState]
+    finish: Callable[[_BlockState], Eigenpairs]
+
+
+def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, dtype,
+                 check_every, breakdown_factor, capacity=None, keep=None, sharding=None
+                 ) -> _Program:
+    """The block Lanczos solve as its pieces: the first state, the loop condition and body,
+    and the Rayleigh-Ritz + explicit residual check at the end. Run by one ``while_loop``
+    (:func:`_top_jit`) or step by step from Python (:func:`_top_host`)."""
     mv, like_flat = _tree.flat_matvec(matvec, v0, dtype)
     rows_sharding = sharding_lib.basis_sharding(sharding)
     block_mv = jax.vmap(mv)
@@ -392,8 +402,13 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
         nonfinite=~jnp.all(jnp.isfinite(first)), total=jnp.zeros((), jnp.int32),
         restarts=jnp.zeros((), jnp.int32),
     )
-    s = jax.lax.while_loop(cond, body, init)
+    return _Program(init=init, cond=cond, body=body,
+                    finish=functools.partial(_finish, mv=mv, k=k, b=b, which=which, tol=tol,
+                                             dtype=dtype, eps=eps, sharding=sharding,
+                                             rows_sharding=rows_sharding, block_mv=block_mv))
 
+
+def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, block_mv):
     theta, vecs, valid = _linalg.ritz(_linalg.symmetric_projection(s.projected, b), s.j * b)
     sel = _linalg.select(theta, valid, k, which)
     eigenvalues = theta[sel]
@@ -421,12 +436,81 @@ def _top_jit(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, 
     )
 
 
+@functools.partial(jax.jit, static_argnames=_TOP_STATIC)
+def _top_jit(matvec, v0, key, **static):
+    program = _top_program(matvec, v0, key, **static)
+    return program.finish(jax.lax.while_loop(program.cond, program.body, program.init))
+
+
+# Host-driven: the same program, one compiled call per block. XLA:CPU runs convolutions inside
+# while-loop bodies many times slower than outside (jax-ml/jax#12868), and every HVP of the
+# compiled solve is inside its while loop; here each step is a program of its own.
+
+
+@functools.partial(jax.jit, static_argnames=_TOP_STATIC)
+def _host_init(matvec, v0, key, **static):
+    program = _top_program(matvec, v0, key, **static)
+    return program.init, program.cond(program.init)
+
+
+@functools.partial(jax.jit, static_argnames=_TOP_STATIC, donate_argnames=("state",))
+def _host_step(matvec, v0, key, state, **static):
+    program = _top_program(matvec, v0, key, **static)
+    new = program.body(state)
+    return new, program.cond(new)
+
+
+@functools.partial(jax.jit, static_argnames=_TOP_STATIC)
+def _host_finish(matvec, v0, key, state, **static):
+    return _top_program(matvec, v0, key, **static).finish(state)
+
+
+_CONV_CACHE: dict = {}
+
+
+def _wants_host_driver(matvec, v0) -> bool:
+    """True on CPU when the product holds a convolution (read from its traced program, once
+    per operator type and shapes)."""
+    if jax.default_backend() != "cpu":
+        return False
+    leaves, treedef = jax.tree_util.tree_flatten((matvec, v0))
+    key = (treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves))
+    if key not in _CONV_CACHE:
+        jaxpr = jax.make_jaxpr(lambda m, v: m(v))(matvec, v0)
+        _CONV_CACHE[key] = _has_primitive(jaxpr.jaxpr, "conv_general_dilated")
+    return _CONV_CACHE[key]
+
+
+def _has_primitive(jaxpr, name: str) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            return True
+        for value in eqn.params.values():  # sub-programs: loops, conds, nested jits
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(v, "jaxpr", v)
+                if hasattr(inner, "eqns") and _has_primitive(inner, name):
+                    return True
+    return False
+
+
+def _top_host(matvec, v0, key, **static):
+    from hessian_subspace import curvature  # noqa: PLC0415 -- curvature sits above krylov
+
+    # Linearised once (if cached) for every step; the batch loop written out, not a loop.
+    matvec = curvature.prepare(matvec, unroll=True)
+    state, going = _host_init(matvec, v0, key, **static)
+    while bool(going):
+        state, going = _host_step(matvec, v0, key, state, **static)
+    return _host_finish(matvec, v0, key, state, **static)
+
+
 def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None = None,
                    which: str = "LA", tol: float | None = None, block_size: int = 1,
                    reorthogonalize: int = 2, dtype=None, key: jax.Array | None = None,
                    check_every: int | None = None,
                    breakdown_factor: float = DEFAULT_BREAKDOWN_FACTOR,
-                   max_basis: int | None = None, sharding=None) -> Eigenpairs:
+                   max_basis: int | None = None, sharding=None,
+                   driver: str = "auto") -> Eigenpairs:
     r"""The k extreme eigenpairs of a symmetric operator: (block) Lanczos with full
     reorthogonalisation and Rayleigh-Ritz.
 
@@ -484,6 +568,12 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
       sharding: a ``NamedSharding`` of flat ``(p,)`` vectors; the basis is split the same way
         (``max_basis * p / devices`` numbers per device). Default: the operator's
         ``vector_sharding``.
+      driver: "compiled" runs the whole solve as one ``lax.while_loop`` (jittable,
+        vmappable); "host" runs the same steps from Python, one compiled call per block
+        (XLA:CPU runs convolutions inside loop bodies many times slower than outside,
+        jax-ml/jax#12868); "auto" (default) picks "host" on CPU for operators whose product
+        contains a convolution, when called outside a trace, and "compiled" otherwise.
+        Both give the same numbers to round-off.
 
     Returns:
       :class:`Eigenpairs` with ``eigenvalues`` (k,), ``eigenvectors`` (k, p) in
@@ -541,12 +631,22 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     dtype = _tree.resolve_dtype(dtype, v0)
     tol = _linalg.resolve_tol(tol, v0)
     sharding = _linalg.vector_sharding(matvec, sharding)
+    if driver not in ("auto", "compiled", "host"):
+        raise ValueError(f"`driver` must be 'auto', 'compiled' or 'host', got {driver!r}.")
+    traced = not (_tree.is_concrete(v0) and _tree.is_concrete(matvec)
+                  and (key is None or _tree.is_concrete(key)))
+    if driver == "host" and traced:
+        raise ValueError("`driver='host'` runs the solve from Python and cannot be traced "
+                         "(inside jit or vmap); use driver='compiled' there.")
+    if driver == "auto":
+        driver = "host" if not traced and _wants_host_driver(matvec, v0) else "compiled"
     with _tree.x64_scope(dtype):
         key = jax.random.key(1) if key is None else key
-        out = _top_jit(matvec, v0, key, k=k, num_blocks=num_blocks, block_size=block_size,
-                       which=which, tol=tol, reorth=reorthogonalize, dtype=jnp.dtype(dtype),
-                       check_every=check_every, breakdown_factor=float(breakdown_factor),
-                       capacity=capacity, keep=keep, sharding=sharding)
+        solve = _top_host if driver == "host" else _top_jit
+        out = solve(matvec, v0, key, k=k, num_blocks=num_blocks, block_size=block_size,
+                    which=which, tol=tol, reorth=reorthogonalize, dtype=jnp.dtype(dtype),
+                    check_every=check_every, breakdown_factor=float(breakdown_factor),
+                    capacity=capacity, keep=keep, sharding=sharding)
     if _tree.is_concrete(out) and not np.all(np.isfinite(np.asarray(out.eigenvalues))):
         raise FloatingPointError(
             "`matvec` returned a non-finite value during Lanczos; check the parameters and the "

@@ -49,6 +49,12 @@ class PreconditionedOperator:
         out = self.operator(scaled)
         return jax.tree_util.tree_map(lambda s, x: s.astype(x.dtype) * x, self.scale, out)
 
+    def prepared(self):
+        """This operator over the wrapped one's ``prepared()`` (its cached linearisation, if
+        it has one): called once by the solvers inside their trace."""
+        prepare = getattr(self.operator, "prepared", None)
+        return self if prepare is None else dataclasses.replace(self, operator=prepare())
+
     @property
     def like(self) -> PyTree:
         return self.operator.like

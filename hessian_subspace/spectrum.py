@@ -59,6 +59,26 @@ def _probe(key, like_flat, kind):
     return jax.random.normal(key, like_flat.shape, like_flat.dtype)
 
 
+def default_probe_batch(matvec, like, num_probes: int, vectors_per_probe: int,
+                        budget: float | None = None) -> int:
+    """How many probes to vmap together: as many as fit ``budget`` bytes (default: a quarter
+    of what :func:`hessian_subspace.curvature.default_cache_budget` allows), counting per probe
+    ``vectors_per_probe + 4`` vectors of p numbers (a Lanczos basis, or a few vectors for
+    Hutchinson) and, for the data-set operators, one more copy of the activations their
+    products keep (:func:`hessian_subspace.curvature.linearization_bytes`)."""
+    from hessian_subspace import curvature  # noqa: PLC0415 -- curvature sits above spectrum
+
+    flat, _ = flatten_util.ravel_pytree(like)
+    per_probe = (vectors_per_probe + 4) * flat.size * flat.dtype.itemsize
+    if hasattr(matvec, "_matvec") and hasattr(matvec, "like"):
+        try:
+            per_probe += curvature.linearization_bytes(matvec)
+        except Exception:  # noqa: BLE001 -- an operator that cannot be traced alone
+            pass
+    budget = 0.25 * curvature.default_cache_budget() if budget is None else budget
+    return int(max(1, min(num_probes, budget // max(per_probe, 1))))
+
+
 def gaussian_smoothing(nodes: jax.Array, weights: jax.Array, grid: jax.Array, sigma) -> jax.Array:
     """Mean over probes of Σ_j weights_j N(grid; nodes_j, sigma²). Shapes: (n, m), (n, m), (g,)."""
     z = (grid[:, None, None] - nodes[None]) / sigma
@@ -94,8 +114,9 @@ def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_pr
     num_steps = _tree.check_int("num_steps", num_steps, 1, dim)
     if probe not in ("gaussian", "rademacher"):
         raise ValueError(f"`probe` must be 'gaussian' or 'rademacher', got {probe!r}.")
-    if probe_batch is not None:
-        probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
+    if probe_batch is None:
+        probe_batch = default_probe_batch(matvec, like, num_probes, num_steps)
+    probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
     dtype = _tree.resolve_dtype(dtype, like)
     with _tree.x64_scope(dtype):
         return _slq(matvec, like, key, num_probes=num_probes, num_steps=num_steps, probe=probe,
@@ -121,8 +142,9 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
       sigma: width of the Gaussian kernel (same units as the eigenvalues), > 0.
       like: template of the vectors (defaults to ``matvec.like`` for :func:`dataset_hvp`).
       probe: "gaussian" or "rademacher" (normalised inside either way).
-      probe_batch: probes vmapped together (default: all); lower it to save memory, since
-        each probe holds a ``(num_steps, p)`` basis.
+      probe_batch: probes vmapped together (one batched product per Lanczos step for the
+        group); default :func:`default_probe_batch`, as many as fit a memory budget, since
+        each probe holds a ``(num_steps, p)`` basis and its own activations.
       dtype: recurrence dtype (``float64`` under a scoped ``enable_x64``).
 
     Returns:
@@ -172,7 +194,8 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
       key: PRNG key.
       num_probes: number of probes (>= 2, for the standard error).
       like: template of the vectors (defaults to ``matvec.like``).
-      probe_batch: probes vmapped together (default: all).
+      probe_batch: probes vmapped together (one batched product per group); default
+        :func:`default_probe_batch`.
 
     Returns:
       ``(estimate, standard_error)``, two scalars.
@@ -187,8 +210,9 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     matvec = _tree.as_operator(matvec)
     like = _template(matvec, like)
     num_probes = _tree.check_int("num_probes", num_probes, 2)
-    if probe_batch is not None:
-        probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
+    if probe_batch is None:
+        probe_batch = default_probe_batch(matvec, like, num_probes, 1)
+    probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
     return _hutchinson(matvec, like, key, num_probes=num_probes, probe_batch=probe_batch)
 
 

@@ -55,6 +55,9 @@ flags.DEFINE_bool("tracker", False, "Warm start by block Krylov from the previou
 flags.DEFINE_bool("retry_failed", True, "Analyse again checkpoints whose record says failed.")
 flags.DEFINE_float("memory_budget", None, "Bytes per device for a Krylov basis (thick-restarted "
                    "Lanczos when the unrestarted basis would not fit).")
+flags.DEFINE_enum("hvp_cache", "auto", ["auto", "true", "false"],
+                  "Linearise the HVP once per solve (auto: when the stored activations fit a "
+                  "quarter of the memory).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
 flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
@@ -73,7 +76,8 @@ def main(argv):
         slq_steps=ints(FLAGS.slq_steps), dense_steps=ints(FLAGS.dense_steps),
         curvature=FLAGS.curvature, also_ggn=FLAGS.also_ggn,
         block=tuple(FLAGS.block) if FLAGS.block else None, next_bound=FLAGS.next_bound,
-        tracker=FLAGS.tracker, memory_budget=FLAGS.memory_budget)
+        tracker=FLAGS.tracker, memory_budget=FLAGS.memory_budget,
+        hvp_cache={"auto": "auto", "true": True, "false": False}[FLAGS.hvp_cache])
     mesh = _runtime.initialize()
     results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
     records = experiment.analyze_run(

@@ -205,5 +205,7 @@ def test_nnx_batchnorm_statistics_are_the_per_checkpoint_state(tmp_path):
     assert jax.tree_util.tree_structure(restored_stats) == jax.tree_util.tree_structure(stats)
     (rec,) = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50, progress=False,
                                on_steps=(0,)).run(source)
-    np.testing.assert_allclose(rec["f_top"], b["f_top"], rtol=1e-6)
+    # float32: the restored arrays compile to their own program (the cached linearisation's
+    # fusion may differ), so round-off, not bits.
+    np.testing.assert_allclose(rec["f_top"], b["f_top"], rtol=1e-5)
     np.testing.assert_allclose(rec["eigenvalues"], b["eigenvalues"], rtol=1e-5)

@@ -67,6 +67,8 @@ class Settings:
     tracker_blocks: int = 4
     # Bytes per device for a Krylov basis; a solve that would exceed it is thick-restarted.
     memory_budget: float | None = None
+    # Linearise the product once per solve ("auto": when it fits; hs.dataset_hvp's `cache`).
+    hvp_cache: bool | str = "auto"
     f_top_ks: tuple[int, ...] = (10, 50)
     block_spectra_steps: tuple[int, ...] = ()  # () with "block_spectra": every checkpoint
     block_k: int = 4
@@ -165,4 +167,5 @@ def analyzer_options(settings: Settings) -> dict:
     """The :class:`~hessian_subspace.analysis.Analyzer` keyword arguments of ``settings``."""
     return dict(batch_size=settings.batch_size, dtype=settings.dtype,
                 precision=settings.precision, seed=settings.seed, curvature=settings.curvature,
-                block=settings.block, memory_budget=settings.memory_budget)
+                block=settings.block, memory_budget=settings.memory_budget,
+                hvp_cache=settings.hvp_cache)

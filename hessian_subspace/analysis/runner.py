@@ -123,6 +123,11 @@ class Analyzer:
         that already live on the mesh keep their sharding, others are replicated.
       memory_budget: bytes per device for a Krylov basis; an eigensolve whose unrestarted basis
         would not fit runs thick-restarted with the basis that fits (None: no limit).
+      hvp_cache: whether the solvers linearise the product once per solve and apply the stored
+        linear map at every step (True, False, or "auto": when it fits ``cache_budget``); see
+        :func:`hessian_subspace.dataset_hvp`. Recorded per operator in ``settings.json``.
+      cache_budget: bytes per device for that linearisation (default
+        :func:`hessian_subspace.curvature.default_cache_budget`).
 
     Example::
 
@@ -145,7 +150,8 @@ class Analyzer:
                  on_steps: Iterable[int] = (), writers: Sequence[Any] = (),
                  record_fields: Mapping[str, Any] | None = None, retry_failed: bool = True,
                  progress: bool = True, mesh=None, data_axes: Sequence[str] | str = ("data",),
-                 param_sharding: Callable | None = None, memory_budget: float | None = None):
+                 param_sharding: Callable | None = None, memory_budget: float | None = None,
+                 hvp_cache: bool | str = "auto", cache_budget: float | None = None):
         # Everything is checked before anything is written.
         if isinstance(transforms, Transform):
             transforms = chain(transforms)
@@ -206,6 +212,13 @@ class Analyzer:
         if memory_budget is not None and not float(memory_budget) > 0:
             raise ValueError(f"`memory_budget` must be > 0 bytes, got {memory_budget!r}")
         self.memory_budget = None if memory_budget is None else float(memory_budget)
+        if hvp_cache not in ("auto", True, False):
+            raise ValueError(f"`hvp_cache` must be True, False or 'auto', got {hvp_cache!r}")
+        if cache_budget is not None and (isinstance(cache_budget, bool)
+                                         or not float(cache_budget) > 0):
+            raise ValueError(f"`cache_budget` must be > 0 bytes, got {cache_budget!r}")
+        self.hvp_cache = hvp_cache
+        self.cache_budget = None if cache_budget is None else float(cache_budget)
         self.data = self._host("data", data)
         self.test_data = None if test_data is None else self._host("test_data", test_data)
         with self._scope():
@@ -275,7 +288,8 @@ class Analyzer:
                           precision=self.precision, seed=self.seed, curvature=self.curvature,
                           block=list(self.block) if self.block else None,
                           loss_fn=_name(self.loss_fn), output_fn=_name(self.output_fn),
-                          memory_budget=self.memory_budget),
+                          memory_budget=self.memory_budget, hvp_cache=self.hvp_cache,
+                          cache_budget=self.cache_budget),
             data=_fingerprint(data))
 
     @property
@@ -366,7 +380,8 @@ class Analyzer:
             block = self.block if block == "default" else _check_block(block)
             if name == "hessian":
                 op = curvature.dataset_hvp(bound_loss, params, self.batches,
-                                           precision=self.precision)
+                                           precision=self.precision, cache=self.hvp_cache,
+                                           cache_budget=self.cache_budget)
             elif name == "ggn":
                 output_fn = output_fn or self.output_fn
                 output_loss = output_loss or self.output_loss
@@ -374,7 +389,8 @@ class Analyzer:
                     raise ValueError("the Gauss-Newton matrix needs `output_fn` and "
                                      "`output_loss` (give them to the Analyzer or to ggn())")
                 op = curvature.dataset_ggn(bind(output_fn), curvature.as_loss_pytree(
-                    output_loss), params, self.batches, precision=self.precision)
+                    output_loss), params, self.batches, precision=self.precision,
+                    cache=self.hvp_cache, cache_budget=self.cache_budget)
             else:
                 raise ValueError(f"`curvature` must be one of {CURVATURES}, got {name!r}")
             return op if block is None else hs.restrict(op, list(block))

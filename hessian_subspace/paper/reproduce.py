@@ -71,7 +71,8 @@ def _hash(obj) -> str:
 # of the directory name, so a rerun finds and resumes the analyses made before they existed.
 _LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks",
                    "memory_budget", "f_top_ks", "block_spectra_steps", "block_k",
-                   "block_slq_probes", "block_slq_steps", "adam_k", "adam_b2", "adam_eps")
+                   "block_slq_probes", "block_slq_steps", "adam_k", "adam_b2", "adam_eps",
+                   "hvp_cache")
 
 
 def analysis_identity(settings: presets.Settings) -> dict:
