@@ -58,6 +58,8 @@ flags.DEFINE_float("conv_width", 1.0, "Width multiplier of the Keras ConvNet (1:
 flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (median reported).")
 flags.DEFINE_integer("k", 10, "Top eigenpairs.")
 flags.DEFINE_float("tol", 1e-4, "Relative residual target of our solver and ARPACK.")
+flags.DEFINE_float("loose_tol", 1e-2, "A second, looser target for ours (PyHessian's "
+                   "accuracy).")
 flags.DEFINE_integer("train_steps", 100, "Full-batch SGD steps (lr 0.1) before measuring.")
 flags.DEFINE_bool("topk", True, "Also compare top-k eigensolvers on the FC net.")
 flags.DEFINE_bool("conv_topk", False, "Also on the ConvNet (PyHessian's cached graph is slow "
@@ -366,9 +368,17 @@ def _topk(loss_fn, params, data, comp, net):
     start = time.perf_counter()
     res = _sync(hs.top_eigenpairs(op, v0, k, tol=FLAGS.tol))
     out["ours"] = dict(seconds=time.perf_counter() - start, hvps=int(res.num_matvecs),
-                       all_converged=bool(np.all(res.converged)),
+                       tol=FLAGS.tol, all_converged=bool(np.all(res.converged)),
                        max_rel_eigenvalue_error=err(res.eigenvalues),
                        cached_linearization=bool(op.cache))
+    # At PyHessian's accuracy: a looser residual target (eigenvalue errors go as the squared
+    # residual over the gap, so tol 1e-2 still beats a 1e-3 power-iteration stop).
+    _sync(hs.top_eigenpairs(op, v0, k, tol=FLAGS.loose_tol))
+    start = time.perf_counter()
+    res = _sync(hs.top_eigenpairs(op, v0, k, tol=FLAGS.loose_tol))
+    out["ours_loose"] = dict(seconds=time.perf_counter() - start, hvps=int(res.num_matvecs),
+                             tol=FLAGS.loose_tol, all_converged=bool(np.all(res.converged)),
+                             max_rel_eigenvalue_error=err(res.eigenvalues))
     # ARPACK over our cached HVP (float32 products, float64 recurrence).
     prepared = curvature.prepare(op)
     mv = jax.jit(lambda m, x: flatten_util.ravel_pytree(m(unravel(x.astype(flat0.dtype))))[0])
@@ -405,6 +415,10 @@ def _topk(loss_fn, params, data, comp, net):
     finally:
         pyhessian_mod.hessian_vector_product = original
     out["ours_speedup_over_pyhessian"] = out["pyhessian"]["seconds"] / out["ours"]["seconds"]
+    loose = out["ours_loose"]
+    if loose["max_rel_eigenvalue_error"] <= out["pyhessian"]["max_rel_eigenvalue_error"]:
+        out["ours_loose_speedup_over_pyhessian_at_equal_or_better_accuracy"] = (
+            out["pyhessian"]["seconds"] / loose["seconds"])
     out["ours_speedup_over_arpack"] = (out["arpack_over_our_hvp"]["seconds"]
                                        / out["ours"]["seconds"])
     del net

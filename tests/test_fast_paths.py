@@ -134,7 +134,7 @@ def test_host_driven_solver_equals_compiled():
     mlp_loss, _, _, mlp_params, mlp_data = _mlp_problem(jnp.float32)
     mlp = hs.dataset_hvp(mlp_loss, mlp_params, mlp_data, batch_size=8)
     assert not krylov._wants_host_driver(mlp, mlp_params)
-    for kwargs in (dict(), dict(max_basis=8), dict(block_size=2)):
+    for kwargs in (dict(), dict(max_basis=8, block_size=2)):
         a = hs.top_eigenpairs(op, v, 3, driver="compiled", **kwargs)
         b = hs.top_eigenpairs(op, v, 3, driver="host", **kwargs)
         assert int(a.num_matvecs) == int(b.num_matvecs)
