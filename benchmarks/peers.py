@@ -60,6 +60,8 @@ flags.DEFINE_integer("k", 10, "Top eigenpairs.")
 flags.DEFINE_float("tol", 1e-4, "Relative residual target of our solver and ARPACK.")
 flags.DEFINE_float("loose_tol", 1e-2, "A second, looser target for ours (PyHessian's "
                    "accuracy).")
+flags.DEFINE_list("block_sizes", ["1", "2", "5"], "Block sizes of our top-k solver to compare "
+                  "(default num_steps, tol).")
 flags.DEFINE_integer("train_steps", 100, "Full-batch SGD steps (lr 0.1) before measuring.")
 flags.DEFINE_bool("topk", True, "Also compare top-k eigensolvers on the FC net.")
 flags.DEFINE_bool("conv_topk", False, "Also on the ConvNet (PyHessian's cached graph is slow "
@@ -379,6 +381,18 @@ def _topk(loss_fn, params, data, comp, net):
     out["ours_loose"] = dict(seconds=time.perf_counter() - start, hvps=int(res.num_matvecs),
                              tol=FLAGS.loose_tol, all_converged=bool(np.all(res.converged)),
                              max_rel_eigenvalue_error=err(res.eigenvalues))
+    # Block Lanczos: one vmapped product per block of `b` vectors.
+    blocks = {}
+    for b in (int(x) for x in FLAGS.block_sizes):
+        _sync(hs.top_eigenpairs(op, v0, k, tol=FLAGS.tol, block_size=b))
+        start = time.perf_counter()
+        res = _sync(hs.top_eigenpairs(op, v0, k, tol=FLAGS.tol, block_size=b))
+        wall = time.perf_counter() - start
+        blocks[b] = dict(seconds=wall, hvps=int(res.num_matvecs),
+                         seconds_per_hvp=wall / int(res.num_matvecs),
+                         all_converged=bool(np.all(res.converged)),
+                         max_rel_eigenvalue_error=err(res.eigenvalues))
+    out["ours_block_sizes"] = blocks
     # ARPACK over our cached HVP (float32 products, float64 recurrence).
     prepared = curvature.prepare(op)
     mv = jax.jit(lambda m, x: flatten_util.ravel_pytree(m(unravel(x.astype(flat0.dtype))))[0])

@@ -100,6 +100,7 @@ def _numbers(record):
                                    "overlap_g_hg", "c2", "lambda_max")}
 
 
+@pytest.mark.slow  # three 8-device subprocess runs: ~75 s (CI runs -m slow)
 @pytest.mark.parametrize("spec", ["data:8", "data:4,model:2"])
 def test_sharded_records_equal_the_single_device_ones(runs, spec):
     one, many = runs[""], runs[spec]
@@ -113,6 +114,7 @@ def test_sharded_records_equal_the_single_device_ones(runs, spec):
             np.testing.assert_allclose(b[key], value, rtol=2e-5, atol=2e-6, err_msg=key)
 
 
+@pytest.mark.slow  # three 8-device subprocess runs: ~75 s (CI runs -m slow)
 @pytest.mark.parametrize("spec", ["data:8", "data:4,model:2"])
 def test_no_data_moves_inside_the_hvp_loop(runs, spec):
     loop = runs[spec]["loop"]
@@ -123,6 +125,7 @@ def test_no_data_moves_inside_the_hvp_loop(runs, spec):
         assert loop["all-gather"] == 0, loop
 
 
+@pytest.mark.slow  # three 8-device subprocess runs: ~75 s (CI runs -m slow)
 @pytest.mark.parametrize("spec", ["data:8", "data:4,model:2"])
 def test_the_krylov_basis_is_split_over_the_devices(runs, spec):
     run = runs[spec]
