@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hessian_subspace import _tree
 
@@ -38,8 +39,24 @@ def _vec(x: PyTree) -> jax.Array:
     return _tree.as_flat(x)
 
 
-def _rows(basis: PyTree) -> jax.Array:
+def _rows(basis: PyTree, name: str) -> jax.Array:
+    """``basis`` as ``(k, p)`` rows; a plain array must be 2-D (shapes are static, so this
+    is checked before any tracing, under jit too)."""
+    if isinstance(basis, (jax.Array, np.ndarray)) and np.ndim(basis) != 2:
+        hint = "; for one vector pass `x[None]`" if np.ndim(basis) == 1 else ""
+        raise ValueError(f"`{name}` must be a (k, p) array of orthonormal rows (or a pytree of "
+                         f"leaves stacked along a leading k axis), got shape "
+                         f"{np.shape(basis)}{hint}.")
     return _tree.as_flat_rows(basis)
+
+
+def _same_dim(name_a: str, p_a: int, name_b: str, p_b: int) -> None:
+    """Both live in parameter space of the same dimension, or a ValueError naming them."""
+    if p_a != p_b:
+        raise ValueError(
+            f"`{name_a}` has dimension p = {p_a} but `{name_b}` has p = {p_b}; both must live "
+            f"in the same parameter space (bases are (k, p) rows: a (p, k) array of columns "
+            f"needs `.T`).")
 
 
 def _common(*arrays):
@@ -65,7 +82,8 @@ def eigenvector_overlaps(g: PyTree, eigenvectors: PyTree) -> jax.Array:
       >>> [round(float(c), 4) for c in c2]
       [0.36, 0.64]
     """
-    g, v = _common(_vec(g), _rows(eigenvectors))
+    g, v = _common(_vec(g), _rows(eigenvectors, "eigenvectors"))
+    _same_dim("eigenvectors", v.shape[1], "g", g.shape[0])
     coeffs = jnp.dot(v, g, precision=_HIGHEST)
     return coeffs**2 / jnp.dot(g, g, precision=_HIGHEST)
 
@@ -105,6 +123,7 @@ def hessian_gradient_overlap(g: PyTree, hg: PyTree) -> jax.Array:
       0.7071
     """
     g, hg = _common(_vec(g), _vec(hg))
+    _same_dim("hg", hg.shape[0], "g", g.shape[0])
     num = jnp.dot(g, hg, precision=_HIGHEST)
     return num / (jnp.linalg.norm(g) * jnp.linalg.norm(hg))
 
@@ -128,7 +147,8 @@ def subspace_overlap(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
       >>> float(subspace_overlap(jnp.eye(4)[:2], jnp.eye(4)[1:3]))
       0.5
     """
-    a, b = _common(_rows(basis_a), _rows(basis_b))
+    a, b = _common(_rows(basis_a, "basis_a"), _rows(basis_b, "basis_b"))
+    _same_dim("basis_a", a.shape[1], "basis_b", b.shape[1])
     return jnp.sum(_squared_cosines(a, b)) / jnp.sqrt(a.shape[0] * b.shape[0])
 
 
@@ -156,7 +176,8 @@ def nested_subspace_overlaps(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
       >>> [float(x) for x in nested_subspace_overlaps(jnp.eye(4)[:3], b)]
       [1.0, 0.5, 1.0]
     """
-    a, b = _common(_rows(basis_a), _rows(basis_b))
+    a, b = _common(_rows(basis_a, "basis_a"), _rows(basis_b, "basis_b"))
+    _same_dim("basis_a", a.shape[1], "basis_b", b.shape[1])
     r = min(a.shape[0], b.shape[0])
     cumulative = jnp.cumsum(jnp.cumsum(_squared_cosines(a[:r], b[:r]), axis=0), axis=1)
     return jnp.diagonal(cumulative) / jnp.arange(1, r + 1, dtype=a.dtype)
@@ -181,7 +202,8 @@ def principal_angles(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
       >>> [round(float(a), 4) for a in principal_angles(jnp.eye(3)[:2], jnp.eye(3)[1:])]
       [0.0, 1.5708]
     """
-    a, b = _common(_rows(basis_a), _rows(basis_b))
+    a, b = _common(_rows(basis_a, "basis_a"), _rows(basis_b, "basis_b"))
+    _same_dim("basis_a", a.shape[1], "basis_b", b.shape[1])
     if a.shape[0] < b.shape[0]:
         a, b = b, a  # b is the smaller basis; angles are symmetric.
     r = min(a.shape[0], b.shape[0])

@@ -1,5 +1,7 @@
 """The paper's metrics against direct numpy formulas; invariances of the subspace overlap."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,3 +257,36 @@ def test_error_bounds_vectorised_over_leading_blocks_and_jit():
         # No positive gap: inf, never a negative or NaN bound.
         flat = metrics.subspace_error_bound(np.array([0.1]), np.array([1.0]), 1.0, 0.0)
         assert float(flat.spectral) == np.inf and float(flat.gap) < 0
+
+
+# Issue 12, bad input: every shape mismatch in the metrics is a ValueError naming the argument,
+# raised from static shapes (before any tracing, under jit too), not a dot_general traceback.
+_P = 6
+_G = np.arange(1.0, _P + 1)
+_BASIS = np.eye(_P)[:2]
+_BAD_METRIC_INPUTS = [
+    ("gradient_fraction, basis of another p", hs.gradient_fraction, (_G, np.eye(5)[:2]),
+     "`eigenvectors` has dimension p = 5 but `g` has p = 6"),
+    ("gradient_fraction, 1-D basis", hs.gradient_fraction, (_G, _G), "x[None]"),
+    ("gradient_fraction, transposed basis", hs.gradient_fraction, (_G, _BASIS.T), "`.T`"),
+    ("eigenvector_overlaps, 3-D basis", hs.eigenvector_overlaps, (_G, _BASIS[None]),
+     "`eigenvectors` must be a (k, p) array"),
+    ("hessian_gradient_overlap, mismatched p", hs.hessian_gradient_overlap, (_G, _G[:5]),
+     "`hg` has dimension p = 5"),
+    ("subspace_overlap, mismatched p", hs.subspace_overlap, (_BASIS, np.eye(5)[:2]),
+     "`basis_a` has dimension p = 6 but `basis_b` has p = 5"),
+    ("subspace_overlap, 1-D basis", hs.subspace_overlap, (_G, _BASIS), "`basis_a` must be"),
+    ("principal_angles, transposed", hs.principal_angles, (_BASIS, _BASIS.T), "`.T`"),
+    ("nested_subspace_overlaps, mismatched p", hs.nested_subspace_overlaps,
+     (_BASIS, np.eye(7)[:2]), "`basis_b` has p = 7"),
+]
+
+
+@pytest.mark.parametrize("case, fn, args, message", _BAD_METRIC_INPUTS,
+                         ids=[c[0] for c in _BAD_METRIC_INPUTS])
+def test_metric_shape_errors_name_the_argument(case, fn, args, message):
+    del case
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(*args)
+    with pytest.raises(ValueError, match=re.escape(message)):  # the same under jit
+        jax.jit(fn)(*(jnp.asarray(a) for a in args))
