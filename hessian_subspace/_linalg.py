@@ -45,6 +45,24 @@ def check_start_vector(v0: PyTree) -> None:
         raise ValueError("`v0` is the zero vector; Lanczos needs a nonzero start vector.")
 
 
+def check_start_like_operator(v0: PyTree, matvec) -> None:
+    """``v0`` has the structure and shapes of the operator's vectors when it declares them
+    (``matvec.like``: the data-set operators and their wrappers), or a ValueError naming it."""
+    like = getattr(matvec, "like", None)
+    if like is None:
+        return
+    t_v, t_like = jax.tree_util.tree_structure(v0), jax.tree_util.tree_structure(like)
+    shapes_v = [np.shape(x) for x in jax.tree_util.tree_leaves(v0)]
+    shapes_like = [np.shape(x) for x in jax.tree_util.tree_leaves(like)]
+    if t_v != t_like or shapes_v != shapes_like:
+        raise ValueError(
+            f"`v0` must be shaped like the operator's vectors (`matvec.like`, e.g. the "
+            f"parameters): got {t_v} with leaf shapes {shapes_v[:4]}"
+            f"{'...' if len(shapes_v) > 4 else ''}, expected {t_like} with "
+            f"{shapes_like[:4]}{'...' if len(shapes_like) > 4 else ''}; build it with "
+            f"`hs.random_start_vector(key, op.like)`.")
+
+
 def orthogonalize(w, basis, passes):
     """w minus its projection on the rows of `basis`, `passes` classical Gram-Schmidt passes."""
     for _ in range(passes):

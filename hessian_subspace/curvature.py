@@ -97,11 +97,23 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, *args: Any, precision: str |
       >>> hs.hvp(loss, jnp.ones(3), jnp.array([1.0, 0.0, 0.0]), jnp.array([2.0, 1.0, 1.0]))
       Array([4., 0., 0.], dtype=float32)
     """
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     precision = _check_precision(precision)
     _check_like("v", v, params)
     _tree.check_finite("params", params)
+    _check_scalar_loss(loss_fn, params, *args)
     with _matmul_precision(precision):
         return jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
+
+
+def _check_scalar_loss(loss_fn, params, *args) -> None:
+    """``loss_fn(params, *args)`` is a scalar (checked on shapes only: ``jax.eval_shape``)."""
+    out = jax.eval_shape(loss_fn, params, *args)
+    if not hasattr(out, "shape") or out.shape != ():
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(f"`loss_fn(params, batch)` must return a scalar (the mean loss over "
+                         f"the batch), got {shape}.")
 
 
 def _check_like(name: str, tree: PyTree, like: PyTree) -> None:
@@ -420,6 +432,9 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
     op = HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
                          batch_size=batch_size, precision=precision,
                          param_shardings=_param_shardings(params))
+    first = (data.first_batch() if isinstance(data, layout.BatchedData)
+             else jax.tree_util.tree_map(lambda x: x[:batch_size], data))
+    _check_scalar_loss(op.loss_fn, params, first)
     return _with_cache(op, cache, cache_budget)
 
 

@@ -217,6 +217,7 @@ def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int 
     """
     matvec = _tree.as_operator(matvec)
     _linalg.check_start_vector(v0)
+    _linalg.check_start_like_operator(v0, matvec)
     dim = _tree.tree_size(v0)
     num_steps = _tree.check_int("num_steps", num_steps, 1, dim)
     reorthogonalize = _tree.check_int("reorthogonalize", reorthogonalize, 0, 4)
@@ -597,6 +598,7 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     """
     matvec = _tree.as_operator(matvec)
     _linalg.check_start_vector(v0)
+    _linalg.check_start_like_operator(v0, matvec)
     dim = _tree.tree_size(v0)
     if dim < 2:
         raise ValueError(f"the operator must have dimension >= 2, got {dim}.")
