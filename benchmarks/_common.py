@@ -25,6 +25,21 @@ def versions(**extra: str) -> dict:
                 numpy=np.__version__, **extra)
 
 
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` (blocked until ready), after one call that
+    compiles and warms up."""
+    import statistics
+    import time
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def emit(result: dict, json_out: str | None) -> None:
     """Prints ``result`` as indented JSON, and writes the same text to ``json_out`` if given."""
     text = json.dumps(result, indent=1)

@@ -15,7 +15,6 @@ Measured, all in one run and on the same data:
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import jax
@@ -50,16 +49,6 @@ flags.DEFINE_string("json_out", None, "Also write the JSON here.")
 flags.DEFINE_bool("conv", True, "Also benchmark the small conv net.")
 
 
-def _median_time(fn, repeats):
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _relative_residuals(op_flat, values, vectors):
     """Explicit ||Hv - λv|| / |λ| for rows of `vectors`, with float64 bookkeeping."""
     hv = np.stack([np.asarray(op_flat(jnp.asarray(v, jnp.float32)), np.float64) for v in vectors])
@@ -71,13 +60,13 @@ def _ratios(loss_fn, params, data, batch_size, repeats, steps=40):
     v = hs.random_start_vector(jax.random.key(0), params)
     grad_fn = jax.jit(lambda p: hs.dataset_mean(lambda b: jax.grad(loss_fn)(p, b), data,
                                                 batch_size=batch_size))
-    t_grad = _median_time(lambda: grad_fn(params), repeats)
-    t_hvp = _median_time(lambda: op(v), repeats)
+    t_grad = _common.median_time(lambda: grad_fn(params), repeats)
+    t_hvp = _common.median_time(lambda: op(v), repeats)
     # The same gradient as one batch outside any loop: XLA:CPU runs convolutions inside loop
     # bodies far slower than outside (jax-ml/jax#12868), which this exposes.
     whole = jax.jit(lambda p: jax.grad(loss_fn)(p, data))
-    t_whole = _median_time(lambda: whole(params), repeats)
-    t_lanczos = _median_time(lambda: hs.lanczos(op, v, steps), max(1, repeats // 2))
+    t_whole = _common.median_time(lambda: whole(params), repeats)
+    t_lanczos = _common.median_time(lambda: hs.lanczos(op, v, steps), max(1, repeats // 2))
     out = dict(grad_s=t_grad, hvp_s=t_hvp, hvp_over_grad=t_hvp / t_grad,
                grad_one_batch_no_loop_s=t_whole,
                lanczos_steps=steps, lanczos_s=t_lanczos,

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 
@@ -48,34 +46,23 @@ flags.DEFINE_string("child", None, "Internal: run one mesh in this process ('' =
 flags.DEFINE_string("json_out", None, "Also write the JSON here.")
 
 
-def _median(fn, repeats):
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _costs(loss_fn, params, batches, k, steps, repeats, sharding, tol):
     """Gradient, HVP and Lanczos times of one problem, and its top-k eigenvalues."""
     import jax
     import numpy as np
 
+    import _common
     import hessian_subspace as hs
 
     op = hs.dataset_hvp(loss_fn, params, batches)
     v = hs.random_start_vector(jax.random.key(1), params)
     # Data and operator enter as arguments (pytrees), never as constants of the program.
     grad = jax.jit(lambda p, b: hs.dataset_value_and_grad(loss_fn, p, b))
-    t_grad = _median(lambda: grad(params, batches), repeats)
-    t_hvp = _median(lambda: op(v), repeats)
+    t_grad = _common.median_time(lambda: grad(params, batches), repeats)
+    t_hvp = _common.median_time(lambda: op(v), repeats)
     solve = jax.jit(lambda op, v: hs.top_eigenpairs(op, v, k, num_steps=steps, tol=tol,
                                                     sharding=sharding))
-    t_solve = _median(lambda: solve(op, v), max(1, repeats // 2))
+    t_solve = _common.median_time(lambda: solve(op, v), max(1, repeats // 2))
     res = solve(op, v)
     hvps = int(res.num_matvecs)
     return op, v, dict(num_params=op.dim, grad_s=t_grad, hvp_s=t_hvp, hvp_over_grad=t_hvp / t_grad,

@@ -72,6 +72,9 @@ def initialize():
     if FLAGS.coordinator_address is not None:
         if FLAGS.process_id != 0:
             _wait_for_coordinator()
+        # Process-wide by nature and only here, in the entry point, when several processes
+        # were asked for: the CPU client picks its collectives when it is created, so no scoped
+        # form exists (without it, cross-process CPU collectives fail). The library never sets it.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         try:
             jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

@@ -68,6 +68,16 @@ def _assert_close(new, old, path, dtype):
         assert new == old, (path, new, old)
 
 
+def _analyzer(model, data, settings, tmp_path):
+    """The paper's chain for ``settings`` on the fixture's model, as the old Pipeline ran it."""
+    return analysis.Analyzer(
+        presets.paper_chain(settings, k=3,
+                            metrics_fn=tasks.inference_metrics(model, "classification")),
+        tasks.inference_loss(model, "classification"), data=data,
+        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss("classification"),
+        results_dir=str(tmp_path), progress=False, **presets.analyzer_options(settings))
+
+
 @pytest.mark.parametrize("name", sorted(ANALYSES))
 def test_the_rebuilt_pipeline_reproduces_the_old_records(name, tmp_path):
     model, data, params = _problem()
@@ -75,12 +85,7 @@ def test_the_rebuilt_pipeline_reproduces_the_old_records(name, tmp_path):
     # (default "auto") computes the same numbers in another order, compared within float32
     # round-off in tests/test_fast_paths.py. Here the old arithmetic, to the last bits.
     settings = presets.Settings(**ANALYSES[name], hvp_cache=False)
-    analyzer = analysis.Analyzer(
-        presets.paper_chain(settings, k=3,
-                            metrics_fn=tasks.inference_metrics(model, "classification")),
-        tasks.inference_loss(model, "classification"), data=data,
-        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss("classification"),
-        results_dir=str(tmp_path), progress=False, **presets.analyzer_options(settings))
+    analyzer = _analyzer(model, data, settings, tmp_path)
     with open(os.path.join(FIXTURE, f"records_{name}.json")) as f:
         old_records = json.load(f)
     for step, old in zip(STEPS, old_records, strict=True):
@@ -111,12 +116,7 @@ def test_the_cached_linearisation_reproduces_the_old_records_to_round_off(name, 
     float32's rounding unit included, hence the absolute floor)."""
     model, data, params = _problem()
     settings = presets.Settings(**ANALYSES[name], hvp_cache=True)
-    analyzer = analysis.Analyzer(
-        presets.paper_chain(settings, k=3,
-                            metrics_fn=tasks.inference_metrics(model, "classification")),
-        tasks.inference_loss(model, "classification"), data=data,
-        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss("classification"),
-        results_dir=str(tmp_path), progress=False, **presets.analyzer_options(settings))
+    analyzer = _analyzer(model, data, settings, tmp_path)
     assert analyzer.settings["analyzer"]["hvp_cache"] is True
     rtol, atol = (1e-10, 1e-13) if settings.dtype == "float64" else (1e-4, 1e-6)
     with open(os.path.join(FIXTURE, f"records_{name}.json")) as f:

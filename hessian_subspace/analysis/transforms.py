@@ -9,8 +9,9 @@ they read what earlier transforms put in the :class:`~hessian_subspace.analysis.
 What happens to an output (a dict entry) is decided by its value and the transform's fields:
 
 - a :class:`Stored` value (a dict of arrays) is written by the runner to
-  ``FOLDER/step_XXXXXXXX.npz`` with FOLDER the output's key (transforms may add arrays to the
-  same folder); later checkpoints read it back with ``ctx.stored(FOLDER, step)``;
+  ``FOLDER/step_<step>.npz`` (the step zero-padded to 8 digits) with FOLDER the output's key
+  (transforms may add arrays to the same folder); later checkpoints read it back with
+  ``ctx.stored(FOLDER, step)``;
 - a key listed in ``context_only`` goes to the context only (large arrays, solver results);
 - everything else goes to the context **and** into the checkpoint's record under its key
   (numbers, small arrays, nested dicts of them).
@@ -40,7 +41,7 @@ BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batc
 
 
 class Stored(dict):
-    """Arrays for the runner to store in ``FOLDER/step_XXXXXXXX.npz`` (FOLDER: the output key).
+    """Arrays for the runner to store in ``FOLDER/step_<step>.npz`` (FOLDER: the output key).
 
     A plain dict of numpy/JAX arrays; ``ctx.stored(FOLDER, step)`` returns it (as numpy) at
     later checkpoints.
