@@ -44,6 +44,7 @@ from hessian_subspace.krylov import top_eigenpairs as top_eigenpairs
 from hessian_subspace.layout import BatchedData as BatchedData
 from hessian_subspace.layout import batch_data as batch_data
 from hessian_subspace.metrics import SubspaceErrorBound as SubspaceErrorBound
+from hessian_subspace.metrics import UndefinedMetricError as UndefinedMetricError
 from hessian_subspace.metrics import eigenvector_overlaps as eigenvector_overlaps
 from hessian_subspace.metrics import gradient_fraction as gradient_fraction
 from hessian_subspace.metrics import gradient_fraction_bound as gradient_fraction_bound

@@ -63,6 +63,28 @@ def check_start_like_operator(v0: PyTree, matvec) -> None:
             f"`hs.random_start_vector(key, op.like)`.")
 
 
+def check_operator_output(matvec, v0: PyTree) -> None:
+    """A plain function's output has ``v0``'s structure, shapes and a floating dtype, checked on
+    shapes only (``jax.eval_shape``), or a ValueError naming ``matvec``. The data-set operators
+    (they declare ``like``) are built to, and are not traced again here."""
+    if getattr(matvec, "like", None) is not None:
+        return
+    try:
+        out = jax.eval_shape(matvec, v0)
+    except Exception as e:  # a user's function: any error type
+        raise ValueError(f"`matvec` fails on a vector shaped like `v0`: {type(e).__name__}: "
+                         f"{e}") from e
+    shapes = lambda t: [(np.shape(x)) for x in jax.tree_util.tree_leaves(t)]  # noqa: E731
+    t_out, t_in = jax.tree_util.tree_structure(out), jax.tree_util.tree_structure(v0)
+    if t_out != t_in or shapes(out) != shapes(v0):
+        raise ValueError(f"`matvec` must return a vector shaped like its input: for {t_in} with "
+                         f"leaf shapes {shapes(v0)[:4]} it returned {t_out} with "
+                         f"{shapes(out)[:4]}.")
+    for x in jax.tree_util.tree_leaves(out):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"`matvec` must return floating-point vectors, got {x.dtype}.")
+
+
 def orthogonalize(w, basis, passes):
     """w minus its projection on the rows of `basis`, `passes` classical Gram-Schmidt passes."""
     for _ in range(passes):

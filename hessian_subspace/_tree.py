@@ -51,6 +51,37 @@ def check_floating(name: str, tree: PyTree) -> None:
             raise ValueError(f"`{name}` must hold floating-point arrays, got dtype {dtype}.")
 
 
+def check_key(name: str, key: Any) -> None:
+    """Raises a `TypeError` naming ``name`` unless ``key`` is one JAX PRNG key: a typed key
+    (``jax.random.key(0)``) of shape ``()`` or a legacy ``uint32`` array of shape ``(2,)``
+    (``jax.random.PRNGKey(0)``)."""
+    dtype = getattr(key, "dtype", None)
+    shape = np.shape(key) if dtype is not None else None
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+    elif dtype is not None and dtype == jnp.uint32 and shape == (2,):
+        return
+    what = (f"an array of dtype {dtype} and shape {shape}" if dtype is not None
+            else repr(key) if isinstance(key, (int, float, str)) else type(key).__name__)
+    raise TypeError(f"`{name}` must be one JAX PRNG key, e.g. jax.random.key(0) (or a "
+                    f"jax.random.split of it, one at a time), got {what}.")
+
+
+def warn_float64_dropped(name: str, tree: PyTree, stacklevel: int = 3) -> None:
+    """Warns when ``tree`` holds float64 arrays while ``jax_enable_x64`` is off: JAX would
+    compute with them in float32, silently."""
+    if jax.config.jax_enable_x64:
+        return
+    if any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(tree)):
+        import warnings
+
+        warnings.warn(
+            f"`{name}` holds float64 arrays but jax_enable_x64 is off, so JAX computes in "
+            f"float32; pass float32 arrays, or run the call under `with jax.enable_x64(True):` "
+            f"(scoped) for float64.", UserWarning, stacklevel=stacklevel)
+
+
 def to_host(x) -> np.ndarray:
     """``x`` as a numpy array on this host, also when it lives on devices of several processes
     (a fully replicated array is read from a local copy; a split one is gathered)."""

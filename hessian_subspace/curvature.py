@@ -102,14 +102,25 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, *args: Any, precision: str |
     precision = _check_precision(precision)
     _check_like("v", v, params)
     _tree.check_finite("params", params)
+    _tree.warn_float64_dropped("params", params)
     _check_scalar_loss(loss_fn, params, *args)
     with _matmul_precision(precision):
         return jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
 
 
 def _check_scalar_loss(loss_fn, params, *args) -> None:
-    """``loss_fn(params, *args)`` is a scalar (checked on shapes only: ``jax.eval_shape``)."""
-    out = jax.eval_shape(loss_fn, params, *args)
+    """``loss_fn(params, *args)`` can be evaluated and is a scalar (checked on shapes only:
+    ``jax.eval_shape``); an error inside it (a batch without a key the loss reads, inputs of
+    the wrong shape, float class labels) is re-raised naming the loss and the batch."""
+    try:
+        out = jax.eval_shape(loss_fn, params, *args)
+    except Exception as e:  # a user's loss: any error type
+        shapes = "; ".join(
+            f"{jax.tree_util.keystr(path) or 'batch'}: {np.shape(x)} {jnp.result_type(x)}"
+            for path, x in jax.tree_util.tree_leaves_with_path(args)[:6])
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"`loss_fn(params, batch)` fails on the batch ({shapes}) with these `params`: "
+                   f"{type(e).__name__}: {e}") from e
     if not hasattr(out, "shape") or out.shape != ():
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(f"`loss_fn(params, batch)` must return a scalar (the mean loss over "
@@ -429,6 +440,7 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
       Array([1., 0., 0.], dtype=float32)
     """
     batch_size, precision = _check_operator_args(params, data, batch_size, precision)
+    _tree.warn_float64_dropped("params", params)
     op = HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
                          batch_size=batch_size, precision=precision,
                          param_shardings=_param_shardings(params))

@@ -76,6 +76,7 @@ def random_start_vector(key: jax.Array, like: PyTree) -> PyTree:
     Returns:
       A pytree with the structure, shapes and dtypes of ``like``.
     """
+    _tree.check_key("key", key)
     flat, unravel = flatten_util.ravel_pytree(like)
     return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
@@ -218,6 +219,8 @@ def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int 
     matvec = _tree.as_operator(matvec)
     _linalg.check_start_vector(v0)
     _linalg.check_start_like_operator(v0, matvec)
+    _linalg.check_operator_output(matvec, v0)
+    _tree.warn_float64_dropped("v0", v0)
     dim = _tree.tree_size(v0)
     num_steps = _tree.check_int("num_steps", num_steps, 1, dim)
     reorthogonalize = _tree.check_int("reorthogonalize", reorthogonalize, 0, 4)
@@ -599,6 +602,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     matvec = _tree.as_operator(matvec)
     _linalg.check_start_vector(v0)
     _linalg.check_start_like_operator(v0, matvec)
+    _linalg.check_operator_output(matvec, v0)
+    _tree.warn_float64_dropped("v0", v0)
     dim = _tree.tree_size(v0)
     if dim < 2:
         raise ValueError(f"the operator must have dimension >= 2, got {dim}.")
@@ -633,6 +638,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     dtype = _tree.resolve_dtype(dtype, v0)
     tol = _linalg.resolve_tol(tol, v0)
     sharding = _linalg.vector_sharding(matvec, sharding)
+    if key is not None:
+        _tree.check_key("key", key)
     if driver not in ("auto", "compiled", "host"):
         raise ValueError(f"`driver` must be 'auto', 'compiled' or 'host', got {driver!r}.")
     traced = not (_tree.is_concrete(v0) and _tree.is_concrete(matvec)

@@ -3,9 +3,12 @@ that subspace moves.
 
 Vectors (gradients, Hg) may be pytrees or flat arrays; bases are ``(k, p)`` arrays with
 **orthonormal rows** (as returned by :func:`top_eigenpairs`) or pytrees whose leaves have a
-leading axis k. All functions are pure and jit-compatible; inner products use
-``Precision.HIGHEST``. Notation follows Gur-Ari, Roberts, Dyer (2018): :math:`P` is the
-orthogonal projector onto the span of a basis.
+leading axis k. Called on concrete values, the functions check their input: a basis whose rows
+are not orthonormal to :data:`ORTHONORMALITY_TOL` is a ``ValueError``, and a zero gradient (or
+Hg) an :class:`UndefinedMetricError` (f_top and overlap(g, Hg) are 0/0 there); under ``jit``
+these are not checked, and a zero vector gives NaN. All functions are pure and jit-compatible;
+inner products use ``Precision.HIGHEST``. Notation follows Gur-Ari, Roberts, Dyer (2018):
+:math:`P` is the orthogonal projector onto the span of a basis.
 
 Computed eigenvectors are not exact, so the metrics of a computed subspace carry an error:
 :func:`subspace_error_bound` turns Ritz residuals and the next Ritz value into bounds on the
@@ -39,6 +42,17 @@ def _vec(x: PyTree) -> jax.Array:
     return _tree.as_flat(x)
 
 
+class UndefinedMetricError(ValueError):
+    """A metric of a zero vector: f_top, c_i² or overlap(g, Hg) of g = 0 (or Hg = 0) is 0/0."""
+
+
+# How far from orthonormal a basis may be: max |B Bᵀ − I| <= ORTHONORMALITY_TOL. It catches
+# bases that are not orthonormal by construction (unnormalised or non-orthogonal rows), while
+# a float32 basis at rounding level (~1e-6, also when cast to float64) passes; a deviation δ
+# moves f_top and eq. 5 by O(δ).
+ORTHONORMALITY_TOL = 1e-3
+
+
 def _rows(basis: PyTree, name: str) -> jax.Array:
     """``basis`` as ``(k, p)`` rows; a plain array must be 2-D (shapes are static, so this
     is checked before any tracing, under jit too)."""
@@ -48,6 +62,27 @@ def _rows(basis: PyTree, name: str) -> jax.Array:
                          f"leaves stacked along a leading k axis), got shape "
                          f"{np.shape(basis)}{hint}.")
     return _tree.as_flat_rows(basis)
+
+
+def _orthonormal(rows: jax.Array, name: str) -> None:
+    """A concrete basis must have orthonormal rows (:data:`ORTHONORMALITY_TOL`); a traced one
+    is not checked (the formulas then assume it). Called after the shape checks."""
+    if _tree.is_concrete(rows) and jnp.issubdtype(rows.dtype, jnp.floating):
+        gram = jnp.dot(rows, rows.T, precision=_HIGHEST)
+        err = float(jnp.max(jnp.abs(gram - jnp.eye(rows.shape[0], dtype=rows.dtype))))
+        if not err <= ORTHONORMALITY_TOL:
+            raise ValueError(
+                f"`{name}` must have orthonormal rows: max |B Bᵀ − I| = {err:.3g} > "
+                f"{ORTHONORMALITY_TOL:g}; orthonormalise it first (e.g. "
+                f"jnp.linalg.qr(B.T)[0].T), or pass eigenvectors as returned by "
+                f"top_eigenpairs.")
+
+
+def _nonzero(name: str, x: jax.Array, what: str) -> None:
+    """A concrete zero vector makes the metric 0/0: an :class:`UndefinedMetricError` naming
+    it (traced values are not checked; the metric is then NaN)."""
+    if _tree.is_concrete(x) and not bool(jnp.any(x != 0)):
+        raise UndefinedMetricError(f"`{name}` is the zero vector: {what} is 0/0, undefined.")
 
 
 def _same_dim(name_a: str, p_a: int, name_b: str, p_b: int) -> None:
@@ -84,6 +119,8 @@ def eigenvector_overlaps(g: PyTree, eigenvectors: PyTree) -> jax.Array:
     """
     g, v = _common(_vec(g), _rows(eigenvectors, "eigenvectors"))
     _same_dim("eigenvectors", v.shape[1], "g", g.shape[0])
+    _orthonormal(v, "eigenvectors")
+    _nonzero("g", g, "(v_i·g)²/‖g‖²")
     coeffs = jnp.dot(v, g, precision=_HIGHEST)
     return coeffs**2 / jnp.dot(g, g, precision=_HIGHEST)
 
@@ -124,6 +161,8 @@ def hessian_gradient_overlap(g: PyTree, hg: PyTree) -> jax.Array:
     """
     g, hg = _common(_vec(g), _vec(hg))
     _same_dim("hg", hg.shape[0], "g", g.shape[0])
+    _nonzero("g", g, "gᵀHg/(‖g‖‖Hg‖)")
+    _nonzero("hg", hg, "gᵀHg/(‖g‖‖Hg‖)")
     num = jnp.dot(g, hg, precision=_HIGHEST)
     return num / (jnp.linalg.norm(g) * jnp.linalg.norm(hg))
 
@@ -149,6 +188,8 @@ def subspace_overlap(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
     """
     a, b = _common(_rows(basis_a, "basis_a"), _rows(basis_b, "basis_b"))
     _same_dim("basis_a", a.shape[1], "basis_b", b.shape[1])
+    _orthonormal(a, "basis_a")
+    _orthonormal(b, "basis_b")
     return jnp.sum(_squared_cosines(a, b)) / jnp.sqrt(a.shape[0] * b.shape[0])
 
 
@@ -178,6 +219,8 @@ def nested_subspace_overlaps(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
     """
     a, b = _common(_rows(basis_a, "basis_a"), _rows(basis_b, "basis_b"))
     _same_dim("basis_a", a.shape[1], "basis_b", b.shape[1])
+    _orthonormal(a, "basis_a")
+    _orthonormal(b, "basis_b")
     r = min(a.shape[0], b.shape[0])
     cumulative = jnp.cumsum(jnp.cumsum(_squared_cosines(a[:r], b[:r]), axis=0), axis=1)
     return jnp.diagonal(cumulative) / jnp.arange(1, r + 1, dtype=a.dtype)
@@ -204,6 +247,8 @@ def principal_angles(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
     """
     a, b = _common(_rows(basis_a, "basis_a"), _rows(basis_b, "basis_b"))
     _same_dim("basis_a", a.shape[1], "basis_b", b.shape[1])
+    _orthonormal(a, "basis_a")
+    _orthonormal(b, "basis_b")
     if a.shape[0] < b.shape[0]:
         a, b = b, a  # b is the smaller basis; angles are symmetric.
     r = min(a.shape[0], b.shape[0])

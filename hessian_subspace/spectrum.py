@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _tree, krylov
+from hessian_subspace import _linalg, _tree, krylov
 
 PyTree = Any
 
@@ -109,6 +109,8 @@ def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_pr
     """
     matvec = _tree.as_operator(matvec)
     like = _template(matvec, like)
+    _tree.check_key("key", key)
+    _linalg.check_operator_output(matvec, like)
     dim = _tree.tree_size(like)
     num_probes = _tree.check_int("num_probes", num_probes, 1)
     num_steps = _tree.check_int("num_steps", num_steps, 1, dim)
@@ -209,6 +211,8 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     """
     matvec = _tree.as_operator(matvec)
     like = _template(matvec, like)
+    _tree.check_key("key", key)
+    _linalg.check_operator_output(matvec, like)
     num_probes = _tree.check_int("num_probes", num_probes, 2)
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_probes, 1)

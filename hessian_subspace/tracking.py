@@ -150,6 +150,9 @@ def track_eigenpairs(matvec: Matvec, start: jax.Array, k: int, *, like: PyTree,
     """
     matvec = _tree.as_operator(matvec)
     _tree.check_floating("like", like)
+    _linalg.check_operator_output(matvec, like)
+    if key is not None:
+        _tree.check_key("key", key)
     dim = _tree.tree_size(like)
     start = jnp.asarray(start)
     if start.ndim != 2 or start.shape[1] != dim:

@@ -20,6 +20,38 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.DEFINE_integer("distributed_timeout", 120, "Seconds to wait for the other processes.")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run(main, flags_parser=parse_flags)``), where a
+    ``--config.FIELD=VALUE`` override naming no field of the config is one clear line (and
+    exit status 1) instead of ml_collections' traceback."""
+    import sys
+
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                         "Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        config = FLAGS["config"].value if "config" in FLAGS else None
+        bad = [o for o in overrides if config is not None and not _has_field(config, o)]
+        sys.stderr.write(
+            f"FATAL Flags parsing error: --{(bad or overrides or ['config'])[0]}: the config has "
+            f"no such field ({e}); see the config file for its fields.\n")
+        sys.exit(1)
+
+
+def _has_field(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split(".")[1:]:
+        try:
+            node = node[part]
+        except (KeyError, TypeError, IndexError):
+            return False
+    return True
+
+
 def check_flags() -> None:
     """Raises ``ValueError`` naming the flag, before anything starts, for inconsistent
     multi-host settings."""

@@ -18,6 +18,7 @@ writes it):
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -60,7 +61,8 @@ flags.DEFINE_enum("hvp_cache", "auto", ["auto", "true", "false"],
                   "quarter of the memory).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_float("poll_seconds", 2.0, "Polling interval with --watch.")
-flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, stop after this long without news.")
+flags.DEFINE_float("timeout_seconds", 600.0, "With --watch, give up after this long without a "
+                   "new checkpoint (exit status 1: the run did not finish).")
 
 
 def main(argv):
@@ -80,12 +82,17 @@ def main(argv):
         hvp_cache={"auto": "auto", "true": True, "false": False}[FLAGS.hvp_cache])
     mesh = _runtime.initialize()
     results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
-    records = experiment.analyze_run(
-        FLAGS.workdir, results, settings=settings,
-        steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
-        poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
-        num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics,
-        retry_failed=FLAGS.retry_failed, progress=FLAGS.progress, mesh=mesh)
+    try:
+        records = experiment.analyze_run(
+            FLAGS.workdir, results, settings=settings,
+            steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
+            poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
+            num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics,
+            retry_failed=FLAGS.retry_failed, progress=FLAGS.progress, mesh=mesh)
+    except TimeoutError as e:  # --watch: the run did not finish; exit non-zero
+        logging.error("--watch: %s", e)
+        sys.exit(f"launch.analyze: the watched run did not finish (--timeout_seconds="
+                 f"{FLAGS.timeout_seconds:g}): {e}")
     failed = [r["step"] for r in records if r.get("status") == "failed"]
     logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
                  len(failed), failed)

@@ -238,7 +238,12 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
         previous = int(state["previous"]) if warm_start else -1
         prev = ctx.stored(folder, previous) if previous >= 0 else None
         prev_basis = None if prev is None else prev["eigenvectors"]
-        num = min(k, op.dim - 1)
+        if k > op.dim - 1:
+            raise ValueError(
+                f"{name}: k = {k} eigenpairs asked of a curvature operator of dimension "
+                f"{op.dim} (the parameters analysed); at most {op.dim - 1}, so with the "
+                f"paper's 2k pairs the top-k size must be <= {(op.dim - 1) // 2}")
+        num = k
         out: dict[str, Any] = {}
         eig = None
         if prev_basis is not None and tracker and prev_basis.shape[0] >= num:
@@ -303,6 +308,14 @@ def _basis_cap(ctx, op, num: int, num_steps: int | None, block_size: int,
             f"parameters over {devices} devices; {num} eigenpairs need at least "
             f"{num + 2 * block_size}")
     return fits
+
+
+def _nonzero_gradient(g: jax.Array, what: str) -> None:
+    """The gradient-relative metrics are 0/0 at a zero gradient: the checkpoint fails with this
+    reason (a record with ``status: "failed"``) instead of recording NaN."""
+    if not bool(jnp.any(g != 0)):
+        raise metrics.UndefinedMetricError(
+            f"the full-data gradient is exactly zero, so {what} is 0/0 (undefined)")
 
 
 def _key(name: str, field: str) -> str:
@@ -375,6 +388,7 @@ def f_top(k: int, *, num_minibatches: int = 4, minibatch_size: int = 64,
     def update(ctx, state):
         eig = ctx[of]
         g = _flat(ctx["gradient"])
+        _nonzero_gradient(g, "f_top = |P g|²/|g|²")
         vectors = eig.eigenvectors[:2 * k]
         fr = _fractions(g, vectors, k)
         out = dict(f_top=float(fr["f_top"]), f_next=float(fr["f_next"]) if len(vectors) > k
@@ -407,7 +421,9 @@ def c2(num: int | None = None, *, of: str = "eigenpairs", name: str = "c2") -> T
     def update(ctx, state):
         vectors = ctx[of].eigenvectors
         vectors = vectors if num is None else vectors[:num]
-        return {"c2": np.asarray(_fractions(_flat(ctx["gradient"]), vectors, 0)["c2"])}, state
+        g = _flat(ctx["gradient"])
+        _nonzero_gradient(g, "c_i² = (v_i·g)²/|g|²")
+        return {"c2": np.asarray(_fractions(g, vectors, 0)["c2"])}, state
 
     return Transform(name=name, update=update, requires=("gradient", of), provides=("c2",),
                      config=dict(num=num, of=of))
@@ -418,6 +434,7 @@ def overlap_g_hg(*, name: str = "overlap_g_hg") -> Transform:
 
     def update(ctx, state):
         grad = ctx["gradient"]
+        _nonzero_gradient(_flat(grad), "overlap(g, Hg)")
         hg = ctx["operator"](grad)
         ctx.count_hvps(1)
         return {"overlap_g_hg": float(metrics.hessian_gradient_overlap(grad, hg))}, state

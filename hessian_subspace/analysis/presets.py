@@ -36,7 +36,8 @@ DEFAULT_TRANSFORMS = TRANSFORMS[:8]
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The paper's analysis as flat settings (validated on construction)."""
+    """The paper's analysis as flat settings (validated on construction; the fields are the
+    flags of ``launch/analyze.py``, so an error naming `k` is about ``--k``)."""
 
     transforms: tuple[str, ...] = DEFAULT_TRANSFORMS
     k: int | None = None  # top-k size; None: the number of classes (model outputs)
@@ -91,6 +92,11 @@ class Settings:
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
                                    or self.k < 1):
             raise ValueError(f"`k` must be a positive int or None, got {self.k!r}")
+        if self.lanczos_steps is not None and (
+                isinstance(self.lanczos_steps, bool) or not isinstance(self.lanczos_steps, int)
+                or self.lanczos_steps < 1):
+            raise ValueError(f"`lanczos_steps` must be a positive int or None, got "
+                             f"{self.lanczos_steps!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}")
         if self.curvature not in ("hessian", "ggn"):

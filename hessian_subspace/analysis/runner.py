@@ -233,6 +233,7 @@ class Analyzer:
         for problem in self.store.check():
             logging.warning("results store: %s", problem)
         self._state: tuple[int, dict] | None = None  # (step, chain state after it)
+        self._contract_checked = False
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -320,6 +321,49 @@ class Analyzer:
             raise TypeError("a model `state` was given but `loss_fn` takes (params, batch); "
                             "make it loss_fn(params, batch, state)")
 
+    def _check_contract(self, params: PyTree, state: PyTree) -> None:
+        """The loss (and the outputs, if given) evaluated on shapes only, on one batch of
+        ``data`` with these parameters: a mismatch (a batch without the keys the loss reads,
+        inputs of the wrong shape, float class labels, a vector loss) is a ``TypeError`` or
+        ``ValueError`` naming ``data``/``loss_fn`` before anything is computed or written; integer
+        labels are checked against the number of outputs."""
+        n = min(self.batch_size, int(np.shape(jax.tree_util.tree_leaves(self.data)[0])[0]))
+        batch = jax.tree_util.tree_map(lambda x: x[:n], self.data)
+        bind = context_lib.default_bind(state)
+        shapes = ", ".join(f"{jax.tree_util.keystr(path)}: {np.shape(x)} {np.asarray(x).dtype}"
+                           for path, x in jax.tree_util.tree_leaves_with_path(batch))
+        with self._scope():
+            for label, fn in (("loss_fn", self.loss_fn), ("output_fn", self.output_fn)):
+                if fn is None:
+                    continue
+                try:
+                    out = jax.eval_shape(bind(fn), self._place_like(params), batch)
+                except Exception as e:  # JAX, flax and user code raise many types
+                    kind = TypeError if isinstance(e, TypeError) else ValueError
+                    raise kind(f"`{label}` cannot be evaluated on a batch of `data` ({shapes}) "
+                               f"with these `params`: {type(e).__name__}: {e}") from e
+                if label == "loss_fn" and getattr(out, "shape", None) != ():
+                    raise ValueError(f"`loss_fn` must return the scalar mean loss of a batch, "
+                                     f"got {out}")
+                y = self.data.get("y") if isinstance(self.data, Mapping) else None
+                if label == "output_fn" and y is not None and np.ndim(out) >= 2 \
+                        and np.issubdtype(np.asarray(y).dtype, np.integer):
+                    lo, hi = int(np.min(y)), int(np.max(y))
+                    if lo < 0 or hi >= out.shape[-1]:
+                        raise ValueError(
+                            f"`data['y']`: integer labels must be class indices in [0, "
+                            f"{out.shape[-1]}) (`output_fn` gives {out.shape[-1]} outputs), "
+                            f"found values in [{lo}, {hi}]")
+        self._contract_checked = True
+
+    def _place_like(self, params: PyTree) -> PyTree:
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), self._cast_dtype(x)), params)
+
+    def _cast_dtype(self, x):
+        dtype = jnp.result_type(x)
+        return self._jdtype if jnp.issubdtype(dtype, jnp.floating) else dtype
+
     # ---- one checkpoint --------------------------------------------------------------------
 
     def __call__(self, step: int, params: PyTree, state: PyTree = None, *,
@@ -343,13 +387,15 @@ class Analyzer:
         self._check_state_arg(state)
         start = time.perf_counter()
         _tree.check_floating("params", params)
+        if not self._contract_checked:
+            self._check_contract(params, state)
         bad = int(_count_nonfinite((params, state)))
         if bad:
             return self.fail(step, f"{bad} non-finite values in the parameters or model state")
         try:
             with self._scope():
                 record, stored, new_state = self._compute(step, params, state, extras)
-        except (FloatingPointError, store_lib.CorruptFile) as e:
+        except (FloatingPointError, store_lib.CorruptFile, hs.UndefinedMetricError) as e:
             return self.fail(step, f"non-finite values during the analysis: {e}"
                              if isinstance(e, FloatingPointError) else str(e))
         record["seconds"] = round(time.perf_counter() - start, 3)
@@ -490,19 +536,34 @@ class Analyzer:
             ``{step: (params, state)}``.
           steps: only these steps (default: every scheduled one).
           watch: follow a live run: keep polling for new checkpoints until ``final_step`` (or
-            the source's ``final_step``) has been analysed, or nothing new appeared for
-            ``timeout_seconds`` (then a warning is logged and the records so far returned).
+            the source's ``final_step``, or every one of ``steps``) has been analysed; if
+            nothing new appears for ``timeout_seconds`` first, a ``TimeoutError`` is raised
+            (the records written so far are in the store: :attr:`records`).
           poll_seconds: polling interval when watching.
           timeout_seconds: see ``watch``.
           final_step: the last step of a watched run.
 
         Returns:
           The records written by this call (failures included).
+
+        Raises:
+          ValueError: ``steps`` names a step the source has no checkpoint of (without
+            ``watch``), before anything is analysed.
+          TimeoutError: a watched run did not reach its last step within ``timeout_seconds``.
         """
         from tqdm import tqdm
 
         source = sources_lib.as_source(source)
         wanted = None if steps is None else {_check_step(s) for s in steps}
+        if wanted is not None and not watch:
+            available = set(source.steps())
+            missing = sorted(wanted - available)
+            if missing:
+                have = sorted(available)
+                listed = (str(have) if len(have) <= 12 else
+                          f"{len(have)} steps: {have[:5]} ... {have[-5:]}")
+                raise ValueError(f"`steps`: no checkpoint at step(s) {missing}; the source has "
+                                 f"{listed or 'none'}")
         if final_step is None:
             final_step = getattr(source, "final_step", None)
         written = []
@@ -532,8 +593,16 @@ class Analyzer:
             if not watch or (final_step is not None and final_step in seen):
                 break
             if time.monotonic() - last_new > timeout_seconds:
-                logging.warning("no new checkpoint for %.0f s; stopping", timeout_seconds)
-                break
+                bar.close()
+                for w in self.writers:
+                    w.flush()
+                waiting = (f"steps {sorted(wanted - seen)}" if wanted is not None
+                           else f"step {final_step}" if final_step is not None
+                           else "the end of the run")
+                raise TimeoutError(
+                    f"no new checkpoint for {timeout_seconds:.0f} s while waiting for "
+                    f"{waiting}; {len(written)} checkpoints analysed by this call (their records "
+                    f"are stored)")
             time.sleep(poll_seconds)
         bar.close()
         for w in self.writers:

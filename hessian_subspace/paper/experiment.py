@@ -30,6 +30,7 @@ from hessian_subspace.training import loop as train_lib
 from hessian_subspace.training import tasks
 
 ConfigDict = ml_collections.ConfigDict
+placeholder = ml_collections.config_dict.placeholder
 
 # Config fields that do not change the trajectory: a run may be resumed with other values.
 _NOT_IDENTITY = ("num_steps", "log_every", "eval_batch_size", "checkpoint_schedule")
@@ -40,16 +41,18 @@ def default_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.task = "classification"
+    # Fields that default to None are typed placeholders, so that a command line can set them
+    # (--config.data.label_transform=shuffle); ml_collections cannot override a plain None.
     c.data = ConfigDict(dict(
         name="mnist",  # tfds name, "idx:DIR", "gaussian_mixture" or "sine"
-        data_dir=None,  # pre-downloaded tfds data
+        data_dir=placeholder(str),  # pre-downloaded tfds data
         kwargs=ConfigDict(),  # e.g. num_classes, dim, num_examples, sigma for gaussian_mixture
-        label_transform=None,  # None, "shuffle" (random labels) or "even_odd"
-        classes=None,  # keep only these classes (relabelled 0..)
-        num_train=None,  # a fixed random subset of the training set
-        num_test=None,  # test-set examples used for the evaluation at checkpoints
-        num_analysis=None,  # examples of the fixed analysis set (None: whole training set)
-        input_shape=None,  # reshape inputs to (n, *input_shape), e.g. a mixture as images
+        label_transform=placeholder(str),  # None, "shuffle" (random labels) or "even_odd"
+        classes=placeholder(tuple),  # keep only these classes (relabelled 0..)
+        num_train=placeholder(int),  # a fixed random subset of the training set
+        num_test=placeholder(int),  # test-set examples used for the evaluation at checkpoints
+        num_analysis=placeholder(int),  # fixed analysis set (None: the whole training set)
+        input_shape=placeholder(tuple),  # reshape inputs to (n, *input_shape)
     ))
     c.model = ConfigDict(dict(name="fc", kwargs=ConfigDict(dict(hidden=(100, 100),
                                                                  activation="relu"))))
@@ -253,14 +256,22 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
     if num_analysis is not None:
         config.data.num_analysis = int(num_analysis)
     data = load_data(config)
+    model = build_model(config, num_outputs)
+    like, state_like = restore_like(model, data["analysis"]["x"][:1], mesh)
+    s = settings or presets.Settings()
+    num_params = models.param_count(like)
+    pairs = 2 * (s.k or num_outputs) + int(s.next_bound)
+    if "eigenpairs" in s.transforms and s.block is None and pairs > num_params - 1:
+        raise ValueError(f"`k` = {s.k or num_outputs}: the analysis computes {pairs} eigenpairs "
+                         f"(2k{' + 1' if s.next_bound else ''}) but the model has "
+                         f"{num_params} parameters; k must be <= "
+                         f"{(num_params - 1 - int(s.next_bound)) // 2}")
     analyzer = analyzer_for(config, num_outputs, data["analysis"], results_dir,
                             settings=settings, test_set=data["test"] if test_metrics else None,
                             record_fields=dict(k=(settings or presets.Settings()).k or
                                                num_outputs, config=config_json),
                             progress=progress, mesh=mesh)
     analyzer.retry_failed = retry_failed
-    model = build_model(config, num_outputs)
-    like, state_like = restore_like(model, data["analysis"]["x"][:1], mesh)
     source = ckpt_lib.run_checkpoints(
         os.path.join(workdir, train_lib.CHECKPOINT_DIR), like=like, state_like=state_like,
         final_step=config.get("num_steps"),

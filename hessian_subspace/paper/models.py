@@ -49,6 +49,30 @@ _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 
 
+# Kernel initialisers by name: {scheme}_{distribution}, the variance scale over fan-in (LeCun,
+# He) or fan-in + fan-out (Glorot); biases start at zero. "lecun_truncated_normal" is flax's
+# default (``nn.initializers.lecun_normal``), the default of every model here.
+_SCHEMES = {"lecun": (1.0, "fan_in"), "he": (2.0, "fan_in"), "glorot": (1.0, "fan_avg")}
+_DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
+INITIALIZERS = tuple(f"{s}_{d}" for s in _SCHEMES for d in _DISTRIBUTIONS)
+DEFAULT_INIT = "lecun_truncated_normal"
+
+
+def kernel_init(name: str) -> Callable:
+    """The kernel initialiser ``name`` (one of :data:`INITIALIZERS`, e.g. "he_normal")."""
+    if name not in INITIALIZERS:
+        raise ValueError(f"`initializer` must be one of {INITIALIZERS}, got {name!r}.")
+    scheme, distribution = name.split("_", 1)
+    scale, mode = _SCHEMES[scheme]
+    return nn.initializers.variance_scaling(scale, mode, distribution)
+
+
+def _check_inputs(model: str, x: jax.Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{model} takes float inputs, got {x.dtype}; scale integer images to "
+                        "floats first (e.g. x.astype(np.float32) / 255).")
+
+
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
                         epsilon=_BN_EPSILON, name=name)
@@ -68,22 +92,27 @@ class MLP(nn.Module):
       num_outputs: number of logits (or regression outputs).
       activation: one of ``ACTIVATIONS`` ("relu", "softplus", "tanh").
       use_bias: whether every Dense layer has a bias (the toy model of §3 has none).
+      initializer: kernel initialiser, one of :data:`INITIALIZERS`.
     """
 
     hidden: Sequence[int] = (100, 100)
     num_outputs: int = 10
     activation: str = "relu"
     use_bias: bool = True
+    initializer: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps inputs ``(n, ...)`` to outputs ``(n, num_outputs)``; ``train`` is ignored."""
         del train
+        _check_inputs("MLP", x)
         act = ACTIVATIONS[self.activation]
+        init = kernel_init(self.initializer)
         x = jnp.reshape(x, (x.shape[0], -1))
         for i, width in enumerate(self.hidden):
-            x = act(nn.Dense(width, use_bias=self.use_bias, name=f"dense_{i}")(x))
-        return nn.Dense(self.num_outputs, use_bias=self.use_bias,
+            x = act(nn.Dense(width, use_bias=self.use_bias, kernel_init=init,
+                             name=f"dense_{i}")(x))
+        return nn.Dense(self.num_outputs, use_bias=self.use_bias, kernel_init=init,
                         name=f"dense_{len(self.hidden)}")(x)
 
 
@@ -92,16 +121,19 @@ class SmallConvNet(nn.Module):
 
     channels: Sequence[int] = (8, 16)
     num_outputs: int = 10
+    initializer: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps images ``(n, h, w, c)`` to logits ``(n, num_outputs)``; ``train`` is ignored."""
         del train
+        _check_inputs("SmallConvNet", x)
+        init = kernel_init(self.initializer)
         for i, c in enumerate(self.channels):
-            x = nn.relu(nn.Conv(c, (3, 3), name=f"conv_{i}")(x))
+            x = nn.relu(nn.Conv(c, (3, 3), kernel_init=init, name=f"conv_{i}")(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
-        return nn.Dense(self.num_outputs, name="dense_out")(x)
+        return nn.Dense(self.num_outputs, kernel_init=init, name="dense_out")(x)
 
 
 class KerasConvNet(nn.Module):
@@ -120,6 +152,7 @@ class KerasConvNet(nn.Module):
       extra_dense: add ``dense_1``, a second Dense 512 + relu layer, before the output.
       width: multiplies every channel count and dense width (1.0: the Keras example; smaller
         values give fast smoke-test versions).
+      initializer: kernel initialiser, one of :data:`INITIALIZERS`.
     """
 
     num_outputs: int = 10
@@ -127,6 +160,7 @@ class KerasConvNet(nn.Module):
     batch_norm: bool = False
     extra_dense: bool = False
     width: float = 1.0
+    initializer: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -152,18 +186,22 @@ class KerasConvNet(nn.Module):
                 return y
             return nn.Dropout(rate, deterministic=not train, name=f"dropout_{i}")(y)
 
+        _check_inputs("KerasConvNet", x)
+        init = kernel_init(self.initializer)
         scale = lambda n: max(1, int(round(n * self.width)))  # noqa: E731
         for stage, width in enumerate((scale(32), scale(64))):
             for j, padding in enumerate(("SAME", "VALID")):
                 name = f"conv_{2 * stage + j}"
-                x = hidden(nn.Conv(width, (3, 3), padding=padding, name=name), x, name)
+                x = hidden(nn.Conv(width, (3, 3), padding=padding, kernel_init=init, name=name),
+                           x, name)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
             x = drop(0.25, x, stage)
         x = jnp.reshape(x, (x.shape[0], -1))
         for i in range(2 if self.extra_dense else 1):
-            x = hidden(nn.Dense(scale(512), name=f"dense_{i}"), x, f"dense_{i}")
+            x = hidden(nn.Dense(scale(512), kernel_init=init, name=f"dense_{i}"), x,
+                       f"dense_{i}")
         x = drop(0.5, x, 2)
-        return nn.Dense(self.num_outputs, name="dense_out")(x)
+        return nn.Dense(self.num_outputs, kernel_init=init, name="dense_out")(x)
 
 
 class _BasicBlock(nn.Module):
@@ -171,18 +209,21 @@ class _BasicBlock(nn.Module):
 
     features: int
     strides: int = 1
+    initializer: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         pad = ((1, 1), (1, 1))  # PyTorch's padding=1, also for stride 2 (SAME would pad 0/1).
+        init = kernel_init(self.initializer)
         y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=pad, use_bias=False,
-                    name="conv_0")(x)
+                    kernel_init=init, name="conv_0")(x)
         y = nn.relu(_batch_norm(train, "bn_0")(y))
-        y = nn.Conv(self.features, (3, 3), padding=pad, use_bias=False, name="conv_1")(y)
+        y = nn.Conv(self.features, (3, 3), padding=pad, use_bias=False, kernel_init=init,
+                    name="conv_1")(y)
         y = _batch_norm(train, "bn_1")(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = nn.Conv(self.features, (1, 1), strides=self.strides, padding="VALID",
-                        use_bias=False, name="shortcut_conv")(x)
+                        use_bias=False, kernel_init=init, name="shortcut_conv")(x)
             x = _batch_norm(train, "shortcut_bn")(x)
         return nn.relu(y + x)
 
@@ -199,10 +240,12 @@ class ResNet18(nn.Module):
       num_outputs: number of logits.
       width: channels of the stem and first stage (64 in the paper's model; the stages have
         width, 2 width, 4 width, 8 width). Smaller values give fast smoke-test versions.
+      initializer: kernel initialiser, one of :data:`INITIALIZERS`.
     """
 
     num_outputs: int = 10
     width: int = 64
+    initializer: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -216,15 +259,18 @@ class ResNet18(nn.Module):
         Returns:
           Logits of shape ``(n, num_outputs)``.
         """
-        w = self.width
-        x = nn.Conv(w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv_stem")(x)
+        _check_inputs("ResNet18", x)
+        w, init = self.width, kernel_init(self.initializer)
+        x = nn.Conv(w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=init,
+                    name="conv_stem")(x)
         x = nn.relu(_batch_norm(train, "bn_stem")(x))
         for stage, width in enumerate((w, 2 * w, 4 * w, 8 * w), start=1):
             for block in range(2):
                 strides = 2 if stage > 1 and block == 0 else 1
-                x = _BasicBlock(width, strides, name=f"stage_{stage}_block_{block}")(x, train)
+                x = _BasicBlock(width, strides, self.initializer,
+                                name=f"stage_{stage}_block_{block}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_outputs, name="dense_out")(x)
+        return nn.Dense(self.num_outputs, kernel_init=init, name="dense_out")(x)
 
 
 class _Attention(nn.Module):
@@ -317,36 +363,47 @@ def gpt_blocks(depth: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------- registry
 
 
-def _fc(num_outputs: int, hidden: Sequence[int] = (100, 100), activation: str = "relu") -> MLP:
+def _init_name(initializer: str) -> str:
+    kernel_init(initializer)  # validates
+    return initializer
+
+
+def _fc(num_outputs: int, hidden: Sequence[int] = (100, 100), activation: str = "relu",
+        initializer: str = DEFAULT_INIT) -> MLP:
     if activation not in ACTIVATIONS:
         raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, got {activation!r}.")
     hidden = tuple(hidden)
     if not all(isinstance(w, int) and w > 0 for w in hidden):
         raise ValueError(f"`hidden` must be a sequence of positive ints, got {hidden!r}.")
-    return MLP(hidden=hidden, num_outputs=num_outputs, activation=activation)
+    return MLP(hidden=hidden, num_outputs=num_outputs, activation=activation,
+               initializer=_init_name(initializer))
 
 
-def _softmax(num_outputs: int, use_bias: bool = True) -> MLP:
-    return MLP(hidden=(), num_outputs=num_outputs, use_bias=bool(use_bias))
+def _softmax(num_outputs: int, use_bias: bool = True, initializer: str = DEFAULT_INIT) -> MLP:
+    return MLP(hidden=(), num_outputs=num_outputs, use_bias=bool(use_bias),
+               initializer=_init_name(initializer))
 
 
 def _convnet(num_outputs: int, dropout: bool = False, batch_norm: bool = False,
-             extra_dense: bool = False, width: float = 1.0) -> KerasConvNet:
+             extra_dense: bool = False, width: float = 1.0,
+             initializer: str = DEFAULT_INIT) -> KerasConvNet:
     if not width > 0:
         raise ValueError(f"`width` must be > 0, got {width!r}.")
     return KerasConvNet(num_outputs=num_outputs, dropout=bool(dropout),
                         batch_norm=bool(batch_norm), extra_dense=bool(extra_dense),
-                        width=float(width))
+                        width=float(width), initializer=_init_name(initializer))
 
 
-def _resnet18(num_outputs: int, width: int = 64) -> ResNet18:
+def _resnet18(num_outputs: int, width: int = 64, initializer: str = DEFAULT_INIT) -> ResNet18:
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"`width` must be a positive int, got {width!r}.")
-    return ResNet18(num_outputs=num_outputs, width=width)
+    return ResNet18(num_outputs=num_outputs, width=width, initializer=_init_name(initializer))
 
 
-def _small_convnet(num_outputs: int, channels: Sequence[int] = (8, 16)) -> SmallConvNet:
-    return SmallConvNet(channels=tuple(channels), num_outputs=num_outputs)
+def _small_convnet(num_outputs: int, channels: Sequence[int] = (8, 16),
+                   initializer: str = DEFAULT_INIT) -> SmallConvNet:
+    return SmallConvNet(channels=tuple(channels), num_outputs=num_outputs,
+                        initializer=_init_name(initializer))
 
 
 def _gpt(num_outputs: int, context: int = 64, width: int = 64, depth: int = 2, heads: int = 4,
@@ -381,7 +438,9 @@ def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
       name: one of ``MODEL_NAMES``: "softmax" (``use_bias=True``), "fc" (``hidden=(100, 100)``,
         ``activation="relu"``), "convnet" (``dropout``, ``batch_norm``, ``extra_dense``, all
         False by default; ``width=1.0``), "resnet18" (``width=64``), "fc_regression" (like "fc";
-        the sine task uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``).
+        the sine task uses ``num_outputs=1``), "small_convnet" (``channels=(8, 16)``); all but
+        "gpt" take ``initializer``, the kernel initialiser (:data:`INITIALIZERS`, default
+        "lecun_truncated_normal", flax's ``lecun_normal``).
       num_outputs: number of classes (or of regression outputs), a positive int.
       **kwargs: the model's options listed above.
 
@@ -426,6 +485,7 @@ def param_count(params: PyTree) -> int:
 
 
 __all__ = [
-    "ACTIVATIONS", "MODEL_NAMES", "GPT", "KerasConvNet", "MLP", "ResNet18", "SmallConvNet",
-    "build_model", "gpt_blocks", "init_params", "param_count",
+    "ACTIVATIONS", "DEFAULT_INIT", "INITIALIZERS", "MODEL_NAMES", "GPT", "KerasConvNet", "MLP",
+    "ResNet18", "SmallConvNet",
+    "build_model", "gpt_blocks", "init_params", "kernel_init", "param_count",
 ]

@@ -251,6 +251,19 @@ def _tree_is_finite(tree) -> bool:
                                                                                 jnp.inexact)))
 
 
+def _num_outputs(model, example_x) -> int:
+    """The size of the model's last output axis (shapes only), or a ValueError naming the
+    inputs the model cannot take."""
+    try:
+        out = jax.eval_shape(lambda x: model.init_with_output(
+            jax.random.key(0), x, train=False)[0], example_x)
+    except Exception as e:  # flax/JAX raise many types for inputs of the wrong shape
+        raise ValueError(f"the model cannot be applied to `train_set['x']` (one example of "
+                         f"shape {np.shape(example_x)[1:]}, dtype {np.asarray(example_x).dtype})"
+                         f": {type(e).__name__}: {e}") from e
+    return int(out.shape[-1])
+
+
 def train(*, model, task: str, train_set: dict, test_set: dict | None,
           optimizer: optax.GradientTransformation, batch_size: int, num_steps: int, seed: int,
           workdir: str, schedule: CheckpointSchedule = CheckpointSchedule(),
@@ -301,6 +314,11 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
     """
     if num_steps < 0:
         raise ValueError(f"`num_steps` must be >= 0, got {num_steps}.")
+    tasks.check_data("train_set", train_set, task)
+    num_outputs = _num_outputs(model, train_set["x"][:1])
+    tasks.check_data("train_set", train_set, task, num_outputs)
+    if test_set is not None:
+        tasks.check_data("test_set", test_set, task, num_outputs)
     n = int(train_set["x"].shape[0])
     if not 1 <= batch_size <= n:
         raise ValueError(f"`batch_size` must be in [1, {n}], got {batch_size}.")

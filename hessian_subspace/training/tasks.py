@@ -22,6 +22,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -48,6 +49,14 @@ def mean_loss(outputs: jax.Array, y: jax.Array, task: str) -> jax.Array:
     over examples).
     """
     if task == "classification":
+        if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+            raise TypeError(f"classification labels `y` must be integer class indices, got "
+                            f"dtype {jnp.result_type(y)}; for float targets use "
+                            "task='regression'.")
+        if jnp.shape(y) != jnp.shape(outputs)[:-1]:
+            raise ValueError(f"classification labels `y` of shape {jnp.shape(y)} for outputs "
+                             f"of shape {jnp.shape(outputs)}; expected {jnp.shape(outputs)[:-1]}"
+                             " (one class index per example).")
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs, y))
     if jnp.shape(y) != jnp.shape(outputs):  # (n,) against (n, 1) would broadcast to (n, n).
         raise ValueError(
@@ -68,6 +77,47 @@ def batch_metrics(outputs: jax.Array, batch: Batch, task: str) -> dict[str, jax.
     if task == "classification":
         metrics["accuracy"] = jnp.mean(jnp.argmax(outputs, -1) == batch["y"])
     return metrics
+
+
+def check_data(name: str, data: Any, task: str, num_outputs: int | None = None) -> None:
+    """Raises a ``TypeError``/``ValueError`` naming ``name`` unless ``data`` is a data set of
+    ``task``: a dict with ``"x"`` and ``"y"`` of one leading example axis; for classification
+    ``y`` integer class indices (``(n,)``, or ``(n, positions)`` for a sequence model) in
+    ``[0, num_outputs)`` (checked on the values,
+    which must be concrete), for regression float targets. Raw ``uint8`` inputs are refused:
+    scale images to floats first (the loaders of :mod:`hessian_subspace.paper.data` give
+    ``[0, 1]``); other integer inputs (token ids) pass.
+    """
+    check_task(task)
+    if not isinstance(data, dict) or "x" not in data or "y" not in data:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"`{name}` must be a dict with inputs 'x' and targets 'y', got {keys}")
+    x, y = data["x"], data["y"]
+    if not np.ndim(x) or not np.ndim(y) or np.shape(x)[0] != np.shape(y)[0]:
+        raise ValueError(f"`{name}`: 'x' {np.shape(x)} and 'y' {np.shape(y)} need one leading "
+                         "example axis of the same size")
+    if np.asarray(x[:1]).dtype == np.uint8:
+        raise TypeError(f"`{name}['x']` holds uint8 values (raw image bytes?); scale them to "
+                        "floats first, e.g. x.astype(np.float32) / 255 (the paper's loaders "
+                        "give [0, 1] floats)")
+    y_dtype = np.asarray(y[:1]).dtype
+    if task == "regression":
+        if not np.issubdtype(y_dtype, np.floating):
+            raise TypeError(f"`{name}['y']`: regression targets must be floats, got {y_dtype}")
+        return
+    if not np.issubdtype(y_dtype, np.integer):
+        raise TypeError(f"`{name}['y']`: classification labels must be integer class indices, "
+                        f"got dtype {y_dtype}")
+    if num_outputs is not None and _tree_is_concrete(y) and np.size(y):
+        lo, hi = int(np.min(y)), int(np.max(y))
+        if lo < 0 or hi >= num_outputs:
+            raise ValueError(f"`{name}['y']`: labels must be class indices in [0, "
+                             f"{num_outputs}) (the model has {num_outputs} outputs), found "
+                             f"values in [{lo}, {hi}]")
+
+
+def _tree_is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
 
 
 def init_variables(model: nn.Module, key: jax.Array, example_x: jax.Array

@@ -9,6 +9,7 @@ r"""A training run of the paper: FC 784-100-100-10, ReLU, SGD (η = 0.1, batch 6
   python -m launch.train --config=launch/configs/train.py --workdir=runs/x \
       --config.optimizer.name=adam --config.optimizer.learning_rate=1e-3 \
       --config.data.label_transform=shuffle --config.num_steps=5000 \
+      --config.model.kwargs.initializer=he_normal \
       --config.checkpoint_schedule=1:100,10:1000,100
 
 Arguments after the colon: "fashion_idx" (../shared/data/fashion-mnist), "smoke" (Gaussian
@@ -20,6 +21,8 @@ from hessian_subspace.paper import experiment
 
 def get_config(arg: str | None = None):
     config = experiment.default_config()
+    # The kernel initialiser, overridable (hessian_subspace.paper.models.INITIALIZERS).
+    config.model.kwargs.initializer = "lecun_truncated_normal"
     if arg == "fashion_idx":
         config.data.name = "idx:../shared/data/fashion-mnist"
     elif arg == "smoke":
