@@ -347,3 +347,27 @@ def test_layer_slices_tile_and_match_ravel_order(full_convnet):
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_initialisers_change_the_scale_as_named():
+    stds = {}
+    for name in ("lecun_normal", "he_normal", "glorot_uniform", "lecun_truncated_normal"):
+        p = models.init_params(models.build_model("fc", num_outputs=10, hidden=(300,),
+                                                  initializer=name),
+                               jax.random.key(0), jnp.ones((1, 784)))
+        stds[name] = float(jnp.std(p["dense_0"]["kernel"]))
+    np.testing.assert_allclose(stds["lecun_normal"], np.sqrt(1 / 784), rtol=0.02)
+    np.testing.assert_allclose(stds["he_normal"], np.sqrt(2 / 784), rtol=0.02)
+    np.testing.assert_allclose(stds["glorot_uniform"], np.sqrt(2 / (784 + 300)), rtol=0.02)
+    np.testing.assert_allclose(stds["lecun_truncated_normal"], np.sqrt(1 / 784), rtol=0.02)
+    # The default is flax's own lecun_normal: parameters of existing runs do not change.
+    key, shape = jax.random.key(3), (784, 300)
+    np.testing.assert_array_equal(models.kernel_init(models.DEFAULT_INIT)(key, shape),
+                                  nn.initializers.lecun_normal()(key, shape))
+    default = models.init_params(models.build_model("fc", num_outputs=10, hidden=(300,)),
+                                 jax.random.key(0), jnp.ones((1, 784)))
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.array_equal(a, b)), default, models.init_params(
+            models.build_model("fc", num_outputs=10, hidden=(300,),
+                               initializer="lecun_truncated_normal"),
+            jax.random.key(0), jnp.ones((1, 784)))))
