@@ -4,6 +4,8 @@ r"""Reproduce an experiment of the paper: train, analyse, plot, summarise. One c
   python -m launch.reproduce --experiment=table1 --dataset=idx:../shared/data/fashion-mnist
   python -m launch.reproduce --experiment=fig2_subspace_overlap --dataset=gaussian_mixture
   python -m launch.reproduce --experiment=all --smoke --dataset=gaussian_mixture
+  python -m launch.reproduce --experiment=table1 --seeds=0,1,2 \
+      --dataset=idx:../shared/data/fashion-mnist              # mean ± std over seeds
 
 Experiments: see launch/configs/paper.py. Results: ROOT/EXPERIMENT/{*.png,*.pdf,summary.json,
 summary.md}; runs (checkpoints, analyses) under ROOT/runs/, shared between experiments and
@@ -28,6 +30,8 @@ flags.DEFINE_bool("smoke", False, "Tiny sizes: every experiment in well under a 
 flags.DEFINE_integer("num_analysis", None, "Measure g and H on a fixed subset of this size.")
 flags.DEFINE_string("root", "results", "Output root directory.")
 flags.DEFINE_list("runs", None, "Only these runs of the experiment (e.g. the table1 rows).")
+flags.DEFINE_list("seeds", None, "Run every run once per seed (e.g. 0,1,2): figures draw the "
+                  "mean with a ±std band, numbers report mean, std and min-max over seeds.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
 
 
@@ -39,6 +43,11 @@ def main(argv):
             print(f"{name:28s} {paper.get_config(name).description}")
         return
     names = sorted(paper.EXPERIMENTS) if FLAGS.experiment == ["all"] else FLAGS.experiment
+    unknown = [n for n in names if n not in paper.EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"--experiment: unknown {unknown}; choose from "
+                         f"{sorted(paper.EXPERIMENTS)}, 'all' or 'list'")
+    seeds = reproduce.check_seeds(FLAGS.seeds)
     if FLAGS.coordinator_address is not None:
         raise ValueError("--coordinator_address: experiments train, which is single-host; train "
                          "with launch.train and analyse on several hosts with launch.analyze")
@@ -47,7 +56,7 @@ def main(argv):
         summary = reproduce.run_experiment(
             paper.get_config(name), FLAGS.root, dataset=FLAGS.dataset, smoke_size=FLAGS.smoke,
             num_analysis=FLAGS.num_analysis, only_runs=FLAGS.runs, progress=FLAGS.progress,
-            mesh=mesh)
+            mesh=mesh, seeds=seeds)
         text = summaries.summary_markdown(summary)
         _io.write_text(os.path.join(FLAGS.root, name, "summary.md"), text)
         print(text)

@@ -10,7 +10,7 @@ from launch.configs import paper
 
 
 def test_every_experiment_config_builds_valid_runs():
-    assert len(paper.EXPERIMENTS) == 16
+    assert len(paper.EXPERIMENTS) == 17
     for name in paper.EXPERIMENTS:
         config = paper.get_config(name)
         assert config.name == name and config.kind in summaries.KINDS
@@ -94,3 +94,42 @@ def test_transformer_lm_smoke_trains_and_analyses_every_view(tmp_path):
     assert all(x is not None and x > 0 for x in numbers["adam_lambda_max"][1:])
     assert {"f_top_vs_k.png", "block_spectra.png", "adam_sharpness.png"} <= set(
         summary["figures"])
+
+
+def test_seeds_aggregate_fig1_fig2_and_table1(tmp_path):
+    # The FC run shared by Fig. 1 and Fig. 2, and one Table 1 row, over 2 seeds at smoke size.
+    kw = dict(dataset="gaussian_mixture", smoke_size=True, progress=False, seeds=[0, 1])
+    fig1 = reproduce.run_experiment(paper.get_config("fig1_fc_mnist"), str(tmp_path), **kw)
+    assert fig1["seeds"] == [0, 1]
+    seeds = fig1["runs"]["fc_mnist"]["seeds"]
+    assert seeds["0"]["workdir"] != seeds["1"]["workdir"]  # really two trainings
+    over = fig1["numbers"]["fc_mnist"]["over_seeds"]["f_top_final"]
+    values = over["values"]
+    assert len(values) == 2 and values[0] != values[1]
+    assert abs(over["mean"] - sum(values) / 2) < 1e-12
+    assert abs(over["std"] - abs(values[0] - values[1]) / 2 ** 0.5) < 1e-12  # ddof = 1
+    assert over["min"] == min(values) and over["max"] == max(values)
+    # Seed 0 is the single run: it is reused, not trained again.
+    single = reproduce.run_experiment(paper.get_config("fig1_fc_mnist"), str(tmp_path),
+                                      dataset="gaussian_mixture", smoke_size=True,
+                                      progress=False)
+    assert single["runs"]["fc_mnist"]["workdir"] == seeds["0"]["workdir"]
+    assert single["numbers"]["fc_mnist"]["f_top_final"] == values[0]
+
+    fig2 = reproduce.run_experiment(paper.get_config("fig2_subspace_overlap"), str(tmp_path),
+                                    **kw)
+    assert (tmp_path / "fig2_subspace_overlap" / "fig2_subspace_overlap.png").exists()
+    stats = fig2["numbers"]["over_seeds"]["0"]
+    assert all(entry["top"]["n"] == 2 for entry in stats.values())
+
+    table = reproduce.run_experiment(paper.get_config("table1"), str(tmp_path),
+                                     only_runs=["mnist_softmax", "mnist_fc_lr001"], **kw)
+    text = (tmp_path / "table1" / "table1.md").read_text()
+    assert "ours (mean ± std over 2 seeds)" in text and "min–max" in text
+    lines = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines()[2:]]
+    assert lines[:5] == ["MNIST softmax", "MNIST FC softplus", "MNIST FC lr 0.01",
+                         "MNIST FC batch 256", "MNIST FC random labels"]  # the paper's order
+    row = table["numbers"]["mnist_softmax"]
+    assert row["seeds"] == 2 and len(row["per_seed"]) == 2
+    with pytest.raises(ValueError, match="`seeds` must be distinct"):
+        reproduce.run_experiment(paper.get_config("table1"), str(tmp_path), seeds=[0, 0])

@@ -15,6 +15,8 @@ functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.spli
 - The store (:mod:`.store`): atomic JSON records and npz arrays, checked on every start;
   corrupt files are moved aside and recomputed; :func:`read_results` reads them back.
 - Writers (:mod:`.writers`): scalars to CSV, TensorBoard, or any clu metric writer.
+- Seeds (:mod:`.aggregate`): :func:`aggregate_runs` turns the records of several runs into
+  per-step mean, std and min–max of every quantity.
 
 Example::
 
@@ -27,6 +29,7 @@ Example::
     records = analysis.read_results("results/run")
 """
 
+from hessian_subspace.analysis import aggregate as aggregate
 from hessian_subspace.analysis import builtins as builtins
 from hessian_subspace.analysis import presets as presets
 from hessian_subspace.analysis import spectra as spectra
@@ -34,6 +37,7 @@ from hessian_subspace.analysis import sources as sources
 from hessian_subspace.analysis import store as store
 from hessian_subspace.analysis import views as views
 from hessian_subspace.analysis import writers as writers
+from hessian_subspace.analysis.aggregate import aggregate_runs as aggregate_runs
 from hessian_subspace.analysis.builtins import c2 as c2
 from hessian_subspace.analysis.builtins import eigenpairs as eigenpairs
 from hessian_subspace.analysis.builtins import f_top as f_top

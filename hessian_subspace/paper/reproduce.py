@@ -41,6 +41,7 @@ ANALYSIS_DEFAULTS = dict(
     steps=None,  # analyse only these checkpoint steps (None: all)
     min_step=None,  # analyse only checkpoints at or after this step
     test_metrics=False,
+    live=False,  # analyse each checkpoint inside the training loop, as it is saved
 )
 
 
@@ -141,6 +142,7 @@ def smoke_plot(config: ConfigDict) -> ConfigDict:
 def smoke(run: ConfigDict) -> ConfigDict:
     """A CPU-seconds version of a run: small data, few steps, small conv nets, loose solves."""
     run = copy.deepcopy(run)
+    full_batch = bool(run.data.num_train) and run.batch_size >= run.data.num_train
     if run.data.name == "gaussian_mixture":
         run.data.kwargs.num_examples = 512
         shape = run.data.get("input_shape")
@@ -159,6 +161,8 @@ def smoke(run: ConfigDict) -> ConfigDict:
         run.optimizer.curvature_batch_size = 128
     run.checkpoint_schedule = "1:10,5"
     run.log_every = 10
+    if full_batch:  # full-batch gradient descent stays full-batch, on 256 examples
+        run.data.num_train = run.batch_size = 256
     if run.model.name == "convnet":
         run.model.kwargs.width = 0.125
     elif run.model.name == "resnet18":
@@ -223,9 +227,21 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
     start = time.perf_counter()
     logging.info("run %s: training in %s", name, workdir)
     train_mesh = mesh if mesh is None or mesh.is_fully_addressable else None
-    experiment.train_from_config(train_config, workdir, progress=progress, mesh=train_mesh)
-    train_seconds = time.perf_counter() - start
     a = run.analysis
+    callbacks = []
+    if a.get("live"):
+        # The pipeline's hook in the training loop: each checkpoint is analysed when it is
+        # saved (warm-started from the previous one); the offline pass below finds them done.
+        loaded = experiment.load_data(train_config)
+        live = experiment.analyzer_for(
+            train_config, loaded["num_outputs"], loaded["analysis"], results,
+            settings=settings, record_fields=dict(
+                k=settings.k or loaded["num_outputs"],
+                config=experiment.config_to_json(train_config)), progress=False, mesh=mesh)
+        callbacks.append(lambda step, state: live(step, state.params, state.model_state))
+    experiment.train_from_config(train_config, workdir, progress=progress, mesh=train_mesh,
+                                 callbacks=callbacks)
+    train_seconds = time.perf_counter() - start
     steps = None if a.steps is None else list(a.steps)
     if a.min_step is not None:
         available = ckpt_lib.list_steps(os.path.join(workdir, train_lib.CHECKPOINT_DIR))
@@ -242,9 +258,39 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
                      analysis_seconds=round(time.perf_counter() - start, 1))
 
 
+def check_seeds(seeds) -> list[int] | None:
+    """``seeds`` as a list of distinct ints >= 0 (None: one run with the config's seed)."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"`seeds` must be a sequence of ints, got {seeds!r}")
+    out = []
+    for s in seeds:
+        try:
+            value = int(s)
+        except (TypeError, ValueError):
+            raise ValueError(f"`seeds` must be ints >= 0, got {s!r}") from None
+        if value < 0 or str(value) != str(s).strip():
+            raise ValueError(f"`seeds` must be ints >= 0, got {s!r}")
+        out.append(value)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"`seeds` must be distinct and non-empty, got {list(seeds)}")
+    return out
+
+
+def with_seed(run: ConfigDict, seed: int) -> ConfigDict:
+    """The run with another seed: initialisation, data order, label shuffles, the analysis
+    subset, and the analysis's own randomness (start vectors, mini-batches)."""
+    run = copy.deepcopy(run)
+    run.seed = int(seed)
+    run.analysis.seed = int(seed)
+    return run
+
+
 def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
                    smoke_size: bool = False, num_analysis: int | None = None,
-                   only_runs=None, progress: bool = True, mesh=None) -> dict:
+                   only_runs=None, progress: bool = True, mesh=None,
+                   seeds=None) -> dict:
     """Runs every run of an experiment, then makes its figures and summary.
 
     Args:
@@ -255,19 +301,24 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
       num_analysis: override the analysis-set size of every classification run (the sine
         regression data keep theirs, as with ``dataset``).
       only_runs: run only these of the experiment's runs (the others are reported as not run).
+      seeds: run every run once per seed (:func:`with_seed`); the figures and numbers then
+        report the mean and spread over the seeds (:func:`hessian_subspace.analysis.
+        aggregate_runs`). None: one run with the config's seed.
 
     Returns:
       The summary dict (also written to ``summary.json``).
     """
     start = time.perf_counter()
-    out_dir = os.path.join(root, config.name)
-    os.makedirs(out_dir, exist_ok=True)
-    results = {}
+    seeds = check_seeds(seeds)
     unknown = set(only_runs or ()) - set(config.runs)
     if unknown:
         raise ValueError(f"unknown runs {sorted(unknown)} for {config.name}: "
                          f"{sorted(config.runs)}")
-    for name, run in config.runs.items():
+    out_dir = os.path.join(root, config.name)
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    for name in run_order(config):
+        run = config.runs[name]
         if only_runs and name not in only_runs:
             continue
         if dataset:
@@ -278,24 +329,43 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
             run.data.num_analysis = num_analysis
         if smoke_size:
             run = smoke(run)
-        results[name] = run_one(run, root, name, progress=progress, mesh=mesh)
+        if seeds is None:
+            results[name] = run_one(run, root, name, progress=progress, mesh=mesh)
+            continue
+        per_seed = [run_one(with_seed(run, s), root, name, progress=progress, mesh=mesh)
+                    for s in seeds]
+        results[name] = RunResult(per_seed[0], seeds=seeds, seed_runs=per_seed)
     plot_config = smoke_plot(config) if smoke_size else config
     figures, numbers = summaries.KINDS[config.kind](plot_config, results, out_dir)
     summary = dict(
         experiment=config.name, description=config.description, kind=config.kind,
         dataset=dataset or "as configured", smoke=smoke_size,
         seconds=round(time.perf_counter() - start, 1),
-        runs={name: dict(workdir=r["workdir"], results=r["results"],
-                         train_seconds=r["train_seconds"],
-                         analysis_seconds=r["analysis_seconds"],
-                         checkpoints_analysed=len(r["records"]),
-                         failed=[x["step"] for x in r["records"] if x.get("status") != "ok"])
-              for name, r in results.items()},
+        seeds=seeds,
+        runs={name: _run_summary(r) for name, r in results.items()},
         not_run=[n for n in config.runs if n not in results],
         figures=figures, numbers=numbers, paper=config.get("paper", {}).to_dict()
         if isinstance(config.get("paper"), ConfigDict) else config.get("paper", {}))
     _io.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
+
+
+def run_order(config: ConfigDict) -> list[str]:
+    """The experiment's run names in the paper's order (``config.order``; ConfigDict sorts
+    its keys), then any others."""
+    order = [n for n in (config.get("order") or []) if n in config.runs]
+    return order + sorted(n for n in config.runs if n not in order)
+
+
+def _run_summary(r: RunResult) -> dict:
+    one = lambda x: dict(  # noqa: E731
+        workdir=x["workdir"], results=x["results"], train_seconds=x["train_seconds"],
+        analysis_seconds=x["analysis_seconds"], checkpoints_analysed=len(x["records"]),
+        failed=[y["step"] for y in x["records"] if y.get("status") != "ok"])
+    if "seed_runs" not in r:
+        return one(r)
+    return dict(one(r), seeds={str(s): one(x) for s, x in zip(r["seeds"], r["seed_runs"],
+                                                              strict=True)})
 
 
 def main_job(fig1_config: ConfigDict, root: str = "results", *, quick: bool = False,

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from hessian_subspace import _io, metrics
+from hessian_subspace.analysis import aggregate as aggregate_lib
 from hessian_subspace.analysis import store as store_lib
 from hessian_subspace.paper import figures as plots
 
@@ -43,18 +44,79 @@ def _at(records, step, key):
     return dict(step=best["step"], value=best[key])
 
 
-def save(fig, out_dir, name) -> list[str]:
+def save(fig, out_dir, name, title: str | None = None) -> list[str]:
+    """Writes the figure (PNG and PDF) under ``out_dir``; ``title`` (what was run: data,
+    model, steps, seeds) becomes its suptitle, below any title it has."""
     import matplotlib.pyplot as plt
+    if title:
+        old = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        fig.suptitle(f"{old}\n{title}" if old and old not in title else title, fontsize=9)
     paths = plots.save(fig, os.path.join(out_dir, name))
     plt.close(fig)
     return [os.path.relpath(p, out_dir) for p in paths]
 
 
+def _data_name(name: str) -> str:
+    if name.startswith("idx:"):
+        base = os.path.basename(os.path.normpath(name[4:]))
+        return {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST"}.get(base, base)
+    return {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+            "gaussian_mixture": "Gaussian mixture", "sine": "sine regression"}.get(name, name)
+
+
+def describe_run(r: dict) -> str:
+    """One line naming what a run is: data set, model, optimizer, steps (and seeds), from the
+    config its records carry; "" when they carry none."""
+    config = next((x.get("config") for x in r.get("records", []) if isinstance(
+        x.get("config"), dict)), None)
+    if config is None:
+        return ""
+    data, model, opt = config.get("data", {}), config.get("model", {}), config.get(
+        "optimizer", {})
+    kwargs = model.get("kwargs") or {}
+    name = model.get("name", "?")
+    if name in ("fc", "fc_regression"):
+        hidden = kwargs.get("hidden") or []
+        net = f"FC {'-'.join(str(h) for h in hidden)} {kwargs.get('activation', 'relu')}"
+    elif name == "softmax":
+        net = "softmax regression"
+    else:
+        net = name
+    if kwargs.get("initializer"):
+        net += f", {kwargs['initializer']} init"
+    labels = {"shuffle": ", random labels", "even_odd": ", even/odd labels"}.get(
+        data.get("label_transform") or "", "")
+    text = (f"{net} on {_data_name(data.get('name', '?'))}{labels}; "
+            f"{str(opt.get('name', 'sgd')).upper()} lr {opt.get('learning_rate')}, "
+            f"batch {config.get('batch_size')}, {config.get('num_steps')} steps")
+    seeds = r.get("seeds")
+    if seeds:
+        text += f"; {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return text
+
+
+def _seed_records(r: dict) -> list | None:
+    """The records of each seed's run, or None for a single run."""
+    return [x["records"] for x in r["seed_runs"]] if r.get("seed_runs") else None
+
+
+def _over_seeds(r: dict, value) -> dict | None:
+    """:func:`hessian_subspace.analysis.aggregate.summarize` of ``value(records)`` over the
+    seeds (None for a single run), with the per-seed values."""
+    per = _seed_records(r)
+    if per is None:
+        return None
+    values = [value(ok_records(x)) for x in per]
+    stats = aggregate_lib.summarize([v for v in values if v is not None])
+    return None if stats is None else dict(stats, values=values)
+
+
 def _fig1(config, results, out_dir):
     figures, numbers = [], {}
     for name, r in results.items():
-        figures += save(plots.fig1_ftop(r["records"], r["train_log"], title=name), out_dir,
-                         f"fig1_{name}")
+        figures += save(plots.fig1_ftop(r["records"], r["train_log"],
+                                        seeds=_seed_records(r)), out_dir, f"fig1_{name}",
+                        describe_run(r) or name)
         ok = ok_records(r["records"])
         if not ok:
             continue
@@ -75,12 +137,25 @@ def _fig1(config, results, out_dir):
             eigenvalues_final=top_and_next(last)[0],
             overlap_g_hg_final=last.get("overlap_g_hg"),
             all_converged=all(x.get("all_converged", False) for x in ok))
+        if r.get("seed_runs"):
+            final = lambda key: lambda rs: rs[-1].get(key) if rs else None  # noqa: E731
+            numbers[name]["over_seeds"] = dict(
+                seeds=r["seeds"], f_top_final=_over_seeds(r, final("f_top")),
+                f_top_at={str(t): _over_seeds(r, lambda x, t=t: (_at(x, t, "f_top") or {}).get(
+                    "value")) for t in (10, 50, 100, 200, 500, 1000)},
+                train_accuracy_final=_over_seeds(r, final("train_accuracy")),
+                overlap_g_hg_final=_over_seeds(r, final("overlap_g_hg")),
+                f_top_bound_max=_over_seeds(r, lambda x: max(
+                    (y["f_top_bound"] for y in x if y.get("f_top_bound") is not None),
+                    default=None)))
     return figures, numbers
 
 
 def _table1(config, results, out_dir):
+    from hessian_subspace.paper import reproduce
+
     rows, numbers = [], {}
-    for name in config.runs:
+    for name in reproduce.run_order(config):
         if name not in results:
             rows.append(dict(experiment=config.labels.get(name, name), ours=None,
                              paper=config.paper.get(name), steps="not run"))
@@ -96,6 +171,18 @@ def _table1(config, results, out_dir):
                    if ok and all("train_loss" in x for x in ok) else None,
                    steps=f"{ok[0]['step']}-{ok[-1]['step']} ({len(ok)} checkpoints)"
                    if ok else "none")
+        if r.get("seed_runs"):
+            # Mean over seeds of each seed's mean over its checkpoints; the spread is over
+            # seeds (the within-run std over checkpoints is kept beside it).
+            def run_mean(x):
+                v = [y["overlap_g_hg"] for y in x if y.get("overlap_g_hg") is not None]
+                return float(np.mean(v)) if v else None
+
+            stats = _over_seeds(r, run_mean)
+            if stats is not None:
+                row.update(ours=stats["mean"], std=stats["std"], min=stats["min"],
+                           max=stats["max"], seeds=len(stats["values"]),
+                           per_seed=stats["values"], std_over_checkpoints=row["std"])
         rows.append(row)
         numbers[name] = dict(row, random_vertex=_random_vertex(ok))
     _io.write_text(os.path.join(out_dir, "table1.md"), plots.table1_markdown(rows))
@@ -112,7 +199,7 @@ def _random_vertex(records):
 def _fig2(config, results, out_dir):
     (name, r), = results.items()
     t1s = list(config.plot.t1)
-    fig = plots.fig2_subspace_overlap(r["records"], t1s)
+    fig = plots.fig2_subspace_overlap(r["records"], t1s, seeds=_seed_records(r))
     numbers = {}
     ok = ok_records(r["records"])
     k = ok[0].get("k") if ok else None
@@ -123,7 +210,17 @@ def _fig2(config, results, out_dir):
                 (str(x["step"] - t1), dict(top=x["subspace_overlap"][str(t1)].get(f"top{k}"),
                                            next=x["subspace_overlap"][str(t1)].get("next")))
                 for x in later[:: max(1, len(later) // 6)])
-    return save(fig, out_dir, "fig2_subspace_overlap"), numbers
+    if r.get("seed_runs"):
+        numbers["over_seeds"] = {}
+        for t1 in t1s:
+            for key, label in ((f"top{k}", "top"), ("next", "next")):
+                dt, mean, std, lo, hi, n = plots.seed_curve(_seed_records(r), t1, key)
+                for i in range(0, dt.size, max(1, dt.size // 6)):
+                    numbers["over_seeds"].setdefault(str(t1), {}).setdefault(
+                        str(int(dt[i])), {})[label] = dict(mean=float(mean[i]),
+                                                           std=float(std[i]), min=float(lo[i]),
+                                                           max=float(hi[i]), n=n)
+    return save(fig, out_dir, "fig2_subspace_overlap", describe_run(r)), numbers
 
 
 def _fig3(config, results, out_dir):
@@ -131,7 +228,7 @@ def _fig3(config, results, out_dir):
     figures, numbers = [], {}
     for t1 in config.plot.t1:
         figures += save(plots.fig3_overlap_vs_dim(r["records"], t1), out_dir,
-                         f"fig3_overlap_vs_dim_t1_{t1}")
+                        f"fig3_overlap_vs_dim_t1_{t1}", describe_run(r))
         ok = [x for x in ok_records(r["records"]) if str(t1) in x.get("subspace_overlap", {})]
         if ok:
             dims = sorted({int(key[3:]) for x in ok for key in x["subspace_overlap"][str(t1)]
@@ -154,7 +251,7 @@ def _fig11(config, results, out_dir):
             k = len(c2) // 2
             numbers[str(t)] = dict(step=hit["step"], sum_top=float(c2[:k].sum()),
                                    sum_next=float(c2[k:].sum()))
-    return save(fig, out_dir, "fig11_eigenvector_overlaps"), numbers
+    return save(fig, out_dir, "fig11_eigenvector_overlaps", describe_run(r)), numbers
 
 
 def _fig12(config, results, out_dir):
@@ -166,14 +263,17 @@ def _fig12(config, results, out_dir):
             numbers[config.labels.get(n, n)] = dict(
                 f_top_final=ok[-1].get("f_top"),
                 f_top_at={str(t): _at(ok, t, "f_top") for t in (10, 100, 500)})
-    return save(plots.fig12_variants(runs), out_dir, "fig12_variants"), numbers
+    base = describe_run(next(iter(results.values()))) if results else ""
+    return save(plots.fig12_variants(runs), out_dir, "fig12_variants",
+                f"variants of: {base}" if base else None), numbers
 
 
 def _fig8(config, results, out_dir):
     (name, r), = results.items()
-    figures = save(plots.fig8_lambda_max(r["records"]), out_dir, "fig8_lambda_max")
+    figures = save(plots.fig8_lambda_max(r["records"]), out_dir, "fig8_lambda_max",
+                   describe_run(r))
     figures += save(plots.eigenvalues_over_time(r["records"]), out_dir,
-                     "fig8_top_eigenvalues")
+                    "fig8_top_eigenvalues", describe_run(r))
     ok = ok_records(r["records"])
     numbers = {str(x["step"]): x.get("lambda_max") for x in ok[:: max(1, len(ok) // 10)]}
     return figures, numbers
@@ -197,7 +297,7 @@ def _fig6(config, results, out_dir):
     if not vectors:
         return [], numbers
     fig = plots.fig6_eigenvector_anatomy(vectors, slices)
-    return save(fig, out_dir, "fig6_eigenvector_anatomy"), numbers
+    return save(fig, out_dir, "fig6_eigenvector_anatomy", describe_run(r)), numbers
 
 
 def _outliers(eigenvalues) -> int:
@@ -220,7 +320,7 @@ def _spectrum(config, results, out_dir):
             if "dense_eigenvalues" in spec:
                 lam = spec["dense_eigenvalues"]
                 figures += save(plots.fig4_dense_spectrum(lam, title=f"{name}, step {step}"),
-                                 out_dir, f"fig4_dense_spectrum_{name}")
+                                out_dir, f"fig4_dense_spectrum_{name}", describe_run(r))
                 numbers[f"{name}_dense"] = dict(
                     step=step, num=int(lam.size), top=np.sort(lam)[::-1][:12].round(5).tolist(),
                     outliers=_outliers(np.sort(lam)[::-1][:50]),
@@ -228,7 +328,7 @@ def _spectrum(config, results, out_dir):
             if "slq_nodes" in spec:
                 figures += save(plots.fig5_slq_density(spec["slq_nodes"],
                                                            spec["slq_weights"]),
-                                 out_dir, f"fig5_slq_density_{name}")
+                                out_dir, f"fig5_slq_density_{name}", describe_run(r))
                 numbers[f"{name}_slq"] = dict(step=step, probes=int(spec["slq_nodes"].shape[0]))
             break
         ok = ok_records(r["records"])
@@ -243,7 +343,7 @@ def _labels(config, results, out_dir):
     figures, numbers = [], {}
     for name, r in results.items():
         figures += save(plots.eigenvalues_over_time(r["records"]), out_dir,
-                         f"eigenvalues_{name}")
+                        f"eigenvalues_{name}", describe_run(r))
         ok = ok_records(r["records"])
         if ok:
             last = ok[-1]
@@ -331,10 +431,37 @@ def _transformer(config, results, out_dir):
     return figures, numbers
 
 
+def _sharpness(config, results, out_dir):
+    """Full-batch GD at several step sizes: λ_max against 2/η, the loss, and f_top."""
+    from hessian_subspace.paper import reproduce
+
+    runs, numbers = {}, {}
+    for name in reproduce.run_order(config):
+        if name not in results:
+            continue
+        r = results[name]
+        ok = ok_records(r["records"])
+        lr = (ok[0].get("config") or {}).get("optimizer", {}).get("learning_rate") if ok \
+            else None
+        if lr is None:
+            continue
+        runs[config.labels.get(name, name)] = (r["records"], float(lr))
+        numbers[name] = dict(learning_rate=float(lr),
+                             **plots.sharpness.sharpness_numbers(r["records"], float(lr)))
+    if not runs:
+        return [], numbers
+    first = next(iter(results.values()))
+    config_json = next(x["config"] for x in ok_records(first["records"]) if "config" in x)
+    title = (f"{describe_run(first).split('; ')[0]}; full-batch GD on "
+             f"{config_json.get('batch_size')} examples, {config_json.get('num_steps')} steps")
+    figures = save(plots.sharpness.edge_of_stability(runs), out_dir, "edge_of_stability", title)
+    return figures, numbers
+
+
 KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
     "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
     "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
-    "optim": _optim, "transformer": _transformer,
+    "optim": _optim, "transformer": _transformer, "sharpness": _sharpness,
 }
 
 

@@ -68,6 +68,7 @@ def _experiment(name, kind, description, runs, **extra) -> ConfigDict:
     config.plot = ConfigDict(extra.pop("plot", {}))
     config.paper = ConfigDict(extra.pop("paper", {}))
     config.labels = ConfigDict(extra.pop("labels", {}))
+    config.order = list(runs)  # the paper's order (ConfigDict sorts its keys)
     return config
 
 
@@ -205,10 +206,12 @@ EXPERIMENTS = {
         paper={"outliers": 2}),
     "appB_random_labels": lambda: _experiment(
         "appB_random_labels", "labels",
-        "App. B: with randomly permuted labels there are still k = 10 large eigenvalues.",
+        "App. B: with randomly permuted labels there are still k = 10 large eigenvalues. "
+        "Trained until the random labels are memorised: a 5,000-example subset, 30,000 steps "
+        "(384 epochs).",
         {"fc_mnist_random_labels": _fc_mnist(
-            data=dict(label_transform="shuffle"), num_steps=2000,
-            checkpoint_schedule="1:10,10:100,250",
+            data=dict(label_transform="shuffle", num_train=5000), num_steps=30000,
+            checkpoint_schedule="1:10,10:100,100:1000,1000", log_every=500,
             analysis=dict(transforms=_FTOP, k=10, reference_steps=[0]))},
         paper={"outliers": 10}),
 }
@@ -268,6 +271,28 @@ EXPERIMENTS["transformer_lm"] = lambda: _experiment(
     "text); f_top for k = 10, 50 and where it saturates, per-block spectra (Zhang et al. 2024) "
     "and the Adam-preconditioned Hessian.",
     {"gpt_pydoc": _transformer_lm()})
+
+
+def _gd_run(learning_rate: float):
+    # Full-batch gradient descent (batch = the 5,000-example training subset, no momentum);
+    # λ_max and f_top measured live, every 20 steps, on the same 5,000 examples.
+    return _fc_mnist(
+        data=dict(num_train=5000), batch_size=5000, num_steps=2000,
+        optimizer=dict(name="sgd", learning_rate=learning_rate),
+        checkpoint_schedule="20", log_every=100,
+        analysis=dict(transforms=["loss", "gradient", "eigenpairs", "f_top", "overlap_g_hg"],
+                      reference_steps=[], live=True, num_minibatches=0, batch_size=5000))
+
+
+EXPERIMENTS["edge_of_stability"] = lambda: _experiment(
+    "edge_of_stability", "sharpness",
+    "Beyond the paper (Cohen et al. 2021): full-batch GD on 5,000 examples with several step "
+    "sizes; λ_max tracked live rises (progressive sharpening) until it reaches 2/η and hovers "
+    "there (the edge of stability); does the gradient stay in the top subspace there?",
+    {f"gd_lr_{tag}": _gd_run(lr) for tag, lr in (("0p02", 0.02), ("0p05", 0.05),
+                                                  ("0p1", 0.1))},
+    labels={"gd_lr_0p02": "η = 0.02 (2/η = 100)", "gd_lr_0p05": "η = 0.05 (2/η = 40)",
+            "gd_lr_0p1": "η = 0.1 (2/η = 20)"})
 
 
 def get_config(arg: str | None = None) -> ConfigDict:

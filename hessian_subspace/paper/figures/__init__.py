@@ -31,6 +31,7 @@ References:
     Eigenvalue Density. ICML 2019 (SLQ densities).
 """
 
+from hessian_subspace.paper.figures import sharpness as sharpness
 from hessian_subspace.paper.figures import transformer as transformer
 from hessian_subspace.paper.figures._common import save as save
 from hessian_subspace.paper.figures.curves import fig1_ftop as fig1_ftop
@@ -46,5 +47,6 @@ from hessian_subspace.paper.figures.subspaces import (
     fig11_eigenvector_overlaps as fig11_eigenvector_overlaps)
 from hessian_subspace.paper.figures.subspaces import fig2_subspace_overlap as fig2_subspace_overlap
 from hessian_subspace.paper.figures.subspaces import fig3_overlap_vs_dim as fig3_overlap_vs_dim
+from hessian_subspace.paper.figures.subspaces import seed_curve as seed_curve
 from hessian_subspace.paper.figures.tables import table1_markdown as table1_markdown
 from hessian_subspace.paper.figures.tables import toy_model_figure as toy_model_figure

@@ -117,6 +117,36 @@ def overlap_table(records: Sequence[Record], t1: int, key: str) -> tuple[np.ndar
     return np.asarray(d, float), np.asarray(v, float)
 
 
+def stack_seeds(curves: Sequence[tuple[np.ndarray, np.ndarray]]
+                ) -> tuple[np.ndarray, ...]:
+    """``(x, mean, std, min, max, n)`` over several runs' ``(x, y)`` curves, at the x that
+    every curve has (std: ddof = 1; 0 for one curve)."""
+    curves = [c for c in curves if c[0].size]
+    if not curves:
+        return tuple(np.zeros(0) for _ in range(5)) + (0,)
+    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves)))
+    ys = np.stack([np.asarray([dict(zip(c[0].tolist(), c[1].tolist(), strict=True))[x]
+                               for x in common]) for c in curves])
+    std = ys.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
+    return (np.asarray(common, float), ys.mean(0), std, ys.min(0), ys.max(0), len(curves))
+
+
+def draw_band(ax, x, mean, std, lo, hi, n: int, *, color, label: str, marker: str = "-o"):
+    """A mean curve with a ±std band and thin dotted min–max lines (for n > 1 runs; say so
+    with :func:`seed_note`)."""
+    handle, = ax.plot(x, mean, marker, ms=3, color=color, label=label)
+    if n > 1:
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, lw=0)
+        ax.plot(x, lo, ":", color=color, lw=0.8)
+        ax.plot(x, hi, ":", color=color, lw=0.8)
+    return handle
+
+
+def seed_note(n: int) -> str:
+    """What the bands of :func:`draw_band` are, for a panel title ("" for one run)."""
+    return f"; mean of {n} seeds, band ± std, dotted min–max" if n > 1 else ""
+
+
 def reference_steps(records: Sequence[Record]) -> set[int]:
     out = set()
     for r in records:

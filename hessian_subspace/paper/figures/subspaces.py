@@ -13,19 +13,34 @@ from hessian_subspace.paper.figures import _common as _c
 from hessian_subspace.paper.figures._common import Record
 
 
+def seed_curve(seeds: Sequence[Sequence[Record]], t1: int, key: str) -> tuple:
+    """``(t2 − t1, mean, std, min, max, n)`` of ``subspace_overlap[t1][key]`` over the runs of
+    several seeds, at the t2 − t1 every run has."""
+    return _c.stack_seeds([_c.overlap_table(_c.ok(r), t1, key) for r in seeds])
+
+
 def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
-                          k: int | None = None, *, log_x: bool = False) -> Figure:
+                          k: int | None = None, *, log_x: bool = True,
+                          seeds: Sequence[Sequence[Record]] | None = None,
+                          title: str = "") -> Figure:
     """Paper Fig. 2: overlap (eq. 5) of the subspaces at t1 and t2 against t2 − t1.
 
     Panel (a): top-k subspaces (``subspace_overlap[t1]["top{k}"]``); panel (b): the "next k"
     subspaces, eigenvectors k+1…2k (``["next"]``). One line per t1 in ``t1_steps`` that is a
-    reference step of the records; others are ignored.
+    reference step of the records; others are ignored. The t2 − t1 axis is logarithmic by
+    default: the next-k overlaps fall within the first tens of steps, where a linear axis
+    stacks every curve on top of the others.
+
+    With ``seeds`` (the records of runs that differ only in their seed), each line is the mean
+    over the seeds at the t2 − t1 they share, with a ±std band and dotted min–max lines.
 
     Args:
-        records: pipeline records with ``subspace_overlap``.
+        records: pipeline records with ``subspace_overlap`` (ignored when ``seeds`` is given).
         t1_steps: reference steps t1.
         k: subspace dimension for panel (a); default the records' ``k``.
         log_x: log-scale t2 − t1 axis.
+        seeds: optional records of each seed's run.
+        title: figure title.
 
     Returns:
         Two axes (one if no record has a "next" overlap).
@@ -33,14 +48,19 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
     Raises:
         ValueError: if none of ``t1_steps`` has an overlap in the records.
     """
-    recs = _c.ok(records)
+    runs = [_c.ok(r) for r in seeds] if seeds else [_c.ok(records)]
+    recs = runs[0]
     k = k or _c.record_k(recs)
     if k is None:
         raise ValueError("fig2_subspace_overlap: k not given and not found in the records.")
-    present = _c.reference_steps(recs)
+    present = set.intersection(*(_c.reference_steps(r) for r in runs))
     t1s = [int(t) for t in t1_steps if int(t) in present]
-    curves_top = {t: _c.overlap_table(recs, t, f"top{k}") for t in t1s}
-    curves_next = {t: _c.overlap_table(recs, t, "next") for t in t1s}
+
+    def curve(t, key):
+        return seed_curve(runs, t, key)
+
+    curves_top = {t: curve(t, f"top{k}") for t in t1s}
+    curves_next = {t: curve(t, "next") for t in t1s}
     curves_top = {t: c for t, c in curves_top.items() if c[0].size}
     curves_next = {t: c for t, c in curves_next.items() if c[0].size}
     if not curves_top and not curves_next:
@@ -53,15 +73,17 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
     colors = dict(zip(t1s, _c.colors(len(t1s)), strict=True))
     for i, (curves, what) in enumerate(panels):
         ax = axes[0, i]
-        for t, (dt, v) in curves.items():
-            ax.plot(dt, v, "-o", ms=2.5, color=colors[t], label=rf"$t_1 = {t}$")
+        for t, stats in curves.items():
+            _c.draw_band(ax, *stats, color=colors[t], label=rf"$t_1 = {t}$", marker="-o")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(r"$t_2 - t_1$")
+        ax.set_xlabel(r"$t_2 - t_1$" + (" (log scale)" if log_x else ""))
         if log_x:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         _c.panel_label(ax, i, what)
     axes[0, 0].set_ylabel("subspace overlap (eq. 5)")
+    if len(runs) > 1:
+        fig.supxlabel(_c.seed_note(len(runs))[2:], fontsize=8)
     # One legend for both panels, outside the data.
     handles = {}
     for ax in axes.ravel():
@@ -69,6 +91,8 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center",
                fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 

@@ -19,9 +19,10 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], *, digits: int = 2) -> st
 
     Args:
         rows: dicts with ``"experiment"``, ``"ours"``, ``"paper"`` and optionally ``"std"``
-            (written as ``ours ± std``), ``"train_loss"`` (mean full-data train loss over the
-            same checkpoints: a run that did not train shows here) and ``"steps"`` (columns
-            added when any row has them).
+            (written as ``ours ± std``), ``"seeds"``, ``"min"``, ``"max"`` (over seeds: the
+            header says so and a min–max column is added), ``"train_loss"`` (mean full-data
+            train loss over the same checkpoints: a run that did not train shows here) and
+            ``"steps"`` (columns added when any row has them).
             Missing or non-finite numbers print as "—".
         digits: decimals.
 
@@ -37,8 +38,11 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], *, digits: int = 2) -> st
     """
     with_steps = any(r.get("steps") is not None for r in rows)
     with_loss = any(r.get("train_loss") is not None for r in rows)
-    header = (["Experiment", "ours", "paper"] + (["train loss"] if with_loss else [])
-              + (["steps"] if with_steps else []))
+    seeds = {r.get("seeds") for r in rows if r.get("seeds")}
+    ours_header = (f"ours (mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds)"
+                   if seeds else "ours")
+    header = ([("Experiment"), ours_header, "paper"] + (["min–max"] if seeds else [])
+              + (["train loss"] if with_loss else []) + (["steps"] if with_steps else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ours = _fmt(r.get("ours"), digits)
@@ -46,6 +50,9 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], *, digits: int = 2) -> st
             ours += f" ± {_fmt(r['std'], digits)}"
         cells = [str(r.get("experiment", "")).replace("|", r"\|"), ours,
                  _fmt(r.get("paper"), digits)]
+        if seeds:
+            cells.append(f"{_fmt(r.get('min'), digits)}–{_fmt(r.get('max'), digits)}"
+                         if _c.finite(r.get("min")) else "—")
         if with_loss:
             cells.append(_fmt(r.get("train_loss"), 3))
         if with_steps:
