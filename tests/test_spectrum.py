@@ -1,6 +1,7 @@
 """Stochastic Lanczos quadrature and Hutchinson's trace on operators with known spectra."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,3 +82,26 @@ def test_spectral_density_uses_the_operator_template_and_validates_input():
     with pytest.raises(ValueError, match="`num_steps`"):
         hs.spectral_density(op, jax.random.key(0), num_probes=2, num_steps=7,
                             grid=jnp.ones(3), sigma=0.1)
+
+
+def test_dense_float64_in_blocks_equals_the_dense_hessian():
+    from hessian_subspace.analysis import spectra
+
+    rng = np.random.default_rng(3)
+    data = {"x": jnp.asarray(rng.normal(size=(40, 6))), "y": jnp.asarray(rng.normal(size=40))}
+    params = {"w": jnp.asarray(rng.normal(size=(6, 5))), "v": jnp.asarray(rng.normal(size=5))}
+
+    def loss(p, b):
+        return jnp.mean((jnp.tanh(b["x"] @ p["w"]) @ p["v"] - b["y"]) ** 2)
+
+    with jax.enable_x64(True):
+        params64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+        data64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), data)
+        flat, unravel = jax.flatten_util.ravel_pytree(params64)
+        ref = np.asarray(jax.hessian(lambda f: loss(unravel(f), data64))(flat))
+        op = hs.dataset_hvp(loss, params64, data64, batch_size=16)
+        for block in (1, 7, 35, 64):  # 35 parameters: ragged, exact and oversized blocks
+            h = spectra.dense_float64(op, op.like, block_size=block)
+            np.testing.assert_allclose(h, ref, rtol=1e-10, atol=1e-12)
+            assert np.array_equal(h, h.T)
+        np.testing.assert_allclose(np.linalg.eigvalsh(h), np.linalg.eigvalsh(ref), atol=1e-11)
