@@ -14,7 +14,9 @@
 # %% [markdown]
 # # Figure 1 end to end: train, stream the checkpoints through the metric pipeline, plot
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/hessian-subspace/hessian_subspace/blob/main/colabs/02_figure1.ipynb)
+# Open in Colab: upload this notebook (File → Upload notebook), or, where the repository is
+# hosted on GitHub, open https://colab.research.google.com/github/OWNER/REPO/blob/main/colabs/02_figure1.ipynb
+# and set HESSIAN_SUBSPACE_SOURCE in the first code cell.
 #
 # The paper's Fig. 1: f_top (the fraction of the full-data gradient in the top-k Hessian
 # subspace) with the training loss and accuracy, for FC 2x100 on MNIST trained by SGD (batch 64,
@@ -23,18 +25,30 @@
 # MNIST-format IDX files, or the paper's Gaussian mixture (no files at all).
 
 # %%
-# Install from the repository (on Colab); skipped where the package is already installed (CI).
+# Install (Colab). One setting says where the package is hosted, HESSIAN_SUBSPACE_SOURCE:
+# the git URL of the repository (cloned), a directory holding a copy of it, or a built wheel
+# (`python -m build` in the repository; upload the .whl). Set it in the environment or on the
+# next line. Skipped where the package is already importable (a local checkout, CI).
 import importlib.util
 import os
 import subprocess
 import sys
 
+SOURCE = os.environ.get("HESSIAN_SUBSPACE_SOURCE", "")  # e.g. "https://.../hessian_subspace.git"
 if importlib.util.find_spec("hessian_subspace") is None:
-    subprocess.run(["git", "clone", "-q", "--depth=1",
-                    "https://github.com/hessian-subspace/hessian_subspace.git", "hs_repo"],
-                   check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "hs_repo"], check=True)
-    sys.path.insert(0, os.path.abspath("hs_repo"))  # the package and launch/configs
+    if not SOURCE:
+        raise RuntimeError("hessian_subspace is not installed here: set HESSIAN_SUBSPACE_SOURCE "
+                           "to the repository's git URL, a copy of the repository, or a wheel, "
+                           "and run this cell again (README, 'Notebooks').")
+    if SOURCE.endswith(".whl"):  # the package alone (not launch/configs)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", SOURCE], check=True)
+    else:
+        repo = SOURCE
+        if not os.path.isdir(SOURCE):
+            repo = "hs_repo"
+            subprocess.run(["git", "clone", "-q", "--depth=1", SOURCE, repo], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", repo], check=True)
+        sys.path.insert(0, os.path.abspath(repo))  # the package and launch/configs
 
 # %%
 import os

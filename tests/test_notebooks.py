@@ -46,3 +46,22 @@ def test_notebook_runs_top_to_bottom_at_smoke_size(path, tmp_path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_install_cell_names_its_one_setting_and_invents_no_url(path, monkeypatch):
+    nb = nbformat.read(path, as_version=4)
+    install = next(c for c in nb.cells if c.cell_type == "code").source
+    assert "hessian-subspace/hessian_subspace" not in "".join(c.source for c in nb.cells)
+    assert "HESSIAN_SUBSPACE_SOURCE" in install
+    # Where the package is importable (here, CI), the cell does nothing.
+    exec(compile(install, path, "exec"), {})
+    # Where it is not and no source is set, it stops with a message naming the setting.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hessian_subspace" else real(name, *a))
+    monkeypatch.delenv("HESSIAN_SUBSPACE_SOURCE", raising=False)
+    with pytest.raises(RuntimeError, match="set HESSIAN_SUBSPACE_SOURCE"):
+        exec(compile(install, path, "exec"), {})
