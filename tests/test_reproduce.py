@@ -96,6 +96,7 @@ def test_transformer_lm_smoke_trains_and_analyses_every_view(tmp_path):
         summary["figures"])
 
 
+@pytest.mark.slow
 def test_seeds_aggregate_fig1_fig2_and_table1(tmp_path):
     # The FC run shared by Fig. 1 and Fig. 2, and one Table 1 row, over 2 seeds at smoke size.
     kw = dict(dataset="gaussian_mixture", smoke_size=True, progress=False, seeds=[0, 1])

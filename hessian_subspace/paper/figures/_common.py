@@ -131,14 +131,16 @@ def stack_seeds(curves: Sequence[tuple[np.ndarray, np.ndarray]]
     return (np.asarray(common, float), ys.mean(0), std, ys.min(0), ys.max(0), len(curves))
 
 
-def draw_band(ax, x, mean, std, lo, hi, n: int, *, color, label: str, marker: str = "-o"):
+def draw_band(ax, x, mean, std, lo, hi, n: int, *, color, label: str, marker: str = "-o",
+              minmax: bool = True):
     """A mean curve with a ±std band and thin dotted min–max lines (for n > 1 runs; say so
     with :func:`seed_note`)."""
     handle, = ax.plot(x, mean, marker, ms=3, color=color, label=label)
     if n > 1:
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, lw=0)
-        ax.plot(x, lo, ":", color=color, lw=0.8)
-        ax.plot(x, hi, ":", color=color, lw=0.8)
+        if minmax:
+            ax.plot(x, lo, ":", color=color, lw=0.8)
+            ax.plot(x, hi, ":", color=color, lw=0.8)
     return handle
 
 

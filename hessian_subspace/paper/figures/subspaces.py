@@ -26,8 +26,9 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
     """Paper Fig. 2: overlap (eq. 5) of the subspaces at t1 and t2 against t2 − t1.
 
     Panel (a): top-k subspaces (``subspace_overlap[t1]["top{k}"]``); panel (b): the "next k"
-    subspaces, eigenvectors k+1…2k (``["next"]``). One line per t1 in ``t1_steps`` that is a
-    reference step of the records; others are ignored. The t2 − t1 axis is logarithmic by
+    subspaces, eigenvectors k+1…2k (``["next"]``), for at most three t1 (first, middle, last:
+    these overlaps are noisy and more curves hide each other). One line per t1 in
+    ``t1_steps`` that is a reference step of the records; others are ignored. The t2 − t1 axis is logarithmic by
     default: the next-k overlaps fall within the first tens of steps, where a linear axis
     stacks every curve on top of the others.
 
@@ -63,6 +64,10 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
     curves_next = {t: curve(t, "next") for t in t1s}
     curves_top = {t: c for t, c in curves_top.items() if c[0].size}
     curves_next = {t: c for t, c in curves_next.items() if c[0].size}
+    if len(curves_next) > 3:  # the next-k overlaps are noisy: three t1 keep them readable
+        keep = list(curves_next)
+        keep = [keep[0], keep[len(keep) // 2], keep[-1]]
+        curves_next = {t: curves_next[t] for t in keep}
     if not curves_top and not curves_next:
         raise ValueError(f"fig2_subspace_overlap: no overlap with any of t1 = {list(t1_steps)} "
                          f"(reference steps in the records: {sorted(present)}).")
@@ -74,7 +79,8 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
     for i, (curves, what) in enumerate(panels):
         ax = axes[0, i]
         for t, stats in curves.items():
-            _c.draw_band(ax, *stats, color=colors[t], label=rf"$t_1 = {t}$", marker="-o")
+            _c.draw_band(ax, *stats, color=colors[t], label=rf"$t_1 = {t}$",
+                         marker="-o" if i == 0 else "-", minmax=i == 0)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(r"$t_2 - t_1$" + (" (log scale)" if log_x else ""))
         if log_x:
@@ -83,7 +89,8 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
         _c.panel_label(ax, i, what)
     axes[0, 0].set_ylabel("subspace overlap (eq. 5)")
     if len(runs) > 1:
-        fig.supxlabel(_c.seed_note(len(runs))[2:], fontsize=8)
+        fig.supxlabel(f"mean of {len(runs)} seeds, band ± std; dotted in (a): min–max",
+                      fontsize=8)
     # One legend for both panels, outside the data.
     handles = {}
     for ax in axes.ravel():
