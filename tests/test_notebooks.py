@@ -65,3 +65,10 @@ def test_install_cell_names_its_one_setting_and_invents_no_url(path, monkeypatch
     monkeypatch.delenv("HESSIAN_SUBSPACE_SOURCE", raising=False)
     with pytest.raises(RuntimeError, match="set HESSIAN_SUBSPACE_SOURCE"):
         exec(compile(install, path, "exec"), {})
+
+
+def test_install_cells_are_one_cell_repeated():
+    # Each notebook must stand alone on Colab, so the install cell is repeated; it stays one.
+    cells = {next(c for c in nbformat.read(p, as_version=4).cells
+                  if c.cell_type == "code").source for p in NOTEBOOKS}
+    assert len(cells) == 1
