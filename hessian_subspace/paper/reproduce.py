@@ -145,6 +145,8 @@ def smoke(run: ConfigDict) -> ConfigDict:
     full_batch = bool(run.data.num_train) and run.batch_size >= run.data.num_train
     if run.data.name == "gaussian_mixture":
         run.data.kwargs.num_examples = 512
+        if run.data.num_train:  # a subset of the mixture's 512 examples
+            run.data.num_train = min(run.data.num_train, 512)
         shape = run.data.get("input_shape")
         small = None if not shape else (12, 12, tuple(shape)[-1])  # convnet needs >= 10
         run.data.kwargs.dim = int(np.prod(small)) if small else 64
