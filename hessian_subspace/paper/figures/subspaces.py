@@ -28,9 +28,9 @@ def fig2_subspace_overlap(records: Sequence[Record], t1_steps: Sequence[int],
     Panel (a): top-k subspaces (``subspace_overlap[t1]["top{k}"]``); panel (b): the "next k"
     subspaces, eigenvectors k+1…2k (``["next"]``), for at most three t1 (first, middle, last:
     these overlaps are noisy and more curves hide each other). One line per t1 in
-    ``t1_steps`` that is a reference step of the records; others are ignored. The t2 − t1 axis is logarithmic by
-    default: the next-k overlaps fall within the first tens of steps, where a linear axis
-    stacks every curve on top of the others.
+    ``t1_steps`` that is a reference step of the records; others are ignored. The t2 − t1
+    axis is logarithmic by default: the next-k overlaps fall within the first tens of steps,
+    where a linear axis stacks every curve on top of the others.
 
     With ``seeds`` (the records of runs that differ only in their seed), each line is the mean
     over the seeds at the t2 − t1 they share, with a ±std band and dotted min–max lines.
