@@ -69,9 +69,10 @@ def check_key(name: str, key: Any) -> None:
 
 
 def warn_float64_dropped(name: str, tree: PyTree, stacklevel: int = 3) -> None:
-    """Warns when ``tree`` holds float64 arrays while ``jax_enable_x64`` is off: JAX would
-    compute with them in float32, silently."""
-    if jax.config.jax_enable_x64:
+    """Warns when ``tree`` holds float64 arrays while JAX computes in float32 (x64 off, also
+    inside a scoped ``jax.enable_x64(False)``): JAX would cast them, silently. Reads what JAX
+    would make of a float64 value; touches no config."""
+    if jax.dtypes.canonicalize_dtype(np.float64) == np.float64:
         return
     if any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(tree)):
         import warnings
