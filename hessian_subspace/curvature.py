@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _tree, layout
+from hessian_subspace import _tree, _xla, layout
 from hessian_subspace import sharding as sharding_lib
 
 PyTree = Any
@@ -156,7 +156,7 @@ def _num_examples(data: PyTree) -> int:
 
 
 def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
-                 batch_size: int | None = None, unroll: bool = False) -> PyTree:
+                 batch_size: int | None = None, unroll: bool | None = None) -> PyTree:
     r"""Example-weighted mean of a per-batch mean quantity over a whole data set.
 
     Computes :math:`\sum_j (n_j/n)\,\mathrm{fn}(\mathrm{batch}_j)` in one compiled loop over the
@@ -172,9 +172,12 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
       data: pytree of arrays, each with a leading example axis of size n, or a ``BatchedData``.
       batch_size: b, the number of examples per batch (clamped to n); not used with a
         ``BatchedData``, which has its own.
-      unroll: write the batch loop out in the program instead of a ``fori_loop`` (no loop:
-        XLA:CPU runs convolutions in loop bodies slowly; compile time grows with the number
-        of batches). A single full batch is never looped.
+      unroll: write the batch loop out in the program instead of a ``fori_loop`` (no loop;
+        compile time grows with the number of batches). None (the default): written out when
+        ``fn`` holds a convolution, the backend is CPU (where XLA runs convolutions in loop
+        bodies ~10x slower, see :mod:`hessian_subspace._xla`) and there are at most
+        ``MAX_UNROLLED_BATCHES`` full batches; looped otherwise. A single full batch is
+        never looped.
 
     Returns:
       The pytree :math:`\frac{1}{n}\sum_a q(x_a)` where ``fn`` averages q over a batch.
@@ -183,7 +186,9 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
         if batch_size is None:
             raise ValueError("`batch_size` is required unless `data` is a BatchedData.")
         data = _strided(data, int(batch_size))
-    first = jax.eval_shape(fn, data.first_batch())
+    program, first = jax.make_jaxpr(fn, return_shape=True)(data.first_batch())
+    if unroll is None:
+        unroll = data.num_batches <= MAX_UNROLLED_BATCHES and _xla.loops_are_slow(program.jaxpr)
     total = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
     for part, weight, stacked in data.parts():
         if stacked:
@@ -203,6 +208,10 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
             total = jax.tree_util.tree_map(
                 lambda t, r, w=weight: t + r.astype(t.dtype) * w, total, fn(part))
     return total
+
+
+# Batch loops longer than this stay loops (compile time grows with the batches written out).
+MAX_UNROLLED_BATCHES = 32
 
 
 def _strided(data: PyTree, batch_size: int) -> layout.BatchedData:
@@ -386,7 +395,7 @@ class HessianOperator(_DatasetOperator):
     precision: str | None
     param_shardings: tuple | None = None
     cache: bool = False
-    unroll: bool = False
+    unroll: bool | None = None  # None: dataset_mean decides
 
     curvature: ClassVar[str] = "hessian"
 
@@ -401,7 +410,8 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
     r"""Returns ``v ↦ H v`` for the **mean** loss over the whole data set ``data``.
 
     ``loss_fn(params, batch)`` must return the mean loss over ``batch``. All batches run inside
-    one compiled program (a ``lax.fori_loop``), with batch j weighted by its share of examples,
+    one compiled program (a ``lax.fori_loop``, written out for convolutions on CPU: see
+    :func:`dataset_mean`), with batch j weighted by its share of examples,
     so the result does not depend on ``batch_size`` (up to round-off). For data parallelism,
     lay ``data`` out over a device mesh with :func:`hessian_subspace.batch_data`: every device
     then computes on its own examples and only the products are reduced; parameters sharded
@@ -557,7 +567,7 @@ class GGNOperator(_DatasetOperator):
     precision: str | None
     param_shardings: tuple | None = None
     cache: bool = False
-    unroll: bool = False
+    unroll: bool | None = None  # None: dataset_mean decides
 
     curvature: ClassVar[str] = "ggn"
 
@@ -685,9 +695,6 @@ def linearize(op) -> LinearizedOperator:
 @jax.jit
 def _linear_map_jit(op):
     return _linear_map(op)
-
-
-MAX_UNROLLED_BATCHES = 32
 
 
 def prepare(op, *, unroll: bool = False):

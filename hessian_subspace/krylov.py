@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _linalg, _tree
+from hessian_subspace import _linalg, _tree, _xla
 from hessian_subspace import sharding as sharding_lib
 
 PyTree = Any
@@ -474,27 +474,15 @@ _CONV_CACHE: dict = {}
 
 def _wants_host_driver(matvec, v0) -> bool:
     """True on CPU when the product holds a convolution (read from its traced program, once
-    per operator type and shapes)."""
+    per operator type and shapes): XLA:CPU runs it slowly in a loop body (:mod:`_xla`)."""
     if jax.default_backend() != "cpu":
         return False
     leaves, treedef = jax.tree_util.tree_flatten((matvec, v0))
     key = (treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves))
     if key not in _CONV_CACHE:
         jaxpr = jax.make_jaxpr(lambda m, v: m(v))(matvec, v0)
-        _CONV_CACHE[key] = _has_primitive(jaxpr.jaxpr, "conv_general_dilated")
+        _CONV_CACHE[key] = _xla.loops_are_slow(jaxpr.jaxpr)
     return _CONV_CACHE[key]
-
-
-def _has_primitive(jaxpr, name: str) -> bool:
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == name:
-            return True
-        for value in eqn.params.values():  # sub-programs: loops, conds, nested jits
-            for v in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(v, "jaxpr", v)
-                if hasattr(inner, "eqns") and _has_primitive(inner, name):
-                    return True
-    return False
 
 
 def _top_host(matvec, v0, key, **static):
