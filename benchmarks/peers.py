@@ -12,7 +12,7 @@ medians and ratios to PyHessian are reported.
 
 Per HVP over the whole set (one batch, as PyHessian's single-batch mode):
 - ours: ``dataset_hvp`` (``op(v)``: forward-over-reverse, fresh each call), a jitted ``hvp``,
-  the cached linearisation (``curvature.prepare(op)``, what the eigensolvers apply), and the
+  the cached linearisation (``linearization.prepare(op)``, what the eigensolvers apply), and the
   gradient (for HVP / gradient);
 - PyHessian's cached graph (``hessian_vector_product`` on the gradient it built once with
   ``create_graph=True``), torch double-backward from scratch, ``torch.func.jvp(grad)``, and
@@ -42,7 +42,7 @@ from jax import flatten_util
 
 import _common
 import hessian_subspace as hs
-from hessian_subspace import curvature
+from hessian_subspace import linearization
 from hessian_subspace.paper import data as data_lib
 from hessian_subspace.paper import models
 from hessian_subspace.training import tasks
@@ -251,7 +251,7 @@ def _compare(name):
     v = _to_flax(v_torch, net, params, name)
 
     op = hs.dataset_hvp(loss_fn, params, data, batch_size=n, cache=False)
-    cached = curvature.prepare(hs.dataset_hvp(loss_fn, params, data, batch_size=n, cache=True))
+    cached = linearization.prepare(hs.dataset_hvp(loss_fn, params, data, batch_size=n, cache=True))
     apply = jax.jit(lambda m, v: m(v))
     hvp_jit = jax.jit(lambda p, v, b: hs.hvp(loss_fn, p, v, b))
     grad = jax.jit(lambda p, b: hs.dataset_value_and_grad(loss_fn, p, b, batch_size=n))
@@ -282,7 +282,7 @@ def _compare(name):
         hvp_over_gradient=dict(
             uncached=medians["ours_dataset_hvp"] / medians["ours_gradient"],
             cached=medians["ours_cached_linearization"] / medians["ours_gradient"]),
-        linearization_mib=curvature.linearization_bytes(
+        linearization_mib=linearization.linearization_bytes(
             hs.dataset_hvp(loss_fn, params, data, batch_size=n, cache=False)) / 2**20,
         torch_compile_error=compile_error,
     )
@@ -347,7 +347,7 @@ def _topk(loss_fn, params, data, comp, net):
         params64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
         data64 = {"x": jnp.asarray(data["x"], jnp.float64), "y": data["y"]}
         op64 = hs.dataset_hvp(loss_fn, params64, data64, batch_size=n)
-        prepared64 = curvature.prepare(op64)
+        prepared64 = linearization.prepare(op64)
         mv64 = jax.jit(lambda m, x: flatten_util.ravel_pytree(m(unravel(x)))[0])
         lin64 = sla.LinearOperator((flat0.size,) * 2, dtype=np.float64,
                                    matvec=lambda x: np.asarray(mv64(prepared64, x)))
@@ -394,7 +394,7 @@ def _topk(loss_fn, params, data, comp, net):
                          max_rel_eigenvalue_error=err(res.eigenvalues))
     out["ours_block_sizes"] = blocks
     # ARPACK over our cached HVP (float32 products, float64 recurrence).
-    prepared = curvature.prepare(op)
+    prepared = linearization.prepare(op)
     mv = jax.jit(lambda m, x: flatten_util.ravel_pytree(m(unravel(x.astype(flat0.dtype))))[0])
     count = [0]
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 
 CONVOLUTION = "conv_general_dilated"
+# Batch loops longer than this stay loops (compile time grows with the batches written out).
+MAX_UNROLLED_BATCHES = 32
 
 
 def has_primitive(jaxpr, name: str) -> bool:

@@ -9,12 +9,12 @@ Everything here depends on one contract: ``loss_fn(params, *args) -> scalar``. F
 where batch :math:`j` holds :math:`n_j` examples and :math:`L_j` is its mean loss, so a ragged
 last batch is weighted exactly. The Hessian is never formed (Pearlmutter 1994).
 
-The same weighting gives the generalised Gauss-Newton matrix :math:`G` (:func:`ggn_vp`,
-:func:`dataset_ggn`), which needs the model split into ``output_fn(params, batch) -> (n, m)``
-and ``output_loss(outputs, batch) -> mean loss``; and :func:`restrict` turns either operator
-into its diagonal block on a subset of the parameter leaves (one layer, say). All three
-operators are pytrees with ``dim``, ``like`` and ``describe()``, so the eigensolvers, spectra and
-metrics take any of them.
+The same weighting gives the generalised Gauss-Newton matrix :math:`G`
+(:mod:`hessian_subspace.gauss_newton`, on the :class:`_DatasetOperator` base defined here), and
+:func:`hessian_subspace.restrict` turns either operator into its diagonal block on a subset of
+the parameter leaves (one layer, say). All of them are pytrees with ``dim``, ``like`` and
+``describe()``, so the eigensolvers, spectra and metrics take any of them. For one checkpoint
+an operator's product can be linearised once (:mod:`hessian_subspace.linearization`).
 
 References:
   Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -37,11 +36,10 @@ from jax import flatten_util
 
 from hessian_subspace import _tree, _xla, layout
 from hessian_subspace import sharding as sharding_lib
+from hessian_subspace.linearization import linearize, with_cache
 
 PyTree = Any
 LossFn = Callable[..., jax.Array]
-OutputFn = Callable[[Any, Any], jax.Array]  # (params, batch) -> outputs (n, m).
-OutputLoss = Callable[[jax.Array, Any], jax.Array]  # (outputs, batch) -> mean loss.
 
 _PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
@@ -176,7 +174,7 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
         compile time grows with the number of batches). None (the default): written out when
         ``fn`` holds a convolution, the backend is CPU (where XLA runs convolutions in loop
         bodies ~10x slower, see :mod:`hessian_subspace._xla`) and there are at most
-        ``MAX_UNROLLED_BATCHES`` full batches; looped otherwise. A single full batch is
+        ``_xla.MAX_UNROLLED_BATCHES`` full batches; looped otherwise. A single full batch is
         never looped.
 
     Returns:
@@ -188,7 +186,8 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
         data = _strided(data, int(batch_size))
     program, first = jax.make_jaxpr(fn, return_shape=True)(data.first_batch())
     if unroll is None:
-        unroll = data.num_batches <= MAX_UNROLLED_BATCHES and _xla.loops_are_slow(program.jaxpr)
+        unroll = (data.num_batches <= _xla.MAX_UNROLLED_BATCHES
+                  and _xla.loops_are_slow(program.jaxpr))
     total = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
     for part, weight, stacked in data.parts():
         if stacked:
@@ -208,10 +207,6 @@ def dataset_mean(fn: Callable[[PyTree], PyTree], data: PyTree, *,
             total = jax.tree_util.tree_map(
                 lambda t, r, w=weight: t + r.astype(t.dtype) * w, total, fn(part))
     return total
-
-
-# Batch loops longer than this stay loops (compile time grows with the batches written out).
-MAX_UNROLLED_BATCHES = 32
 
 
 def _strided(data: PyTree, batch_size: int) -> layout.BatchedData:
@@ -457,7 +452,7 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
     first = (data.first_batch() if isinstance(data, layout.BatchedData)
              else jax.tree_util.tree_map(lambda x: x[:batch_size], data))
     _check_scalar_loss(op.loss_fn, params, first)
-    return _with_cache(op, cache, cache_budget)
+    return with_cache(op, cache, cache_budget)
 
 
 def _param_shardings(params: PyTree) -> tuple | None:
@@ -481,298 +476,6 @@ def _check_operator_args(params, data, batch_size, precision):
     _tree.check_finite("params", params)
     _num_examples(data)
     return batch_size, precision
-
-
-# --------------------------------------------------------------------------------------------
-# Generalised Gauss-Newton products.
-
-
-def _ggn_product(output_fn, output_loss, params, v, batch):
-    f = lambda p: output_fn(p, batch)  # noqa: E731
-    outputs, jvp_fn = jax.linearize(f, params)  # One forward pass; jvp_fn: v -> J v.
-    hjv = jax.jvp(jax.grad(lambda o: output_loss(o, batch)), (outputs,), (jvp_fn(v),))[1]
-    return jax.linear_transpose(jvp_fn, params)(hjv)[0]  # J^T (H_l J v).
-
-
-def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTree,
-           batch: PyTree, *, precision: str | None = None) -> PyTree:
-    r"""Generalised Gauss-Newton product :math:`G v` for the mean loss over one batch.
-
-    With outputs :math:`f_a = f(\theta, x_a) \in \mathbb{R}^m`, per-example loss
-    :math:`\ell(f_a, y_a)` and :math:`L = \frac{1}{n}\sum_a \ell(f_a, y_a)`,
-
-    .. math:: G = \frac{1}{n}\sum_{a=1}^{n} J_a^\top H_{\ell,a} J_a, \qquad
-              J_a = \partial f_a/\partial\theta,\quad
-              H_{\ell,a} = \partial^2 \ell/\partial f_a^2,
-
-    i.e. the Hessian :math:`H = G + \frac{1}{n}\sum_{a,c} (\partial\ell/\partial f_{ac})\,
-    \nabla^2_\theta f_{ac}` without its second term. :math:`G` is positive semi-definite when
-    :math:`\ell` is convex in the outputs and equals :math:`H` when :math:`f` is linear in
-    :math:`\theta`. For softmax cross-entropy :math:`H_{\ell} = \mathrm{diag}(p) - pp^\top`; for
-    ``mean((f - y) ** 2)`` over the ``(n, m)`` outputs, :math:`\frac{1}{n}H_\ell = 2I/(nm)`.
-
-    Computed as ``J v`` (``jax.linearize``: one forward pass), the output-space product
-    (forward-over-reverse on ``output_loss``, which holds the :math:`1/n`), then ``J^T``
-    (``jax.linear_transpose``). Pure and jit-compatible.
-
-    Args:
-      output_fn: ``output_fn(params, batch) -> outputs`` of shape ``(n, m)``.
-      output_loss: ``output_loss(outputs, batch) -> scalar``, the **mean** loss over the batch.
-      params: pytree of floating-point arrays.
-      v: pytree like ``params``.
-      batch: passed to both functions.
-      precision: matmul precision while tracing ("default", "high", "highest", ...).
-
-    Returns:
-      A pytree like ``params``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import hessian_subspace as hs
-      >>> f = lambda w, batch: batch["x"] @ w  # linear model: G = H = 2 X^T X / (n m)
-      >>> loss = lambda out, batch: jnp.mean((out - batch["y"]) ** 2)
-      >>> batch = {"x": jnp.eye(2), "y": jnp.zeros((2, 2))}
-      >>> hs.ggn_vp(f, loss, jnp.zeros((2, 2)), jnp.ones((2, 2)), batch)
-      Array([[0.5, 0.5],
-             [0.5, 0.5]], dtype=float32)
-
-    References:
-      Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
-      Neural Computation 14 (2002).
-      Martens, "New insights and perspectives on the natural gradient method", JMLR 21 (2020).
-    """
-    precision = _check_precision(precision)
-    _check_like("v", v, params)
-    _tree.check_finite("params", params)
-    with _matmul_precision(precision):
-        return _ggn_product(output_fn, output_loss, params, v, batch)
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["params", "data", "output_fn", "output_loss"],
-    meta_fields=["batch_size", "precision", "param_shardings", "cache", "unroll"],
-)
-@dataclasses.dataclass(frozen=True, eq=False)
-class GGNOperator(_DatasetOperator):
-    r"""The linear map :math:`v \mapsto Gv` of the Gauss-Newton matrix of the mean loss over a
-    fixed data set (see :func:`ggn_vp`). A pytree like :class:`HessianOperator`, with the same
-    methods; ``describe()`` reports ``curvature="ggn"``. Build it with :func:`dataset_ggn`."""
-
-    params: PyTree
-    data: PyTree
-    output_fn: jax.tree_util.Partial
-    output_loss: jax.tree_util.Partial
-    batch_size: int | None
-    precision: str | None
-    param_shardings: tuple | None = None
-    cache: bool = False
-    unroll: bool | None = None  # None: dataset_mean decides
-
-    curvature: ClassVar[str] = "ggn"
-
-    def _batch_product(self, v: PyTree, batch: PyTree) -> PyTree:
-        return _ggn_product(self.output_fn, self.output_loss, self.params, v, batch)
-
-
-def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, data: PyTree, *,
-                batch_size: int | None = None, precision: str | None = None,
-                cache: bool | str = "auto", cache_budget: float | None = None) -> GGNOperator:
-    r"""Returns ``v ↦ G v``, the Gauss-Newton matrix of the **mean** loss over ``data``.
-
-    :math:`G v = \sum_j (n_j/n)\, G_j v` with :math:`G_j` the GGN of batch j's mean loss
-    (:func:`ggn_vp`), batched exactly like :func:`dataset_hvp` (one compiled loop, ragged last
-    batch weighted by its share, data parallel when ``data`` is sharded).
-
-    Args:
-      output_fn: ``output_fn(params, batch) -> (n, m)`` outputs (logits); a
-        ``jax.tree_util.Partial`` binding the model state keeps it dynamic.
-      output_loss: ``output_loss(outputs, batch) -> scalar``, the mean loss over the batch.
-      params: pytree of floating-point arrays; must be finite.
-      data: pytree of arrays with a common leading example axis.
-      batch_size: examples per batch (clamped to the data set size).
-      precision: matmul precision of the product; reported by ``describe()``.
-      cache, cache_budget: the cached linearisation, as in :func:`dataset_hvp`.
-
-    Returns:
-      A :class:`GGNOperator`, callable on pytrees shaped like ``params``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import hessian_subspace as hs
-      >>> f = lambda w, batch: batch["x"] @ w[:, None]
-      >>> loss = lambda out, batch: 0.5 * jnp.mean(out ** 2)
-      >>> op = hs.dataset_ggn(f, loss, jnp.zeros(3), {"x": jnp.eye(3)}, batch_size=2)
-      >>> op(jnp.array([3.0, 0.0, 0.0]))  # G = H = X^T X / n = I / 3
-      Array([1., 0., 0.], dtype=float32)
-    """
-    batch_size, precision = _check_operator_args(params, data, batch_size, precision)
-    op = GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
-                     output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
-                     precision=precision, param_shardings=_param_shardings(params))
-    return _with_cache(op, cache, cache_budget)
-
-
-# --------------------------------------------------------------------------------------------
-# Cached linearisation: for one checkpoint the operator is fixed, so everything in a product
-# that does not depend on v (the forward and backward passes of the gradient) is computed once.
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["linear", "source"], meta_fields=[])
-@dataclasses.dataclass(frozen=True, eq=False)
-class LinearizedOperator:
-    r"""``v ↦ A v`` of a data-set operator A through its stored linearisation.
-
-    ``linear`` is the ``jax.tree_util.Partial`` that ``jax.linearize`` returns for the
-    (linear) product ``v ↦ A v`` at ``v = 0``: its leaves are the residuals, the activations
-    and derivatives of the forward and backward passes, computed once; applying it evaluates
-    only the operations that involve ``v`` (for forward-over-reverse: the tangent forward and
-    backward passes). It lives inside one compiled solve (:func:`linearize` is called by the
-    solvers through the operator's ``prepared()``), so nothing is recompiled per checkpoint.
-    ``source`` is the operator it came from (template, mesh, ``describe()``).
-    """
-
-    linear: jax.tree_util.Partial
-    source: Any
-
-    def __call__(self, v: PyTree) -> PyTree:
-        out = self.linear(v)
-        shardings = getattr(self.source, "param_shardings", None)
-        if shardings is not None:
-            leaves, treedef = jax.tree_util.tree_flatten(out)
-            out = treedef.unflatten([jax.lax.with_sharding_constraint(x, s) for x, s in
-                                     zip(leaves, shardings, strict=True)])
-        return out
-
-    @property
-    def like(self) -> PyTree:
-        return self.source.like
-
-    @property
-    def dim(self) -> int:
-        return self.source.dim
-
-    @property
-    def mesh(self):
-        return getattr(self.source, "mesh", None)
-
-    @property
-    def vector_sharding(self):
-        return getattr(self.source, "vector_sharding", None)
-
-    def describe(self) -> dict:
-        return self.source.describe()
-
-
-def _linear_map(op) -> jax.tree_util.Partial:
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, op.like)
-    return jax.linearize(op._matvec, zeros)[1]
-
-
-def linearize(op) -> LinearizedOperator:
-    r"""The product of a data-set operator, linearised once: ``jax.linearize`` of
-    ``v ↦ op(v)`` at ``v = 0``.
-
-    The product is linear in ``v``, so the linear map is the same operator (the same
-    operations on ``v``, so the same numbers to round-off); what does not depend on ``v`` —
-    for :math:`Hv` by forward-over-reverse, the forward pass and the backward pass of the
-    gradient, over every batch — is computed once, here, and stored (memory:
-    :func:`linearization_bytes`). Costs about one product. Meant for use inside a jitted solve
-    (the eigensolvers call it through ``op.prepared()`` when the operator's ``cache`` is
-    set); outside one it works too, but every call compiles again.
-
-    Args:
-      op: a :class:`HessianOperator` or :class:`GGNOperator` (or any operator with ``like``
-        and a ``_matvec`` that is linear in its argument).
-
-    Returns:
-      A :class:`LinearizedOperator`.
-    """
-    return LinearizedOperator(linear=_linear_map(op), source=op)
-
-
-@jax.jit
-def _linear_map_jit(op):
-    return _linear_map(op)
-
-
-def prepare(op, *, unroll: bool = False):
-    """``op.prepared()`` computed by one compiled call, for code that applies ``op`` from
-    Python many times (the host-driven eigensolver): the stored linearisation of a data-set
-    operator whose ``cache`` is set (inside wrappers such as :func:`hessian_subspace.restrict`
-    too); anything else is returned as it is. With ``unroll``, data-set operators of at most
-    ``MAX_UNROLLED_BATCHES`` batches write their batch loop out (no loop in the program).
-    Repeated calls with operators of the same shapes return operators of the same pytree
-    structure, so the code applying them compiles once."""
-    if isinstance(op, _DatasetOperator):
-        if unroll and op.data_batches <= MAX_UNROLLED_BATCHES:
-            op = dataclasses.replace(op, unroll=True)
-        return LinearizedOperator(linear=_linear_map_jit(op), source=op) if op.cache else op
-    inner = getattr(op, "operator", None)
-    if inner is not None and callable(getattr(op, "prepared", None)):
-        prepared = prepare(inner, unroll=unroll)
-        return op if prepared is inner else dataclasses.replace(op, operator=prepared)
-    return op
-
-
-_BYTES_CACHE: dict = {}
-
-
-def linearization_bytes(op) -> int:
-    """Bytes of the residuals :func:`linearize` stores for ``op``, per device.
-
-    Read from the traced program (no computation): the residual arrays other than the
-    operator's own inputs (parameters and data are resident anyway), divided by the devices of
-    the operator's mesh (residuals of data-parallel batches are split like the data; an
-    estimate when parameters are replicated). Remembered per operator type and shapes.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(op)
-    key = (treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves))
-    if key not in _BYTES_CACHE:
-        closed = jax.make_jaxpr(lambda o: jax.tree_util.tree_leaves(_linear_map(o)))(op)
-        inputs = {id(v) for v in closed.jaxpr.invars}
-        seen, total = set(), 0
-        for v in closed.jaxpr.outvars:
-            if hasattr(v, "val") or id(v) in inputs or id(v) in seen:  # literal or input
-                continue
-            seen.add(id(v))
-            total += int(np.prod(v.aval.shape, dtype=np.int64)) * np.dtype(v.aval.dtype).itemsize
-        _BYTES_CACHE[key] = total
-    mesh = getattr(op, "mesh", None)
-    return _BYTES_CACHE[key] // (1 if mesh is None else mesh.size)
-
-
-def default_cache_budget() -> float:
-    """Bytes per device a cached linearisation may take by default: a quarter of the first
-    local device's memory limit where the runtime reports one (GPUs, TPUs), else a quarter of
-    the host's physical memory shared among its local devices."""
-    device = jax.local_devices()[0]
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # noqa: BLE001 -- backends without memory statistics
-        stats = {}
-    if stats.get("bytes_limit"):
-        return 0.25 * float(stats["bytes_limit"])
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        physical = 8 * 2**30
-    return 0.25 * float(physical) / max(1, jax.local_device_count())
-
-
-def _with_cache(op, cache, cache_budget):
-    """``op`` with its ``cache`` flag resolved ("auto": the linearisation fits the budget)."""
-    if cache_budget is not None and (isinstance(cache_budget, bool)
-                                     or not float(cache_budget) > 0):
-        raise ValueError(f"`cache_budget` must be a positive number of bytes, got "
-                         f"{cache_budget!r}.")
-    if cache == "auto":
-        budget = default_cache_budget() if cache_budget is None else float(cache_budget)
-        cache = linearization_bytes(op) <= budget
-    elif not isinstance(cache, bool):
-        raise ValueError(f"`cache` must be True, False or 'auto', got {cache!r}.")
-    return dataclasses.replace(op, cache=bool(cache))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

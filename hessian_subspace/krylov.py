@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _linalg, _tree, _xla
+from hessian_subspace import _linalg, _tree, _xla, linearization
 from hessian_subspace import sharding as sharding_lib
 
 PyTree = Any
@@ -486,10 +486,8 @@ def _wants_host_driver(matvec, v0) -> bool:
 
 
 def _top_host(matvec, v0, key, **static):
-    from hessian_subspace import curvature  # noqa: PLC0415 -- curvature sits above krylov
-
     # Linearised once (if cached) for every step; the batch loop written out, not a loop.
-    matvec = curvature.prepare(matvec, unroll=True)
+    matvec = linearization.prepare(matvec, unroll=True)
     state, going = _host_init(matvec, v0, key, **static)
     while bool(going):
         state, going = _host_step(matvec, v0, key, state, **static)

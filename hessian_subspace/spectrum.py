@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _linalg, _tree, krylov
+from hessian_subspace import _linalg, _tree, krylov, linearization
 
 PyTree = Any
 
@@ -62,20 +62,18 @@ def _probe(key, like_flat, kind):
 def default_probe_batch(matvec, like, num_probes: int, vectors_per_probe: int,
                         budget: float | None = None) -> int:
     """How many probes to vmap together: as many as fit ``budget`` bytes (default: a quarter
-    of what :func:`hessian_subspace.curvature.default_cache_budget` allows), counting per probe
-    ``vectors_per_probe + 4`` vectors of p numbers (a Lanczos basis, or a few vectors for
+    of what :func:`hessian_subspace.linearization.default_cache_budget` allows), counting per
+    probe ``vectors_per_probe + 4`` vectors of p numbers (a Lanczos basis, or a few vectors for
     Hutchinson) and, for the data-set operators, one more copy of the activations their
-    products keep (:func:`hessian_subspace.curvature.linearization_bytes`)."""
-    from hessian_subspace import curvature  # noqa: PLC0415 -- curvature sits above spectrum
-
+    products keep (:func:`hessian_subspace.linearization.linearization_bytes`)."""
     flat, _ = flatten_util.ravel_pytree(like)
     per_probe = (vectors_per_probe + 4) * flat.size * flat.dtype.itemsize
     if hasattr(matvec, "_matvec") and hasattr(matvec, "like"):
         try:
-            per_probe += curvature.linearization_bytes(matvec)
+            per_probe += linearization.linearization_bytes(matvec)
         except Exception:  # noqa: BLE001 -- an operator that cannot be traced alone
             pass
-    budget = 0.25 * curvature.default_cache_budget() if budget is None else budget
+    budget = 0.25 * linearization.default_cache_budget() if budget is None else budget
     return int(max(1, min(num_probes, budget // max(per_probe, 1))))
 
 

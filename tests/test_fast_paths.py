@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import hessian_subspace as hs
-from hessian_subspace import curvature, krylov
+from hessian_subspace import _xla, curvature, krylov, linearization
 from jax import flatten_util
 from hessian_subspace.paper import models
 from hessian_subspace.training import tasks
@@ -101,7 +101,7 @@ def test_cached_product_equals_uncached_float32_and_dense():
 
 def test_automatic_cache_follows_the_budget():
     loss, _, _, params, data = _mlp_problem(jnp.float32, n=200)
-    size = curvature.linearization_bytes(hs.dataset_hvp(loss, params, data, batch_size=50,
+    size = linearization.linearization_bytes(hs.dataset_hvp(loss, params, data, batch_size=50,
                                                         cache=False))
     # The residuals are activations of the 200 examples (tanh layer: 200 x 5 numbers and its
     # derivative), not copies of the parameters or the data.
@@ -111,7 +111,7 @@ def test_automatic_cache_follows_the_budget():
     assert not small.cache and not small.describe()["cached_linearization"]
     assert small.prepared() is small  # falls back to forward-over-reverse
     assert hs.dataset_hvp(loss, params, data, batch_size=50).cache  # default budget: GBs
-    assert curvature.default_cache_budget() > 0
+    assert linearization.default_cache_budget() > 0
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -207,7 +207,7 @@ def test_data_set_means_write_out_convolution_loops_on_cpu():
     many = jax.tree_util.tree_map(
         lambda x: jnp.concatenate([x] * 2), data)  # 40 examples, batch 1: 40 batches
     fn = lambda p, d: curvature.dataset_mean(lambda b: loss(p, b), d, batch_size=1)  # noqa: E731
-    assert curvature.MAX_UNROLLED_BATCHES < 40
+    assert _xla.MAX_UNROLLED_BATCHES < 40
     assert "while" in jax.jit(fn).lower(params, many).as_text()
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import inspect
 import os
 import sys
 import time
@@ -29,8 +28,9 @@ import numpy as np
 from absl import logging
 
 import hessian_subspace as hs
-from hessian_subspace import _tree, curvature, layout
+from hessian_subspace import _tree, curvature, gauss_newton, layout
 from hessian_subspace import sharding as sharding_lib
+from hessian_subspace.analysis import checks
 from hessian_subspace.analysis import context as context_lib
 from hessian_subspace.analysis import sources as sources_lib
 from hessian_subspace.analysis import store as store_lib
@@ -52,18 +52,6 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _required_positional(fn: Callable) -> int | None:
-    """How many positional arguments ``fn`` needs (None when it cannot be told)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               and p.default is p.empty)
 
 
 def _fingerprint(data: PyTree) -> dict:
@@ -127,7 +115,7 @@ class Analyzer:
         linear map at every step (True, False, or "auto": when it fits ``cache_budget``); see
         :func:`hessian_subspace.dataset_hvp`. Recorded per operator in ``settings.json``.
       cache_budget: bytes per device for that linearisation (default
-        :func:`hessian_subspace.curvature.default_cache_budget`).
+        :func:`hessian_subspace.linearization.default_cache_budget`).
 
     Example::
 
@@ -187,7 +175,7 @@ class Analyzer:
             raise ValueError("curvature='ggn' needs `output_fn` and `output_loss` (the model "
                              "outputs and the loss of the outputs)")
         self.curvature, self.output_fn, self.output_loss = curvature, output_fn, output_loss
-        self.block = _check_block(block)
+        self.block = checks.check_block(block)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
         self.seed = int(seed)
@@ -310,52 +298,6 @@ class Analyzer:
         record = self.store.record(step)
         return record is not None and (record.get("status") == "ok" or not self.retry_failed)
 
-    def _check_state_arg(self, state: PyTree) -> None:
-        needed = _required_positional(self.loss_fn)
-        if needed is None:
-            return
-        if state is None and needed >= 3:
-            raise TypeError("`loss_fn` takes a model state (loss_fn(params, batch, state)); "
-                            "pass it: analyzer(step, params, state)")
-        if state is not None and needed == 2:
-            raise TypeError("a model `state` was given but `loss_fn` takes (params, batch); "
-                            "make it loss_fn(params, batch, state)")
-
-    def _check_contract(self, params: PyTree, state: PyTree) -> None:
-        """The loss (and the outputs, if given) evaluated on shapes only, on one batch of
-        ``data`` with these parameters: a mismatch (a batch without the keys the loss reads,
-        inputs of the wrong shape, float class labels, a vector loss) is a ``TypeError`` or
-        ``ValueError`` naming ``data``/``loss_fn`` before anything is computed or written; integer
-        labels are checked against the number of outputs."""
-        n = min(self.batch_size, int(np.shape(jax.tree_util.tree_leaves(self.data)[0])[0]))
-        batch = jax.tree_util.tree_map(lambda x: x[:n], self.data)
-        bind = context_lib.default_bind(state)
-        shapes = ", ".join(f"{jax.tree_util.keystr(path)}: {np.shape(x)} {np.asarray(x).dtype}"
-                           for path, x in jax.tree_util.tree_leaves_with_path(batch))
-        with self._scope():
-            for label, fn in (("loss_fn", self.loss_fn), ("output_fn", self.output_fn)):
-                if fn is None:
-                    continue
-                try:
-                    out = jax.eval_shape(bind(fn), self._place_like(params), batch)
-                except Exception as e:  # JAX, flax and user code raise many types
-                    kind = TypeError if isinstance(e, TypeError) else ValueError
-                    raise kind(f"`{label}` cannot be evaluated on a batch of `data` ({shapes}) "
-                               f"with these `params`: {type(e).__name__}: {e}") from e
-                if label == "loss_fn" and getattr(out, "shape", None) != ():
-                    raise ValueError(f"`loss_fn` must return the scalar mean loss of a batch, "
-                                     f"got {out}")
-                y = self.data.get("y") if isinstance(self.data, Mapping) else None
-                if label == "output_fn" and y is not None and np.ndim(out) >= 2 \
-                        and np.issubdtype(np.asarray(y).dtype, np.integer):
-                    lo, hi = int(np.min(y)), int(np.max(y))
-                    if lo < 0 or hi >= out.shape[-1]:
-                        raise ValueError(
-                            f"`data['y']`: integer labels must be class indices in [0, "
-                            f"{out.shape[-1]}) (`output_fn` gives {out.shape[-1]} outputs), "
-                            f"found values in [{lo}, {hi}]")
-        self._contract_checked = True
-
     def _place_like(self, params: PyTree) -> PyTree:
         return jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), self._cast_dtype(x)), params)
@@ -370,7 +312,7 @@ class Analyzer:
                  extras: Mapping[str, Any] | None = None) -> dict | None:
         """Analyses ``step`` if it is scheduled and not done yet (call it at every step of a
         training loop). Returns the record written, or None."""
-        step = _check_step(step)
+        step = checks.check_step(step)
         if not self.scheduled(step) or self.done(step):
             return None
         return self.process(step, params, state, extras=extras)
@@ -383,12 +325,15 @@ class Analyzer:
         reason; the analysis goes on with the next checkpoint. ``extras`` (e.g. the optimizer
         state) reach the transforms as ``ctx["extras"]``.
         """
-        step = _check_step(step)
-        self._check_state_arg(state)
+        step = checks.check_step(step)
+        checks.check_state_arg(self.loss_fn, state)
         start = time.perf_counter()
         _tree.check_floating("params", params)
         if not self._contract_checked:
-            self._check_contract(params, state)
+            with self._scope():
+                checks.check_contract(self.loss_fn, self.output_fn, self.data, self.batch_size,
+                                      self._place_like(params), state)
+            self._contract_checked = True
         bad = int(_count_nonfinite((params, state)))
         if bad:
             return self.fail(step, f"{bad} non-finite values in the parameters or model state")
@@ -423,7 +368,7 @@ class Analyzer:
     def _make_operator(self, params, bound_loss, bind):
         def make(curvature_name=None, *, block="default", output_fn=None, output_loss=None):
             name = curvature_name or self.curvature
-            block = self.block if block == "default" else _check_block(block)
+            block = self.block if block == "default" else checks.check_block(block)
             if name == "hessian":
                 op = curvature.dataset_hvp(bound_loss, params, self.batches,
                                            precision=self.precision, cache=self.hvp_cache,
@@ -434,7 +379,7 @@ class Analyzer:
                 if output_fn is None:
                     raise ValueError("the Gauss-Newton matrix needs `output_fn` and "
                                      "`output_loss` (give them to the Analyzer or to ggn())")
-                op = curvature.dataset_ggn(bind(output_fn), curvature.as_loss_pytree(
+                op = gauss_newton.dataset_ggn(bind(output_fn), curvature.as_loss_pytree(
                     output_loss), params, self.batches, precision=self.precision,
                     cache=self.hvp_cache, cache_budget=self.cache_budget)
             else:
@@ -516,7 +461,7 @@ class Analyzer:
                 if key in record or key == "files":
                     raise ValueError(f"transform {t.name!r} outputs {key!r}, which is already "
                                      "in the record; rename one of them")
-                record[key] = _recordable(t.name, key, value)
+                record[key] = store_lib.recordable(t.name, key, value)
             ctx._add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
         ctx.current = None
         record["hvps"] = ctx.hvps
@@ -554,7 +499,7 @@ class Analyzer:
         from tqdm import tqdm
 
         source = sources_lib.as_source(source)
-        wanted = None if steps is None else {_check_step(s) for s in steps}
+        wanted = None if steps is None else {checks.check_step(s) for s in steps}
         if wanted is not None and not watch:
             available = set(source.steps())
             missing = sorted(wanted - available)
@@ -617,57 +562,11 @@ class Analyzer:
             w.write(step, scalars)
 
 
-def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
-    return int(step)
-
-
-def _check_block(block) -> tuple[str, ...] | None:
-    if block is None:
-        return None
-    blocks = (block,) if isinstance(block, str) else tuple(block) if isinstance(
-        block, (list, tuple)) else None
-    if not blocks or not all(isinstance(b, str) and b for b in blocks):
-        raise ValueError(f"`block` must be a parameter-path prefix or a sequence of them, got "
-                         f"{block!r}")
-    return blocks
-
-
 def _name(fn) -> str | None:
     if fn is None:
         return None
     fn = getattr(fn, "func", fn)
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-
-
-_MAX_RECORDED = 100_000
-
-
-def _recordable(transform: str, key: str, value: Any) -> Any:
-    """An output as it goes into the record (numbers, short arrays, dicts of them)."""
-    size = sum(np.size(x) for x in jax.tree_util.tree_leaves(value)
-               if hasattr(x, "shape") or isinstance(x, (list, tuple)))
-    if size > _MAX_RECORDED:
-        raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
-                         "return it as analysis.Stored(...) or list it in `context_only`")
-    return _host_values(value)
-
-
-def _host_values(value: Any) -> Any:
-    """Device arrays in ``value`` as host arrays; dicts keep their key order (which
-    ``tree_map`` would sort: the order of layers in a record is the parameters' order)."""
-    if isinstance(value, jax.Array):
-        return _tree.to_host(value)
-    if isinstance(value, dict):
-        return type(value)((k, _host_values(v)) for k, v in value.items())
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(_host_values(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_values(v) for v in value)
-    return jax.tree_util.tree_map(
-        lambda x: _tree.to_host(x) if isinstance(x, jax.Array) else x, value)
-
 
 
 @jax.jit

@@ -30,10 +30,11 @@ import shutil
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
-from hessian_subspace import _io
+from hessian_subspace import _io, _tree
 
 RECORDS, QUARANTINE, STATE = "records", "quarantine", "state"
 JSONL, SETTINGS = "results.jsonl", "pipeline.json"
@@ -335,3 +336,33 @@ def read_results(directory: str | os.PathLike) -> list[dict]:
     """Every readable record of a results directory, in step order (for plots and notebooks;
     reads only: unreadable records are skipped with a warning)."""
     return ResultStore(directory).records()
+
+
+# Outputs of transforms as they go into records.
+
+MAX_RECORDED = 100_000
+
+
+def recordable(transform: str, key: str, value: Any) -> Any:
+    """An output as it goes into the record (numbers, short arrays, dicts of them)."""
+    size = sum(np.size(x) for x in jax.tree_util.tree_leaves(value)
+               if hasattr(x, "shape") or isinstance(x, (list, tuple)))
+    if size > MAX_RECORDED:
+        raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
+                         "return it as analysis.Stored(...) or list it in `context_only`")
+    return host_values(value)
+
+
+def host_values(value: Any) -> Any:
+    """Device arrays in ``value`` as host arrays; dicts keep their key order (which
+    ``tree_map`` would sort: the order of layers in a record is the parameters' order)."""
+    if isinstance(value, jax.Array):
+        return _tree.to_host(value)
+    if isinstance(value, dict):
+        return type(value)((k, host_values(v)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(host_values(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_values(v) for v in value)
+    return jax.tree_util.tree_map(
+        lambda x: _tree.to_host(x) if isinstance(x, jax.Array) else x, value)
