@@ -5,8 +5,13 @@ r"""Stream a training run's checkpoints through the metric pipeline into result 
   python -m launch.analyze --workdir=runs/fc --steps=0,10,100 \
       --transforms=loss,gradient,eigenpairs,f_top
 
-Restarting with the same arguments skips every checkpoint that already has a record. The
-checkpoint directory is only read. One line per checkpoint: time spent, HVPs used, metrics.
+Restarting with the same arguments reuses every record computed from the same checkpoint
+content, loss, data and settings (each record's fingerprints); a results directory holding
+records of other inputs (another run's checkpoints, a retrained run, another loss) is refused
+with the step and what changed, unless --overwrite (the old records are moved to
+RESULTS/replaced/). The checkpoint directory is only read. One line per checkpoint: time spent,
+HVPs used, metrics. Exit status 1 when no checkpoint is found, when checkpoints failed (each
+listed; --allow_failures keeps their failure records and exits 0), or when --watch times out.
 
 On a device mesh (examples over 'data', parameters FSDP over 'model'), and over several
 processes (run one command per process; the results directory must be shared, process 0
@@ -22,6 +27,7 @@ import sys
 
 from absl import app, flags, logging
 
+from hessian_subspace import analysis
 from hessian_subspace.analysis import presets
 from hessian_subspace.paper import experiment
 from launch import _runtime
@@ -54,6 +60,11 @@ flags.DEFINE_list("block", None, "Only these parameter leaves (path prefixes, e.
 flags.DEFINE_bool("next_bound", False, "One more Ritz pair: error bars on next-k quantities.")
 flags.DEFINE_bool("tracker", False, "Warm start by block Krylov from the previous basis.")
 flags.DEFINE_bool("retry_failed", True, "Analyse again checkpoints whose record says failed.")
+flags.DEFINE_bool("overwrite", False, "Compute again (moving the old ones to RESULTS/replaced/) "
+                  "records made from other inputs than these checkpoints, loss, data and "
+                  "settings; without it they are refused.")
+flags.DEFINE_bool("allow_failures", False, "Exit 0 even if checkpoints failed (their records say "
+                  "why); by default the run analyses every other checkpoint, then exits 1.")
 flags.DEFINE_float("memory_budget", None, "Bytes per device for a Krylov basis (thick-restarted "
                    "Lanczos when the unrestarted basis would not fit).")
 flags.DEFINE_enum("hvp_cache", "auto", ["auto", "true", "false"],
@@ -88,11 +99,17 @@ def main(argv):
             steps=ints(FLAGS.steps) if FLAGS.steps else None, watch=FLAGS.watch,
             poll_seconds=FLAGS.poll_seconds, timeout_seconds=FLAGS.timeout_seconds,
             num_analysis=FLAGS.num_analysis, test_metrics=FLAGS.test_metrics,
-            retry_failed=FLAGS.retry_failed, progress=FLAGS.progress, mesh=mesh)
+            retry_failed=FLAGS.retry_failed, progress=FLAGS.progress, mesh=mesh,
+            overwrite=FLAGS.overwrite, allow_failures=FLAGS.allow_failures)
     except TimeoutError as e:  # --watch: the run did not finish; exit non-zero
         logging.error("--watch: %s", e)
         sys.exit(f"launch.analyze: the watched run did not finish (--timeout_seconds="
                  f"{FLAGS.timeout_seconds:g}): {e}")
+    except analysis.FailedStepsError as e:
+        sys.exit(f"launch.analyze: {e}\n(results in {results}; --allow_failures to exit 0)")
+    except (analysis.StaleResultsError, analysis.PeerLostError, FileNotFoundError,
+            analysis.CheckpointError, OSError) as e:
+        sys.exit(f"launch.analyze: {e}")
     failed = [r["step"] for r in records if r.get("status") == "failed"]
     logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
                  len(failed), failed)

@@ -259,12 +259,12 @@ def test_every_builtin_matches_a_dense_float64_computation(tmp_path):
         stored = analyzer.store.stored("bases", step)["eigenvectors"]
         assert stored.shape == (6, h.shape[0])
     over = rec1["subspace_overlap"]["0"]
-    for d in range(2, 7):
+    for d in range(1, 7):  # the paper's chain: d = 1 ... 2k
         want = np.sum((bases[7][:d] @ bases[0][:d].T) ** 2) / d
         np.testing.assert_allclose(over[f"top{d}"], want, rtol=1e-5, atol=1e-7)
     want = np.sum((bases[7][3:6] @ bases[0][3:6].T) ** 2) / 3
     np.testing.assert_allclose(over["next"], want, rtol=1e-5, atol=1e-7)
-    assert rec1["subspace_overlap"]["previous"]["step"] == 0
+    assert rec1["subspace_overlap"]["previous"] == {"step": 0}  # one copy, under "0"
     lines = [r["step"] for r in analysis.read_results(str(tmp_path))]
     assert lines == [0, 7]
 
@@ -370,7 +370,7 @@ def test_invalid_settings_are_refused_before_anything_is_written(tmp_path):
     # The corrected run starts cleanly; another setting in the same directory is refused.
     analysis.Analyzer(pipe, loss, data=ds, results_dir=str(results), progress=False).process(
         0, params, state)
-    with pytest.raises(ValueError, match="other settings.*batch_size"):
+    with pytest.raises(analysis.StaleResultsError, match="other settings.*batch_size"):
         analysis.Analyzer(pipe, loss, data=ds, results_dir=str(results), batch_size=7,
                           progress=False)
     with pytest.raises(ValueError, match="other settings.*transforms"):
@@ -505,16 +505,28 @@ def test_ggn_curvature_and_its_error_bars_against_dense_float64_in_a_float32_ana
     assert n[0] == 0
 
 
-def test_outputs_too_large_for_a_record_and_clashing_keys_are_refused():
+def test_outputs_too_large_for_a_record_and_clashing_keys_fail_that_checkpoint(caplog):
+    """A transform breaking its contract at a checkpoint (an output too large for a record, an
+    undeclared key another transform wrote) fails that checkpoint's record with the reason and
+    a log line; nothing is thrown through the caller's training loop. A declared clash is
+    refused by chain() before any work."""
     model, ds, params, _ = _tiny_problem()
     loss = tasks.cross_entropy_loss(model)
     big = analysis.transform("big", lambda ctx: {"big": np.zeros(200_000)})
-    with pytest.raises(ValueError, match="holds 200000 numbers.*Stored"):
-        analysis.Analyzer(big, loss, data=ds, progress=False).process(0, params)
+    rec = analysis.Analyzer(big, loss, data=ds, progress=False).process(0, params)
+    assert rec["status"] == "failed" and "holds 200000 numbers" in rec["reason"]
+    assert "Stored" in rec["reason"]
     clash = analysis.transform("clash", lambda ctx: {"grad_norm": 1.0})
-    with pytest.raises(ValueError, match="'grad_norm', which is already in the record"):
-        analysis.Analyzer(analysis.chain(analysis.gradient(), clash), loss, data=ds,
-                          progress=False).process(0, params)
+    analyzer = analysis.Analyzer(analysis.chain(analysis.gradient(), clash), loss, data=ds,
+                                 progress=False, every_steps=1)
+    with caplog.at_level("WARNING"):
+        rec = analyzer(0, params)  # the live hook: a failure record, the loop goes on
+    assert rec["status"] == "failed"
+    assert "'grad_norm', which is already in the record" in rec["reason"]
+    assert "grad_norm" in caplog.text and "failed" in caplog.text
+    declared = analysis.transform("clash", lambda ctx: {"grad_norm": 1.0}, records=("grad_norm",))
+    with pytest.raises(ValueError, match="writes the record key 'grad_norm'.*'gradient'"):
+        analysis.chain(analysis.gradient(), declared)
     stored = analysis.transform("keep", lambda ctx: {"arrays": analysis.Stored(v=np.ones(3))})
     analyzer = analysis.Analyzer(stored, loss, data=ds, progress=False)
     rec = analyzer.process(0, params)

@@ -66,7 +66,7 @@ def test_k_larger_than_the_model_is_refused_before_anything_is_written(smoke_run
 
 def test_steps_without_a_checkpoint_are_refused(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"`steps`: no checkpoint at step\(s\) \[12345\]; the "
-                                         r"source has \[0, 10, 20\]"):
+                                         r"checkpoint directory .*checkpoints has \[0, 10, 20\]"):
         experiment.analyze_run(smoke_run, str(tmp_path / "a"), steps=[0, 12345],
                                settings=presets.Settings(transforms=("loss",)), progress=False)
     assert not os.path.exists(tmp_path / "a" / "records")

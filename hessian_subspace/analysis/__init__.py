@@ -13,7 +13,12 @@ functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.spli
   with ``every_steps`` / ``on_steps``), offline over a checkpoint source (:meth:`Analyzer.run`
   with :func:`orbax_checkpoints`), or following a live run (``watch=True``).
 - The store (:mod:`.store`): atomic JSON records and npz arrays, checked on every start;
-  corrupt files are moved aside and recomputed; :func:`read_results` reads them back.
+  corrupt files are moved aside and recomputed; :func:`read_results` reads them back. Every
+  record carries the fingerprints of what it was computed from (:mod:`.fingerprints`:
+  checkpoint content, loss, data, settings) and is reused only when all match; otherwise
+  :class:`StaleResultsError`, or ``overwrite=True``.
+- Drivers (:mod:`.drivers`): :meth:`Analyzer.run` over a source, finished or live; a run that
+  analysed nothing raises, and failed checkpoints end it with :class:`FailedStepsError`.
 - Writers (:mod:`.writers`): scalars to CSV, TensorBoard, or any clu metric writer.
 - Seeds (:mod:`.aggregate`): :func:`aggregate_runs` turns the records of several runs into
   per-step mean, std and min–max of every quantity.
@@ -31,6 +36,8 @@ Example::
 
 from hessian_subspace.analysis import aggregate as aggregate
 from hessian_subspace.analysis import builtins as builtins
+from hessian_subspace.analysis import drivers as drivers
+from hessian_subspace.analysis import fingerprints as fingerprints
 from hessian_subspace.analysis import presets as presets
 from hessian_subspace.analysis import spectra as spectra
 from hessian_subspace.analysis import sources as sources
@@ -49,13 +56,16 @@ from hessian_subspace.analysis.builtins import overlap_g_hg as overlap_g_hg
 from hessian_subspace.analysis.builtins import subspace_overlap as subspace_overlap
 from hessian_subspace.analysis.context import Context as Context
 from hessian_subspace.analysis.context import MissingEntry as MissingEntry
+from hessian_subspace.analysis.drivers import FailedStepsError as FailedStepsError
 from hessian_subspace.analysis.runner import Analyzer as Analyzer
 from hessian_subspace.analysis.sources import CheckpointError as CheckpointError
+from hessian_subspace.analysis.sources import PeerLostError as PeerLostError
 from hessian_subspace.analysis.sources import in_memory as in_memory
 from hessian_subspace.analysis.sources import orbax_checkpoints as orbax_checkpoints
 from hessian_subspace.analysis.spectra import dense_spectrum as dense_spectrum
 from hessian_subspace.analysis.spectra import slq as slq
 from hessian_subspace.analysis.store import ResultStore as ResultStore
+from hessian_subspace.analysis.store import StaleResultsError as StaleResultsError
 from hessian_subspace.analysis.store import read_results as read_results
 from hessian_subspace.analysis.transforms import Chain as Chain
 from hessian_subspace.analysis.transforms import Stored as Stored

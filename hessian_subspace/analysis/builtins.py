@@ -102,7 +102,9 @@ def loss(metrics_fn: Callable | None = None, *, name: str = "loss") -> Transform
         return out, state
 
     return Transform(name=name, update=update, provides=("train_loss",),
-                     config=dict(metrics_fn=metrics_fn))
+                     config=dict(metrics_fn=metrics_fn),
+                     records=("train_loss", "test_loss") if metrics_fn is None
+                     else ("train_*", "test_*"))
 
 
 def _loss_only(loss_fn):
@@ -144,7 +146,8 @@ def gradient(*, name: str = "gradient") -> Transform:
         return out, state
 
     return Transform(name=name, update=update, provides=("gradient", "grad_norm"),
-                     context_only=("gradient",), config={})
+                     context_only=("gradient",), config={},
+                     records=("grad_norm", "block_grad_norm"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +239,8 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
             else ctx["operator"]
         key = ctx.rng(0)
         previous = int(state["previous"]) if warm_start else -1
-        prev = ctx.stored(folder, previous) if previous >= 0 else None
+        # The start vector only: the eigenpairs do not depend on it beyond the tolerance.
+        prev = ctx.stored(folder, previous, values=False) if previous >= 0 else None
         prev_basis = None if prev is None else prev["eigenvectors"]
         if k > op.dim - 1:
             raise ValueError(
@@ -272,6 +276,7 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
             _key(name, "all_converged"): bool(np.all(eig.converged)),
             _key(name, "lanczos_hvps"): int(eig.num_matvecs),
             _key(name, "warm_start"): prev_basis is not None,
+            _key(name, "warm_start_step"): previous if prev_basis is not None else None,
             folder: Stored(eigenvectors=np.asarray(eig.eigenvectors, np.float32),
                            eigenvalues=values, residuals=np.asarray(eig.residuals)),
         })
@@ -282,7 +287,14 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                      config=dict(k=k, tol=tol, num_steps=num_steps, block_size=block_size,
                                  warm_start=warm_start, tracker=tracker,
                                  tracker_blocks=tracker_blocks, curvature=curvature_name,
-                                 block=block))
+                                 block=block),
+                     records=tuple(_key(name, f) for f in EIGENPAIRS_KEYS), sizes={name: k})
+
+
+# The record keys of `eigenpairs` (prefixed with NAME_ for another name).
+EIGENPAIRS_KEYS = ("eigenvalues", "residuals", "converged", "all_converged", "lanczos_hvps",
+                   "warm_start", "warm_start_step", "tracker_hvps", "tracker_converged",
+                   "max_basis")
 
 
 def _basis_cap(ctx, op, num: int, num_steps: int | None, block_size: int,
@@ -391,7 +403,8 @@ def f_top(k: int, *, num_minibatches: int = 4, minibatch_size: int = 64,
         _nonzero_gradient(g, "f_top = |P g|²/|g|²")
         vectors = eig.eigenvectors[:2 * k]
         fr = _fractions(g, vectors, k)
-        out = dict(f_top=float(fr["f_top"]), f_next=float(fr["f_next"]) if len(vectors) > k
+        # f_next is the fraction in eigenvectors k+1 .. 2k: recorded only when all k are there.
+        out = dict(f_top=float(fr["f_top"]), f_next=float(fr["f_next"]) if len(vectors) == 2 * k
                    else None)
         out.update(fraction_bounds(error_bounds(eig.residuals, eig.eigenvalues), k))
         if num_minibatches:
@@ -409,7 +422,9 @@ def f_top(k: int, *, num_minibatches: int = 4, minibatch_size: int = 64,
     return Transform(name=name, update=update, requires=("gradient", of),
                      provides=("f_top", "f_next"),
                      config=dict(k=k, num_minibatches=num_minibatches,
-                                 minibatch_size=minibatch_size, seed=seed, of=of))
+                                 minibatch_size=minibatch_size, seed=seed, of=of),
+                     records=("f_top", "f_next", "f_top_bound", "f_next_bound",
+                              "f_top_minibatch", "f_top_minibatch_mean"), needs={of: k})
 
 
 def c2(num: int | None = None, *, of: str = "eigenpairs", name: str = "c2") -> Transform:
@@ -426,7 +441,8 @@ def c2(num: int | None = None, *, of: str = "eigenpairs", name: str = "c2") -> T
         return {"c2": np.asarray(_fractions(g, vectors, 0)["c2"])}, state
 
     return Transform(name=name, update=update, requires=("gradient", of), provides=("c2",),
-                     config=dict(num=num, of=of))
+                     config=dict(num=num, of=of), records=("c2",),
+                     needs=None if num is None else {of: num})
 
 
 def overlap_g_hg(*, name: str = "overlap_g_hg") -> Transform:
@@ -440,7 +456,7 @@ def overlap_g_hg(*, name: str = "overlap_g_hg") -> Transform:
         return {"overlap_g_hg": float(metrics.hessian_gradient_overlap(grad, hg))}, state
 
     return Transform(name=name, update=update, requires=("gradient",),
-                     provides=("overlap_g_hg",), config={})
+                     provides=("overlap_g_hg",), config={}, records=("overlap_g_hg",))
 
 
 def layers(*, of: str = "eigenpairs", name: str = "layers") -> Transform:
@@ -459,7 +475,9 @@ def layers(*, of: str = "eigenpairs", name: str = "layers") -> Transform:
                     layer_slices=[list(s) for s in _tree.leaf_slices(like)]), state
 
     return Transform(name=name, update=update, requires=(of,), provides=("lambda_max",),
-                     config=dict(of=of))
+                     config=dict(of=of),
+                     records=("lambda_max", "top_eigenvector_layer_mass", "layer_slices"),
+                     needs={of: 1})
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,25 +517,30 @@ def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100
                      of: str = "eigenpairs", name: str = "subspace_overlap") -> Transform:
     r"""Overlap (eq. 5) of this checkpoint's top-d subspace with that of earlier checkpoints
     t₁ (Figs. 2-3): ``subspace_overlap[str(t1)]["top{d}"]`` for d in ``dims`` (default
-    2 … number of eigenpairs), ``"next"`` for eigenvectors k+1 … 2k, and error bars
-    ``"top{d}_bound"``, ``"next_bound"`` from both steps' Ritz residuals; ``"previous"`` is the
-    comparison with the previous analysed checkpoint (its ``step`` included).
+    1 … k), ``"next"`` for eigenvectors k+1 … 2k (when 2k were computed), and error bars
+    ``"top{d}_bound"``, ``"next_bound"`` from both steps' Ritz residuals. With ``previous``,
+    the previous analysed checkpoint is compared too, under its own step, and
+    ``subspace_overlap["previous"] = {"step": t}`` says which one it is (one copy).
 
-    The reference bases are the ones :func:`eigenpairs` stored at those steps (steps not
-    analysed are skipped).
+    The reference bases are the ones :func:`eigenpairs` stored at those steps. A reference
+    step before this one that has no basis yet (another analysis has not reached it) is listed
+    in the record's ``waiting_for``; the record is computed again once that basis exists.
 
     Args:
       k: size of the top subspace (for ``next``).
       reference_steps: steps t₁ to compare with (those before this checkpoint).
       previous: also compare with the previous analysed checkpoint.
-      dims: subspace dimensions d.
+      dims: subspace dimensions d (default 1 … k; the paper's Fig. 3 uses up to 2k). Each
+        needs d eigenvectors: the chain refuses more than ``eigenpairs`` computes.
       of: the eigenpairs entry (its stored bases).
       name: the transform's name.
     """
     k = _positive_int("k", k)
     reference_steps = _steps("reference_steps", reference_steps)
-    if dims is not None:
-        dims = tuple(_positive_int("dims entries", d) for d in dims)
+    dims = tuple(range(1, k + 1)) if dims is None else tuple(
+        _positive_int("dims entries", d) for d in dims)
+    if not dims:
+        raise ValueError("`dims` must name at least one subspace dimension")
     folder = bases_folder(of)
 
     def init(ctx):
@@ -526,7 +549,6 @@ def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100
     def update(ctx, state):
         eig = ctx[of]
         current = np.asarray(eig.eigenvectors, np.float32)
-        use = dims or tuple(range(2, current.shape[0] + 1))
         bounds = error_bounds(eig.residuals, eig.eigenvalues)
         prev = int(state["previous"]) if previous else -1
         refs = sorted({t for t in reference_steps if t < ctx.step} |
@@ -536,18 +558,19 @@ def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100
             ref = ctx.stored(folder, t)
             if ref is None:
                 continue
-            out[str(t)] = _overlaps(current, ref["eigenvectors"], k, use)
+            out[str(t)] = _overlaps(current, ref["eigenvectors"], k, dims)
             if ref["residuals"].shape[0] >= 2:
                 ref_bounds = error_bounds(ref["residuals"], ref["eigenvalues"])
-                out[str(t)].update(_overlap_bounds(bounds, ref_bounds, k, use))
+                out[str(t)].update(_overlap_bounds(bounds, ref_bounds, k, dims))
         if str(prev) in out:
-            out["previous"] = dict(out[str(prev)], step=prev)
+            out["previous"] = {"step": prev}
         return {"subspace_overlap": out}, {"previous": np.asarray(ctx.step)}
 
     return Transform(name=name, update=update, init=init, requires=(of,),
                      provides=("subspace_overlap",),
                      config=dict(k=k, reference_steps=reference_steps, previous=previous,
-                                 dims=dims, of=of))
+                                 dims=dims, of=of),
+                     records=("subspace_overlap",), needs={of: max(dims)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,4 +627,7 @@ def ggn(k: int, *, output_fn: Callable | None = None, output_loss: Callable | No
 
     return Transform(name=name, update=update, requires=(of,), provides=("ggn_eigenvalues",),
                      config=dict(k=k, output_fn=output_fn, output_loss=output_loss, tol=tol,
-                                 num_steps=num_steps, block_size=block_size, of=of))
+                                 num_steps=num_steps, block_size=block_size, of=of),
+                     records=("ggn_eigenvalues", "ggn_residuals", "ggn_all_converged",
+                              "ggn_lanczos_hvps", "ggn_hessian_overlap", "f_top_ggn",
+                              "f_top_ggn_bound"), needs={of: k})

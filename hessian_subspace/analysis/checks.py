@@ -92,3 +92,89 @@ def check_contract(loss_fn: Callable, output_fn: Callable | None, data: PyTree,
                     f"`data['y']`: integer labels must be class indices in [0, "
                     f"{out.shape[-1]}) (`output_fn` gives {out.shape[-1]} outputs), "
                     f"found values in [{lo}, {hi}]")
+
+
+class TransformContractError(ValueError):
+    """A transform broke its contract at a checkpoint (an output key already in the record, a
+    result that is not a dict of outputs, an output too large for a record): that
+    checkpoint's record fails with this reason; the analysis goes on."""
+
+
+def check_record_fields(record_fields: Mapping[str, Any] | None, chain) -> dict:
+    """``record_fields`` as a dict, or a ``ValueError`` if a key is one the analyzer or a
+    transform of ``chain`` writes."""
+    from hessian_subspace.analysis.transforms import RESERVED_KEYS, key_clash
+
+    fields = dict(record_fields or {})
+    declared = dict(chain.record_keys(), **{k: "the analyzer" for k in RESERVED_KEYS})
+    for key in fields:
+        other = key_clash(str(key), declared)
+        if other is not None:
+            who = declared[other]
+            who = who if who == "the analyzer" else f"transform {who!r}"
+            raise ValueError(f"`record_fields`: {key!r} is a record key {who} writes; name the "
+                             "field otherwise")
+    return fields
+
+
+def check_not_raw_bytes(name: str, data: PyTree) -> None:
+    """A ``TypeError`` naming the leaf when a data set holds ``uint8`` arrays (raw image bytes,
+    as the paper's models and ``training.train`` refuse them): scale them to floats first."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(data)[0]:
+        if np.asarray(leaf[:1] if np.ndim(leaf) else leaf).dtype == np.uint8:
+            raise TypeError(f"`{name}{jax.tree_util.keystr(path)}` holds uint8 values (raw "
+                            "image bytes?); scale them to floats first, e.g. "
+                            "x.astype(np.float32) / 255 (token ids: cast them to int32)")
+
+
+def warn_float64_analysed_in_float32(params: PyTree) -> bool:
+    """Warns (once per analyzer: returns True when it did) that float64 parameters are
+    analysed in float32 (the analyzer's ``dtype``), as the core functions warn that JAX would
+    cast them."""
+    if not any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(params)):
+        return False
+    import warnings
+
+    warnings.warn("`params` holds float64 arrays but the analysis runs in float32 "
+                  "(Analyzer(dtype='float32')); pass dtype='float64' to analyse them in float64 "
+                  "(under a scoped jax.enable_x64), or float32 parameters.", UserWarning,
+                  stacklevel=4)
+    return True
+
+
+def _nonfinite_paths(value: Any, path: str) -> list[str]:
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in _nonfinite_paths(v, f"{path}/{k}")]
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return [p for i, v in enumerate(value) for p in _nonfinite_paths(v, f"{path}[{i}]")]
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        return []
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        return []
+    if not np.issubdtype(arr.dtype, np.inexact):
+        return []
+    # An error bar is +inf where it cannot be given (no spectral gap): recorded as null.
+    bound = path.rsplit("/", 1)[-1].endswith("bound")
+    bad = np.isnan(arr) if bound else ~np.isfinite(arr)
+    return [path] if np.any(bad) else []
+
+
+def check_finite_output(transform: str, key: str, value: Any) -> None:
+    """A ``FloatingPointError`` naming the output when a recorded value is NaN or infinite
+    (JSON would store it as null, looking like "not computed"); an error bar (a key ending in
+    ``bound``) may be +inf: no bound."""
+    bad = _nonfinite_paths(value, key)
+    if bad:
+        raise FloatingPointError(f"transform {transform!r} output non-finite values in "
+                                 f"{', '.join(bad[:5])}")
+
+
+@jax.jit
+def count_nonfinite(tree) -> jax.Array:
+    """The number of NaN/Inf entries in the floating leaves of ``tree``."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree)
+              if jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact)]
+    return sum((jax.numpy.size(x) - jax.numpy.sum(jax.numpy.isfinite(x)))
+               for x in leaves) if leaves else 0

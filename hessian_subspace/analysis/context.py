@@ -36,14 +36,22 @@ class Context(Mapping):
 
     def __init__(self, step: int, entries: dict[str, Any], *, seed: int,
                  make_operator: Callable[..., Any], read_stored: Callable[[str, int], Any],
-                 stored_steps: Callable[[str], list[int]], bind: Callable[[Callable], Any]):
+                 stored_steps: Callable[[str], list[int]], bind: Callable[[Callable], Any],
+                 stored_content: Callable[[str, int], str | None] = lambda folder, step: None):
         self.step = int(step)
         self._entries = dict(entries, step=self.step)
         self._seed = int(seed)
         self._make_operator = make_operator
         self._read_stored = read_stored
         self._stored_steps = stored_steps
+        self._stored_content = stored_content
         self._bind = bind
+        # Arrays of other checkpoints this one read: the record lists them (``reads``: step,
+        # folder, content fingerprint; ``values: False`` for a start vector only) and the ones
+        # it asked for that did not exist yet (``waiting_for``), so that the store can tell
+        # when the record must be computed again.
+        self.reads: list[dict] = []
+        self.waiting_for: list[dict] = []
         self._operators: dict[tuple, Any] = {}
         self._pending: dict[str, dict] = {}
         self.hvps = 0
@@ -103,12 +111,28 @@ class Context(Mapping):
         is no state. Jitted functions taking it compile once for every checkpoint."""
         return self._bind(fn)
 
-    def stored(self, folder: str, step: int) -> dict | None:
+    def stored(self, folder: str, step: int, *, values: bool = True) -> dict | None:
         """The arrays a transform stored in ``folder`` at ``step`` (this checkpoint's own, once
-        an earlier transform stored them), or None."""
-        if int(step) == self.step and folder in self._pending:
+        an earlier transform stored them), or None.
+
+        Reading another checkpoint's arrays makes this record depend on them: it is listed in
+        the record (``reads``), and the record is computed again when those arrays change
+        (their step recomputed) or, if they did not exist yet, once they do
+        (``waiting_for``). ``values=False`` says the outputs do not depend on them beyond the
+        solver's tolerance (a warm start): listed, never a reason to recompute.
+        """
+        step = int(step)
+        if step == self.step and folder in self._pending:
             return self._pending[folder]
-        return self._read_stored(folder, int(step))
+        arrays = self._read_stored(folder, step)
+        entry = dict(step=step, folder=folder, by=self.current)
+        if arrays is None:
+            if values:
+                self.waiting_for.append(entry)
+        else:
+            self.reads.append(dict(entry, content=self._stored_content(folder, step),
+                                   values=bool(values)))
+        return arrays
 
     def stored_steps(self, folder: str) -> list[int]:
         """Steps before this one with arrays in ``folder`` (successful checkpoints only)."""

@@ -150,7 +150,9 @@ def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = Non
     if "layers" in todo:
         parts.append(b.layers())
     if "subspace_overlap" in todo:
-        parts.append(b.subspace_overlap(k, reference_steps=s.reference_steps))
+        # Fig. 3: the overlap as a function of the dimension d = 1 ... 2k.
+        parts.append(b.subspace_overlap(k, reference_steps=s.reference_steps,
+                                        dims=range(1, 2 * k + 1)))
     if "slq" in todo:
         parts.append(spectra.slq(steps=s.slq_steps, num_probes=s.slq_probes,
                            num_steps=s.slq_lanczos_steps))

@@ -11,14 +11,16 @@ Three ways in: live, from any training loop (``analyzer(step, params[, state])``
 ``every_steps`` / ``on_steps`` like clu's periodic actions); offline, over a checkpoint source
 (:meth:`Analyzer.run`, e.g. :func:`~hessian_subspace.analysis.orbax_checkpoints`); and
 following a live run's directory (``run(source, watch=True)``).
+
+A record is reused only when it was computed from the same checkpoint content, loss, data and
+settings (its ``fingerprints``, :mod:`~hessian_subspace.analysis.fingerprints`); a record of
+other inputs is refused (:class:`~hessian_subspace.analysis.StaleResultsError`) unless
+``overwrite=True``. A run that analysed nothing, or in which checkpoints failed, raises.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import os
-import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -32,36 +34,16 @@ from hessian_subspace import _tree, curvature, gauss_newton, layout
 from hessian_subspace import sharding as sharding_lib
 from hessian_subspace.analysis import checks
 from hessian_subspace.analysis import context as context_lib
+from hessian_subspace.analysis import fingerprints as fp
 from hessian_subspace.analysis import sources as sources_lib
 from hessian_subspace.analysis import store as store_lib
 from hessian_subspace.analysis import writers as writers_lib
-from hessian_subspace.analysis.transforms import Chain, Stored, Transform, chain
+from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Stored, Transform, chain
 
 PyTree = Any
 CURVATURES = ("hessian", "ggn")
 _PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
-LAYOUT_VERSION = 2
-
-
-def _versions() -> dict:
-    out = dict(python=sys.version.split()[0], jax=jax.__version__, numpy=np.__version__,
-               hessian_subspace=hs.__version__, backend=jax.default_backend())
-    for package in ("flax", "optax", "orbax-checkpoint"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _fingerprint(data: PyTree) -> dict:
-    h = hashlib.sha256()
-    shapes = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(data)[0]:
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        shapes.append([_tree.path_name(path), list(arr.shape), arr.dtype.str])
-        h.update(arr.tobytes())
-    return dict(leaves=shapes, sha256=h.hexdigest())
+LAYOUT_VERSION = 3  # 3: fingerprints, reads and waiting_for in records; top1..topk overlaps
 
 
 class Analyzer:
@@ -100,6 +82,11 @@ class Analyzer:
       record_fields: JSON-able fields copied into every record (e.g. the run's config).
       retry_failed: checkpoints whose record says "failed" are analysed again (default); False
         skips them like finished ones.
+      overwrite: a finished record of other inputs (another checkpoint content, loss, data or
+        settings than this analysis: see ``fingerprints`` in the module docstring) is moved to
+        ``replaced/`` in the results directory and computed again; by default it is refused
+        with a :class:`~hessian_subspace.analysis.StaleResultsError` naming the step and what
+        changed.
       progress: log a line per checkpoint and show a progress bar in :meth:`run`.
       mesh: a device mesh (:func:`hessian_subspace.sharding.parse_mesh`; None: the default
         device). The analysis set is laid out over its ``data_axes``
@@ -113,7 +100,7 @@ class Analyzer:
         would not fit runs thick-restarted with the basis that fits (None: no limit).
       hvp_cache: whether the solvers linearise the product once per solve and apply the stored
         linear map at every step (True, False, or "auto": when it fits ``cache_budget``); see
-        :func:`hessian_subspace.dataset_hvp`. Recorded per operator in ``settings.json``.
+        :func:`hessian_subspace.dataset_hvp`. Recorded per operator in ``pipeline.json``.
       cache_budget: bytes per device for that linearisation (default
         :func:`hessian_subspace.linearization.default_cache_budget`).
 
@@ -137,6 +124,7 @@ class Analyzer:
                  precision: str | None = None, seed: int = 0, every_steps: int | None = None,
                  on_steps: Iterable[int] = (), writers: Sequence[Any] = (),
                  record_fields: Mapping[str, Any] | None = None, retry_failed: bool = True,
+                 overwrite: bool = False,
                  progress: bool = True, mesh=None, data_axes: Sequence[str] | str = ("data",),
                  param_sharding: Callable | None = None, memory_budget: float | None = None,
                  hvp_cache: bool | str = "auto", cache_budget: float | None = None):
@@ -186,8 +174,9 @@ class Analyzer:
         self.every_steps = every_steps
         self.on_steps = frozenset(int(s) for s in on_steps)
         self.writers = tuple(writers_lib.as_writer(w) for w in writers)
-        self.record_fields = dict(record_fields or {})
+        self.record_fields = checks.check_record_fields(record_fields, self.chain)
         self.retry_failed, self.progress = bool(retry_failed), bool(progress)
+        self.overwrite = bool(overwrite)
         if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"`mesh` must be a jax.sharding.Mesh (see "
                             f"hessian_subspace.sharding.parse_mesh), got {type(mesh).__name__}")
@@ -213,15 +202,20 @@ class Analyzer:
             self.batches = self._lay_out(self.data)
             self.test_batches = None if test_data is None else self._lay_out(self.test_data)
         self.settings = self._describe(data)
+        self._base_fingerprints = dict(
+            data=self.settings["data"]["sha256"],
+            settings=store_lib.settings_fingerprint(self.settings), algorithm=fp.ALGORITHM)
         # In a multi-process analysis every process computes every record; process 0 writes.
         self.store = (store_lib.MemoryStore() if results_dir is None
                       else store_lib.ResultStore(results_dir,
                                                  writer=jax.process_index() == 0))
-        self.store.check_settings(self.settings)  # read-only: refuse a directory of others
-        for problem in self.store.check():
+        # Refuses a directory of other settings before anything in it is changed.
+        for problem in self.store.open(self.settings, overwrite=self.overwrite):
             logging.warning("results store: %s", problem)
         self._state: tuple[int, dict] | None = None  # (step, chain state after it)
         self._contract_checked = False
+        self._loss_fingerprints: dict[Any, str] = {}
+        self._warned_float64 = False
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -234,6 +228,7 @@ class Analyzer:
         if not leaves:
             raise ValueError(f"`{name}` is empty; it must be a pytree of arrays with a leading "
                              "example axis")
+        checks.check_not_raw_bytes(name, data)
         sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
         if None in sizes or len(sizes) != 1 or 0 in sizes:
             raise ValueError(f"every leaf of `{name}` needs the same leading example axis (>= 1 "
@@ -279,7 +274,7 @@ class Analyzer:
                           loss_fn=_name(self.loss_fn), output_fn=_name(self.output_fn),
                           memory_budget=self.memory_budget, hvp_cache=self.hvp_cache,
                           cache_budget=self.cache_budget),
-            data=_fingerprint(data))
+            data=fp.data_content(data))
 
     @property
     def records(self) -> list[dict]:
@@ -294,7 +289,9 @@ class Analyzer:
             or step in self.on_steps
 
     def done(self, step: int) -> bool:
-        """Whether ``step`` has a record that needs no recomputation."""
+        """Whether ``step`` has a record that is not analysed again by default: "ok" (reused
+        only if its fingerprints match the checkpoint given, see :meth:`reusable`), or
+        "failed" with ``retry_failed=False``."""
         record = self.store.record(step)
         return record is not None and (record.get("status") == "ok" or not self.retry_failed)
 
@@ -306,43 +303,139 @@ class Analyzer:
         dtype = jnp.result_type(x)
         return self._jdtype if jnp.issubdtype(dtype, jnp.floating) else dtype
 
+    # ---- fingerprints ----------------------------------------------------------------------
+
+    def fingerprints(self, params: PyTree, state: PyTree = None) -> dict:
+        """What a record of these parameters and model state is computed from: ``checkpoint``
+        (their content), ``loss`` (the loss's jaxpr on the analysis batch's shapes and its
+        constants; with the Gauss-Newton split, its functions too), ``data``, ``settings``."""
+        with self._scope():
+            loss = self._loss_fingerprint(params, state)
+        try:  # a collective over the processes when the parameters are split over them
+            content = fp.tree_content({"params": params, "state": state})
+        except Exception as e:
+            lost = sources_lib.peer_failure(e, "the checkpoint's fingerprint")
+            if lost is not None:
+                raise lost from e
+            raise
+        return dict(self._base_fingerprints, loss=loss, checkpoint=content)
+
+    def _loss_fingerprint(self, params: PyTree, state: PyTree) -> str:
+        like = self._place_like(params)
+        state_like = None if state is None else self._place_like(state)
+        key = (jax.tree_util.tree_structure((like, state_like)),
+               tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(
+                   (like, state_like))))
+        if key not in self._loss_fingerprints:
+            n = min(self.batch_size, int(np.shape(jax.tree_util.tree_leaves(self.data)[0])[0]))
+            batch = jax.tree_util.tree_map(lambda x: x[:n], self.data)
+            self._loss_fingerprints[key] = fp.loss_fingerprint(
+                self.loss_fn, like, batch, state_like, output_fn=self.output_fn,
+                output_loss=self.output_loss)
+        return self._loss_fingerprints[key]
+
+    def reusable(self, step: int, fingerprints: dict) -> bool:
+        """Whether the record of ``step`` can stand for an analysis of a checkpoint with these
+        ``fingerprints``: True for a matching "ok" record whose inputs from other steps are
+        unchanged (and a failed one with ``retry_failed=False``); False when there is none, or
+        it must be computed again (logged).
+
+        Raises:
+          StaleResultsError: the record was computed from other inputs (named), and
+            ``overwrite`` is False. With ``overwrite``, the record is moved to ``replaced/``.
+        """
+        record = self.store.record(step)
+        if record is None:
+            return False
+        if record.get("status") != "ok":
+            return not self.retry_failed
+        stale = self.store.stale_reasons(record, fingerprints)
+        if stale:
+            where = ("" if self.store.directory is None else
+                     f" ({self.store.record_path(step)})")
+            if not self.overwrite:
+                raise store_lib.StaleResultsError(store_lib.stale_message(
+                    f"step {step}: its record{where} was computed from other inputs than this "
+                    f"checkpoint's: {'; '.join(stale)}", self.store.directory))
+            self.store.set_aside(step, f"computed from other inputs: {'; '.join(stale)} "
+                                       "(overwrite=True)")
+            return False
+        outdated = self.store.outdated_reasons(record)
+        if outdated:
+            logging.info("step %d is computed again: %s", step, "; ".join(outdated))
+            return False
+        return True
+
     # ---- one checkpoint --------------------------------------------------------------------
 
     def __call__(self, step: int, params: PyTree, state: PyTree = None, *,
                  extras: Mapping[str, Any] | None = None) -> dict | None:
-        """Analyses ``step`` if it is scheduled and not done yet (call it at every step of a
-        training loop). Returns the record written, or None."""
+        """Analyses ``step`` if it is scheduled and has no record that can be reused (call it
+        at every step of a training loop). Returns the record written, or None.
+
+        Raises:
+          StaleResultsError: the results directory holds a record of this step computed from
+            other inputs (another run's checkpoint, another loss): see ``overwrite``.
+        """
         step = checks.check_step(step)
-        if not self.scheduled(step) or self.done(step):
+        if not self.scheduled(step):
             return None
-        return self.process(step, params, state, extras=extras)
+        fingerprints = None
+        if self.store.record(step) is not None:
+            fingerprints = self.fingerprints(params, state)
+            if self.reusable(step, fingerprints):
+                return None
+        return self.process(step, params, state, extras=extras, fingerprints=fingerprints)
 
     def process(self, step: int, params: PyTree, state: PyTree = None, *,
-                extras: Mapping[str, Any] | None = None) -> dict:
+                extras: Mapping[str, Any] | None = None,
+                fingerprints: dict | None = None) -> dict:
         """Runs every transform on one checkpoint and writes its record (whatever the schedule,
         replacing an existing record). Non-finite parameters, a non-finite quantity during the
-        analysis, or an unreadable stored file give a record with ``status: "failed"`` and the
-        reason; the analysis goes on with the next checkpoint. ``extras`` (e.g. the optimizer
-        state) reach the transforms as ``ctx["extras"]``.
+        analysis or in a recorded output, a transform breaking its contract (an output key
+        another transform wrote), or an unreadable stored file give a record with
+        ``status: "failed"`` and the reason (and a log line); the analysis goes on with the
+        next checkpoint. ``extras`` (e.g. the optimizer state) reach the transforms as
+        ``ctx["extras"]``.
+
+        Raises:
+          PeerLostError: in a multi-process analysis, a collective failed because another
+            process died: no record is written for this checkpoint.
         """
+        try:
+            return self._process(step, params, state, extras, fingerprints)
+        except Exception as e:
+            lost = sources_lib.peer_failure(e, f"the analysis of step {step}")
+            if lost is not None:
+                raise lost from e
+            raise
+
+    def _process(self, step, params, state, extras, fingerprints) -> dict:
         step = checks.check_step(step)
         checks.check_state_arg(self.loss_fn, state)
         start = time.perf_counter()
         _tree.check_floating("params", params)
+        if not self._warned_float64 and self.dtype == "float32":
+            self._warned_float64 = checks.warn_float64_analysed_in_float32(params)
         if not self._contract_checked:
             with self._scope():
                 checks.check_contract(self.loss_fn, self.output_fn, self.data, self.batch_size,
                                       self._place_like(params), state)
             self._contract_checked = True
-        bad = int(_count_nonfinite((params, state)))
+        if fingerprints is None:
+            fingerprints = self.fingerprints(params, state)
+        bad = int(checks.count_nonfinite((params, state)))
         if bad:
-            return self.fail(step, f"{bad} non-finite values in the parameters or model state")
+            return self.fail(step, f"{bad} non-finite values in the parameters or model state",
+                             fingerprints)
         try:
             with self._scope():
                 record, stored, new_state = self._compute(step, params, state, extras)
-        except (FloatingPointError, store_lib.CorruptFile, hs.UndefinedMetricError) as e:
+        except (FloatingPointError, store_lib.CorruptFile, hs.UndefinedMetricError,
+                checks.TransformContractError) as e:
             return self.fail(step, f"non-finite values during the analysis: {e}"
-                             if isinstance(e, FloatingPointError) else str(e))
+                             if isinstance(e, FloatingPointError) else str(e), fingerprints)
+        record["fingerprints"] = fingerprints
         record["seconds"] = round(time.perf_counter() - start, 3)
         leaves = jax.tree_util.tree_leaves(new_state)
         if leaves:
@@ -353,13 +446,15 @@ class Analyzer:
         self._write_scalars(step, record)
         if self.progress:
             logging.info("step %d analysed in %.2f s (%d HVPs): %s", step, record["seconds"],
-                         record.get("hvps", 0), _summary(record))
+                         record.get("hvps", 0), writers_lib.summary(record))
         return record
 
-    def fail(self, step: int, reason: str) -> dict:
+    def fail(self, step: int, reason: str, fingerprints: dict | None = None) -> dict:
         """Writes a failure record for ``step`` (retried by the next run unless
         ``retry_failed=False``)."""
         record = dict(step=int(step), status="failed", reason=reason, **self.record_fields)
+        if fingerprints is not None:
+            record["fingerprints"] = fingerprints
         self.store.write_settings(self.settings)
         record = self.store.write_step(step, record, {})
         logging.warning("step %d: failed: %s", step, reason)
@@ -427,13 +522,14 @@ class Analyzer:
                 self.output_loss))
         ctx = context_lib.Context(step, entries, seed=self.seed, make_operator=make_operator,
                                   read_stored=self.store.stored,
-                                  stored_steps=self.store.stored_steps, bind=bind)
+                                  stored_steps=self.store.stored_steps, bind=bind,
+                                  stored_content=self.store.content)
         states = self._chain_state(step, ctx)
         record: dict[str, Any] = dict(
             step=step, status="ok", dtype=self.dtype, processes=jax.process_count(),
             precision=dict(hvp_matmul=self.precision or "default", lanczos=self.dtype,
                            inner_products="highest"),
-            versions=_versions(), **self.record_fields)
+            versions=fp.versions(), **self.record_fields)
         record.update(hessian=operator.describe(), curvature=self.curvature)
         if self.block is not None:
             record["block"] = dict(prefixes=list(self.block), leaves=list(operator.leaf_names),
@@ -444,120 +540,61 @@ class Analyzer:
             ctx.current = t.name
             outputs, new_states[t.name] = t.update(ctx, states[t.name])
             if not isinstance(outputs, Mapping):
-                raise TypeError(f"transform {t.name!r} returned {type(outputs).__name__}, not a "
-                                "dict of outputs")
+                raise checks.TransformContractError(
+                    f"transform {t.name!r} returned {type(outputs).__name__}, not a dict of "
+                    "outputs")
             for key, value in outputs.items():
                 if isinstance(value, Stored):
                     arrays = stored.setdefault(key, {})
                     clash = set(arrays) & set(value)
                     if clash:
-                        raise ValueError(f"transform {t.name!r} stores {sorted(clash)} in "
-                                         f"{key!r}, which an earlier transform stored already")
+                        raise checks.TransformContractError(
+                            f"transform {t.name!r} stores {sorted(clash)} in {key!r}, which an "
+                            "earlier transform stored already")
                     arrays.update({k: _tree.to_host(v) for k, v in value.items()})
                     ctx._pending[key] = arrays
                     continue
                 if key in t.context_only:
                     continue
-                if key in record or key == "files":
-                    raise ValueError(f"transform {t.name!r} outputs {key!r}, which is already "
-                                     "in the record; rename one of them")
-                record[key] = store_lib.recordable(t.name, key, value)
+                if key in record or key in RESERVED_KEYS:
+                    raise checks.TransformContractError(
+                        f"transform {t.name!r} outputs {key!r}, which is already in the record; "
+                        "rename one of them (and declare the keys a transform writes with "
+                        "records=..., so that chain() refuses a clash before any work)")
+                try:
+                    record[key] = store_lib.recordable(t.name, key, value)
+                except ValueError as e:
+                    raise checks.TransformContractError(str(e)) from None
+                checks.check_finite_output(t.name, key, record[key])
             ctx._add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
         ctx.current = None
         record["hvps"] = ctx.hvps
+        if ctx.reads:
+            record["reads"] = ctx.reads
+        if ctx.waiting_for:
+            record["waiting_for"] = ctx.waiting_for
         return record, stored, new_states
 
     # ---- streams ---------------------------------------------------------------------------
 
     def run(self, source: Any, *, steps: Iterable[int] | None = None, watch: bool = False,
             poll_seconds: float = 2.0, timeout_seconds: float = 600.0,
-            final_step: int | None = None) -> list[dict]:
-        """Analyses the checkpoints of ``source`` in step order, skipping those done.
+            final_step: int | None = None, allow_failures: bool = False) -> list[dict]:
+        """Analyses the checkpoints of ``source`` in step order, reusing the records that match
+        them: :func:`hessian_subspace.analysis.drivers.run` (arguments, errors)."""
+        from hessian_subspace.analysis import drivers
 
-        Args:
-          source: a checkpoint source (:func:`~hessian_subspace.analysis.orbax_checkpoints`,
-            a training run's :func:`~hessian_subspace.training.checkpoint.run_checkpoints`, or
-            anything with ``steps()`` and ``load(step)``), or ``{step: params}`` /
-            ``{step: (params, state)}``.
-          steps: only these steps (default: every scheduled one).
-          watch: follow a live run: keep polling for new checkpoints until ``final_step`` (or
-            the source's ``final_step``, or every one of ``steps``) has been analysed; if
-            nothing new appears for ``timeout_seconds`` first, a ``TimeoutError`` is raised
-            (the records written so far are in the store: :attr:`records`).
-          poll_seconds: polling interval when watching.
-          timeout_seconds: see ``watch``.
-          final_step: the last step of a watched run.
-
-        Returns:
-          The records written by this call (failures included).
-
-        Raises:
-          ValueError: ``steps`` names a step the source has no checkpoint of (without
-            ``watch``), before anything is analysed.
-          TimeoutError: a watched run did not reach its last step within ``timeout_seconds``.
-        """
-        from tqdm import tqdm
-
-        source = sources_lib.as_source(source)
-        wanted = None if steps is None else {checks.check_step(s) for s in steps}
-        if wanted is not None and not watch:
-            available = set(source.steps())
-            missing = sorted(wanted - available)
-            if missing:
-                have = sorted(available)
-                listed = (str(have) if len(have) <= 12 else
-                          f"{len(have)} steps: {have[:5]} ... {have[-5:]}")
-                raise ValueError(f"`steps`: no checkpoint at step(s) {missing}; the source has "
-                                 f"{listed or 'none'}")
-        if final_step is None:
-            final_step = getattr(source, "final_step", None)
-        written = []
-        bar = tqdm(desc="analyse", unit="ckpt", disable=not self.progress)
-        seen: set[int] = set()
-        last_new = time.monotonic()
-        while True:
-            new = [s for s in source.steps() if s not in seen]
-            if new:
-                last_new = time.monotonic()
-            for step in new:
-                seen.add(step)
-                if (wanted is not None and step not in wanted) or not self.scheduled(step) \
-                        or self.done(step):
-                    continue
-                try:
-                    loaded = source.load(step)
-                except sources_lib.CheckpointError as e:
-                    written.append(self.fail(step, f"checkpoint unreadable: {e}"))
-                else:
-                    params, state, *rest = loaded
-                    written.append(self.process(step, params, state,
-                                                extras=rest[0] if rest else None))
-                bar.update(1)
-            if wanted is not None and wanted <= seen:
-                break
-            if not watch or (final_step is not None and final_step in seen):
-                break
-            if time.monotonic() - last_new > timeout_seconds:
-                bar.close()
-                for w in self.writers:
-                    w.flush()
-                waiting = (f"steps {sorted(wanted - seen)}" if wanted is not None
-                           else f"step {final_step}" if final_step is not None
-                           else "the end of the run")
-                raise TimeoutError(
-                    f"no new checkpoint for {timeout_seconds:.0f} s while waiting for "
-                    f"{waiting}; {len(written)} checkpoints analysed by this call (their records "
-                    f"are stored)")
-            time.sleep(poll_seconds)
-        bar.close()
-        for w in self.writers:
-            w.flush()
-        return written
+        return drivers.run(self, source, steps=steps, watch=watch, poll_seconds=poll_seconds,
+                           timeout_seconds=timeout_seconds, final_step=final_step,
+                           allow_failures=allow_failures)
 
     def _write_scalars(self, step: int, record: dict) -> None:
+        """The transforms' numbers to the writers (bookkeeping stays in the record)."""
         if not self.writers:
             return
-        scalars = writers_lib.scalars_of(record)
+        bookkeeping = set(RESERVED_KEYS) | set(self.record_fields)
+        scalars = writers_lib.scalars_of({k: v for k, v in record.items()
+                                          if k not in bookkeeping})
         for w in self.writers:
             w.write(step, scalars)
 
@@ -567,18 +604,3 @@ def _name(fn) -> str | None:
         return None
     fn = getattr(fn, "func", fn)
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-
-
-@jax.jit
-def _count_nonfinite(tree) -> jax.Array:
-    leaves = [x for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return sum((jnp.size(x) - jnp.sum(jnp.isfinite(x))) for x in leaves) if leaves else 0
-
-
-def _summary(record: dict) -> str:
-    parts = []
-    for key in ("train_loss", "f_top", "overlap_g_hg", "lambda_max"):
-        if isinstance(record.get(key), (int, float)):
-            parts.append(f"{key} {record[key]:.4g}")
-    return "  ".join(parts)

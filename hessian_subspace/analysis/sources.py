@@ -33,6 +33,53 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unfinished, corrupt, or does not match the expected tree."""
 
 
+class PeerLostError(RuntimeError):
+    """A collective across the processes of a multi-process run failed: a peer process died or
+    stopped answering. Not a property of the checkpoint being read, so no failure record is
+    written for it; the run ends (``launch.analyze`` exits non-zero)."""
+
+
+# What the runtime's errors say when a peer is gone (gloo on CPU, the coordination service).
+_PEER_SIGNS = ("gloo", "connection closed by peer", "connection reset by peer",
+               "deadline_exceeded", "deadline exceeded", "unavailable:", "heartbeat",
+               "coordination service", "failed to connect", "broken pipe",
+               "barrier timed out")
+
+
+def lost_processes() -> list[int] | None:
+    """The processes of a multi-process run the coordination service no longer sees (None
+    when it cannot be asked)."""
+    try:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        if client is None:
+            return None
+        n = jax.process_count()
+        live = client.get_live_nodes(list(range(n)))
+        return sorted(set(range(n)) - set(int(p) for p in live))
+    except Exception:  # noqa: BLE001 - a private API; its absence only makes the message vaguer
+        return None
+
+
+def peer_failure(error: BaseException, during: str) -> PeerLostError | None:
+    """``error`` as a :class:`PeerLostError` naming the lost processes, if it is a collective
+    failure of a multi-process run (None otherwise)."""
+    if jax.process_count() <= 1:
+        return None
+    text = f"{type(error).__name__}: {error}".lower()
+    if not any(sign in text for sign in _PEER_SIGNS):
+        return None
+    lost = lost_processes()
+    who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of "
+           f"{jax.process_count()}" if lost else
+           f"a peer of process {jax.process_index()} (of {jax.process_count()})")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PeerLostError(f"lost {who} during {during}: a collective across the processes "
+                         f"failed ({first[:300]}); no record was written for it. Restart every "
+                         "process: finished records are reused.")
+
+
 class Source(Protocol):
     """What :meth:`hessian_subspace.analysis.Analyzer.run` reads checkpoints from."""
 
@@ -219,7 +266,10 @@ class OrbaxCheckpoints:
         except CheckpointError:
             raise
         except Exception as e:  # orbax raises many types for missing, corrupt or odd trees
-            first = str(e).splitlines()[0] if str(e) else ""
+            lost = peer_failure(e, f"the restore of step {step} from {self.directory}")
+            if lost is not None:
+                raise lost from e
+            first = _first_line(e)
             first = first if len(first) <= 300 else first[:300] + " ..."
             raise CheckpointError(f"cannot restore step {step} from {self.directory}: "
                                   f"{type(e).__name__}: {first}") from e
@@ -274,6 +324,20 @@ class OrbaxCheckpoints:
         return dict(kind="orbax", directory=self.directory, item=self.item,
                     state_item=self.state_item, params_key=_key_text(self.params_key),
                     state_key=_key_text(self.state_key))
+
+
+def _first_line(error: BaseException) -> str:
+    """The first informative line of an error (orbax and TensorStore wrap the cause; some of
+    their errors print only a bound method)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if text and "bound method" not in text and not text.startswith("<"):
+            line = text.splitlines()[0]
+            return line if len(line) <= 300 else line[:300] + " ..."
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _key_text(key) -> str | None:
@@ -366,6 +430,17 @@ def in_memory(checkpoints: Mapping[int, Any] | Iterable[tuple]) -> InMemory:
     """A source from ``{step: params}``, ``{step: (params, state)}`` or an iterable of
     ``(step, params)`` / ``(step, params, state)`` tuples."""
     return InMemory(checkpoints)
+
+
+def describe_location(source: Any) -> str:
+    """Where a source reads from, for messages: its directory, or what it is."""
+    directory = getattr(source, "directory", None)
+    if directory:
+        return f"the checkpoint directory {directory}" + (
+            "" if os.path.isdir(directory) else " (it does not exist)")
+    if isinstance(source, InMemory):
+        return "the in-memory checkpoints"
+    return f"the checkpoint source {type(source).__name__}"
 
 
 def as_source(source: Any) -> Source:

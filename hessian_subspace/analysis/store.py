@@ -6,19 +6,25 @@ Layout (every file written atomically: temporary file, fsync, rename; nothing pi
     pipeline.json                the analysis (transforms, their configuration, the analyzer's
                                  settings, the data's fingerprint); a run with others is refused
     records/step_00000123.json   one record per checkpoint: every recorded output, status "ok"
-                                 or "failed" with the reason, and ``files``: the path, size and
-                                 SHA-256 of each array file below that belongs to it
+                                 or "failed" with the reason, ``fingerprints`` of what it was
+                                 computed from (checkpoint content, loss, data, settings:
+                                 :mod:`.fingerprints`), ``reads`` / ``waiting_for`` (arrays of
+                                 other steps it used or asked for), and ``files``: the path,
+                                 size, SHA-256 and content fingerprint of each array file below
     bases/step_00000123.npz      arrays a transform stored (``Stored`` outputs), one folder
     spectra/step_00000123.npz    per output key
     state/step_00000123.npz      the transforms' state after the checkpoint (for resuming)
-    results.jsonl                all records, in step order
+    results.jsonl                all records in step order (appended; rewritten on repair)
     quarantine/                  unreadable files, moved aside (never deleted)
+    replaced/                    records set aside by ``overwrite=True`` (never deleted)
 
 A record is written after its array files, so a record on disk vouches for them. When a store is
-opened (:meth:`ResultStore.check`), every record is parsed and every file it lists is checked
+opened (:meth:`ResultStore.open`), every record is parsed and every file it lists is checked
 against its size and checksum; a record or file that fails is reported by path, moved to
-``quarantine/``, and its step is computed again. ``results.jsonl`` is rebuilt whenever it
-disagrees with ``records/``.
+``quarantine/``, and its step is computed again; temporary files of killed writes are removed.
+``results.jsonl`` is rebuilt whenever it disagrees with ``records/``. A record is reused only
+when its fingerprints match the analysis asking for it (:meth:`ResultStore.stale_reasons`) and
+the arrays of other steps it read are still those (:meth:`ResultStore.outdated_reasons`).
 """
 
 from __future__ import annotations
@@ -35,10 +41,15 @@ import numpy as np
 from absl import logging
 
 from hessian_subspace import _io, _tree
+from hessian_subspace.analysis import fingerprints as fp
 
-RECORDS, QUARANTINE, STATE = "records", "quarantine", "state"
+RECORDS, QUARANTINE, STATE, REPLACED = "records", "quarantine", "state", "replaced"
 JSONL, SETTINGS = "results.jsonl", "pipeline.json"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.(json|npz)$")
+# What a record's fingerprints name, in the words of the error messages.
+_WHAT = dict(checkpoint="the checkpoint's content (parameters or model state) differs",
+             loss="the loss differs (its jaxpr on the analysis batch, or a constant in it)",
+             data="the analysis data differ", settings="the analysis settings differ")
 
 
 class CorruptFile(RuntimeError):
@@ -47,6 +58,26 @@ class CorruptFile(RuntimeError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"unreadable stored file {path}: {reason}")
         self.path = path
+
+
+class StaleResultsError(ValueError):
+    """A results directory holds records of other inputs than the analysis asking for them
+    (other checkpoint content, loss, data or settings): they are not reused, and not silently
+    replaced. Use another results directory, or ``overwrite=True`` (``--overwrite``)."""
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """The fingerprint of the analysis settings (``pipeline.json`` without the data)."""
+    return fp.json_content({k: v for k, v in settings.items() if k != "data"})
+
+
+def stale_message(what: str, directory: str | None) -> str:
+    """The error for results computed from other inputs (``what`` says which and how), with
+    the two ways out."""
+    aside = (f"the old records are moved to {os.path.join(directory, REPLACED)}" if directory
+             else "the old records are dropped")
+    return (f"{what}. They are not reused. Use another results directory, or overwrite=True "
+            f"(--overwrite) to compute them again ({aside}).")
 
 
 def step_name(step: int, suffix: str) -> str:
@@ -98,6 +129,8 @@ class ResultStore(_Records):
         self.writer = bool(writer)
         self._index: dict[int, dict] | None = None
         self._session: dict[tuple[str, int], dict] = {}
+        self._jsonl_stale = True  # until checked against the records
+        self._jsonl_steps: set[int] = set()  # steps whose record results.jsonl holds
 
     # ---- paths -----------------------------------------------------------------------------
 
@@ -165,26 +198,44 @@ class ResultStore(_Records):
 
     # ---- checking --------------------------------------------------------------------------
 
-    def quarantine(self, path: str, reason: str) -> str | None:
+    def quarantine(self, path: str, reason: str,
+                   then: str = "its step will be computed again") -> str | None:
         """Moves ``path`` to ``quarantine/`` (keeping its relative path, with a time stamp) and
-        logs why; returns the new path (None if the file is gone)."""
+        logs why and what happens ``then``; returns the new path (None if the file is gone)."""
+        return self._move(path, QUARANTINE, reason, then, logging.warning)
+
+    def _move(self, path: str, folder: str, reason: str, then: str, log) -> str | None:
         if not os.path.exists(path):
             return None
         if not self.writer:  # process 0 moves it; this one only stops trusting it
-            logging.warning("%s: %s", path, reason)
+            log("%s: %s", path, reason)
             return None
         rel = os.path.relpath(path, self.directory)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        dest = os.path.join(self.directory, QUARANTINE, f"{rel}.{stamp}")
+        dest = os.path.join(self.directory, folder, f"{rel}.{stamp}")
         n = 1
         while os.path.exists(dest):
-            dest = os.path.join(self.directory, QUARANTINE, f"{rel}.{stamp}.{n}")
+            dest = os.path.join(self.directory, folder, f"{rel}.{stamp}.{n}")
             n += 1
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.move(path, dest)
-        logging.warning("%s: %s; moved to %s, its step will be computed again", path, reason,
-                        dest)
+        log("%s: %s; moved to %s, %s", path, reason, dest, then)
         return dest
+
+    def set_aside(self, step: int, reason: str) -> None:
+        """Moves the record of ``step`` and its files to ``replaced/`` (``overwrite=True``)."""
+        record = self.index.pop(int(step), None)
+        for key in list(self._session):
+            if key[1] == int(step):
+                del self._session[key]
+        if record is None:
+            return
+        for entry in record.get("files", {}).values():
+            self._move(os.path.join(self.directory, entry["path"]), REPLACED, reason,
+                       "replaced", logging.info)
+        self._move(self.record_path(step), REPLACED, reason,
+                   "its step will be computed again", logging.warning)
+        self._jsonl_stale = True
 
     def check(self) -> list[str]:
         """Verifies the directory: every record readable and consistent, every file a record
@@ -196,6 +247,7 @@ class ResultStore(_Records):
         """
         problems: list[str] = []
         self._index = {}
+        self._remove_dead_temporaries()
         for step, path in sorted(self._record_files().items()):
             try:
                 record = self._read_record(path, step)
@@ -216,6 +268,24 @@ class ResultStore(_Records):
             self._sync_jsonl()
         return problems
 
+    def _remove_dead_temporaries(self) -> None:
+        """Deletes the temporary files of writes whose process is gone (killed mid-write);
+        those of live writers (another analysis into this directory) stay."""
+        if not self.writer or not os.path.isdir(self.directory):
+            return
+        for root, _, names in os.walk(self.directory):
+            if os.path.relpath(root, self.directory).split(os.sep)[0] in (QUARANTINE,
+                                                                          REPLACED):
+                continue
+            for name in names:
+                if name.startswith(_io.TMP_PREFIX) and not _io.temporary_in_use(name, root):
+                    path = os.path.join(root, name)
+                    try:
+                        os.remove(path)
+                    except OSError:
+                        continue
+                    logging.info("removed %s, left by a killed write", path)
+
     def _bad_file(self, record: dict) -> str | None:
         for entry in record.get("files", {}).values():
             path = os.path.join(self.directory, entry["path"])
@@ -232,6 +302,8 @@ class ResultStore(_Records):
         return "".join(json.dumps(r) + "\n" for r in self.records())
 
     def _sync_jsonl(self) -> None:
+        """Rewrites ``results.jsonl`` (atomically) if it is not the records in step order."""
+        self._jsonl_stale = False
         if not self.writer:
             return
         path = os.path.join(self.directory, JSONL)
@@ -244,6 +316,19 @@ class ResultStore(_Records):
             pass
         _io.write_text(path, text)
 
+    def _append_jsonl(self, step: int, record: dict) -> None:
+        """Appends a new last step's record to ``results.jsonl``; anything else (a step
+        replaced, one before the last) compacts the file instead."""
+        if not self.writer:
+            return
+        later = [s for s in self.index if s >= step and s != step]
+        path = os.path.join(self.directory, JSONL)
+        if later or self._jsonl_stale or step in self._jsonl_steps or not os.path.exists(path):
+            self._sync_jsonl()
+        else:
+            _io.append_line(path, json.dumps(record))
+        self._jsonl_steps.add(int(step))
+
     # ---- writing ---------------------------------------------------------------------------
 
     def write_step(self, step: int, record: dict, stored: dict[str, dict]) -> dict:
@@ -253,50 +338,143 @@ class ResultStore(_Records):
         files = {}
         for folder, arrays in stored.items():
             path = self.file_path(folder, step)
+            content = fp.arrays_content(arrays)  # the same on every process
             if not self.writer:
                 self._session[(folder, int(step))] = {k: np.asarray(v) for k, v in
                                                       arrays.items()}
-                files[folder] = dict(path=os.path.relpath(path, self.directory))
+                files[folder] = dict(path=os.path.relpath(path, self.directory),
+                                     content=content)
                 continue
             _io.write_npz(path, arrays)
             files[folder] = dict(path=os.path.relpath(path, self.directory),
-                                 bytes=os.path.getsize(path), sha256=_io.sha256(path))
+                                 bytes=os.path.getsize(path), sha256=_io.sha256(path),
+                                 content=content)
         if files:
             record["files"] = files
         record = _io.to_jsonable(record)
         if self.writer:
             _io.write_json(self.record_path(step), record)
         self.index[int(step)] = record
-        self._sync_jsonl()
+        self._append_jsonl(step, record)
         return record
 
     def read_settings(self) -> dict | None:
+        """``pipeline.json`` (None if there is none, or if it is unreadable: then it is moved to
+        ``quarantine/`` and :meth:`open` rebuilds it from the records)."""
         path = os.path.join(self.directory, SETTINGS)
         if not os.path.exists(path):
             return None
         try:
             with open(path) as f:
-                return json.load(f)
+                settings = json.load(f)
+            if not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
+            return settings
         except (OSError, ValueError) as e:
-            self.quarantine(path, f"unreadable ({type(e).__name__}: {e})")
+            self.quarantine(path, f"unreadable ({type(e).__name__}: {e})",
+                            "the settings will be rebuilt from the records that match them")
             return None
 
-    def check_settings(self, settings: dict) -> None:
-        """Raises `ValueError` if the directory holds results made with other settings."""
+    def open(self, settings: dict, *, overwrite: bool = False) -> list[str]:
+        """Opens the directory for an analysis with ``settings``: verifies every record and
+        file (:meth:`check`), and refuses results of other settings.
+
+        ``pipeline.json`` must equal ``settings``; if it is missing or unreadable while records
+        exist, each record's settings fingerprint must match, and ``pipeline.json`` is written
+        anew. With ``overwrite``, records of other settings are moved to ``replaced/``
+        instead.
+
+        Returns:
+          One line per problem :meth:`check` found.
+
+        Raises:
+          StaleResultsError: the directory holds results of other settings (nothing is changed
+            in it: checked before anything is moved).
+        """
         old = self.read_settings()
-        if old is None:
-            return
         new = json.loads(json.dumps(settings))
-        differ = _diff(old, new)
-        if differ:
-            raise ValueError(
-                f"{self.directory} holds results made with other settings (they differ in "
-                f"{', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; see "
-                f"{os.path.join(self.directory, SETTINGS)}); use another results directory")
+        if old is not None:
+            differ = _diff(old, new)
+            if differ:
+                fields = f"{', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}"
+                if not overwrite:
+                    raise StaleResultsError(stale_message(
+                        f"{self.directory} holds results made with other settings (they differ "
+                        f"in {fields}; see {os.path.join(self.directory, SETTINGS)})",
+                        self.directory))
+                self._set_aside_all(f"settings differ in {fields} (overwrite=True)")
+        problems = self.check()
+        if old is None and self.index:
+            expected = settings_fingerprint(new)
+            stale = [s for s, r in self.index.items()
+                     if (r.get("fingerprints") or {}).get("settings") != expected]
+            if stale and not overwrite:
+                raise StaleResultsError(stale_message(
+                    f"{self.directory} has no readable {SETTINGS}, and the records of steps "
+                    f"{_steps_text(stale)} were made with other settings than these (or carry "
+                    "no fingerprints)", self.directory))
+            for step in stale:
+                self.set_aside(step, "made with other settings (overwrite=True)")
+            if self.writer and self.index:
+                _io.write_json(os.path.join(self.directory, SETTINGS), settings)
+                logging.warning("%s: rebuilt from the %d records made with these settings",
+                                os.path.join(self.directory, SETTINGS), len(self.index))
+            if stale:
+                self._sync_jsonl()
+        return problems
+
+    def _set_aside_all(self, reason: str) -> None:
+        self.check()
+        for step in list(self.index):
+            self.set_aside(step, reason)
+        self._move(os.path.join(self.directory, SETTINGS), REPLACED, reason,
+                   "written anew", logging.warning)
+        for folder in (STATE,):
+            path = os.path.join(self.directory, folder)
+            if os.path.isdir(path):
+                for name in os.listdir(path):
+                    self._move(os.path.join(path, name), REPLACED, reason, "replaced",
+                               logging.info)
+        self._sync_jsonl()
 
     def write_settings(self, settings: dict) -> None:
-        if self.writer and self.read_settings() is None:
+        if self.writer and not os.path.exists(os.path.join(self.directory, SETTINGS)):
             _io.write_json(os.path.join(self.directory, SETTINGS), settings)
+
+    # ---- reuse -----------------------------------------------------------------------------
+
+    def content(self, folder: str, step: int) -> str | None:
+        """The content fingerprint of the arrays stored in ``folder`` at ``step``."""
+        record = self.index.get(int(step)) or {}
+        return (record.get("files", {}).get(folder) or {}).get("content")
+
+    def stale_reasons(self, record: dict, fingerprints: dict) -> list[str]:
+        """What differs between the inputs a record was computed from and ``fingerprints``
+        (empty: it may be reused)."""
+        have = record.get("fingerprints")
+        if not isinstance(have, dict):
+            return ["the record carries no fingerprints (written by an older version)"]
+        return [_WHAT.get(key, key) for key in ("checkpoint", "loss", "data", "settings")
+                if have.get(key) != fingerprints.get(key)]
+
+    def outdated_reasons(self, record: dict) -> list[str]:
+        """Why a record that matches its inputs must still be computed again: arrays of
+        another step it read have changed since (that step was recomputed), or arrays it
+        asked for exist now."""
+        out = []
+        for read in record.get("reads", []):
+            if read.get("values", True) and read.get("content") != self.content(
+                    read["folder"], read["step"]):
+                out.append(f"step {read['step']}'s {read['folder']} changed since")
+        for wait in record.get("waiting_for", []):
+            if self.content(wait["folder"], wait["step"]) is not None:
+                out.append(f"step {wait['step']}'s {wait['folder']} exists now")
+        return out
+
+
+def _steps_text(steps: list[int]) -> str:
+    steps = sorted(steps)
+    return str(steps) if len(steps) <= 8 else f"{steps[:4]} ... {steps[-2:]} ({len(steps)})"
 
 
 class MemoryStore(_Records):
@@ -312,6 +490,15 @@ class MemoryStore(_Records):
         return sorted(s for (f, s) in self._files if f == folder
                       and self.index.get(s, {}).get("status") == "ok")
 
+    content = ResultStore.content
+    stale_reasons = ResultStore.stale_reasons
+    outdated_reasons = ResultStore.outdated_reasons
+
+    def set_aside(self, step: int, reason: str) -> None:
+        self.index.pop(int(step), None)
+        for key in [key for key in self._files if key[1] == int(step)]:
+            del self._files[key]
+
     def stored(self, folder: str, step: int) -> dict | None:
         return self._files.get((folder, int(step)))
 
@@ -319,14 +506,19 @@ class MemoryStore(_Records):
         return []
 
     def write_step(self, step: int, record: dict, stored: dict[str, dict]) -> dict:
-        record = _io.to_jsonable(dict(record, step=int(step)))
+        record = dict(record, step=int(step))
+        files = {}
         for folder, arrays in stored.items():
             self._files[(folder, int(step))] = {k: np.asarray(v) for k, v in arrays.items()}
+            files[folder] = dict(content=fp.arrays_content(arrays))
+        if files:
+            record["files"] = files
+        record = _io.to_jsonable(record)
         self.index[int(step)] = record
         return record
 
-    def check_settings(self, settings: dict) -> None:
-        pass
+    def open(self, settings: dict, *, overwrite: bool = False) -> list[str]:
+        return []
 
     def write_settings(self, settings: dict) -> None:
         pass

@@ -17,7 +17,11 @@ What happens to an output (a dict entry) is decided by its value and the transfo
   (numbers, small arrays, nested dicts of them).
 
 :func:`chain` composes transforms in the order given and checks, before any work, that each
-requirement is provided by the analyzer or by an earlier transform. :func:`transform` makes a
+requirement is provided by the analyzer or by an earlier transform, that no two transforms
+declare the same record key (``records``: the built-ins declare every key they write; a
+trailing ``*`` declares a family such as ``train_*``), and that no transform needs more vectors
+of an entry than its provider computes (``needs`` against ``sizes``: ``f_top(k=10)`` after
+``eigenpairs(k=5)`` is refused). :func:`transform` makes a
 transform of a plain function of the context, so a user's metric needs no subclassing::
 
     f_top5 = analysis.transform(
@@ -28,11 +32,18 @@ transform of a plain function of the context, so a user's metric needs no subcla
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import inspect
 import json
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 PyTree = Any
+
+# Keys the analyzer itself writes into every record (transforms may not output them).
+RESERVED_KEYS = ("step", "status", "reason", "dtype", "processes", "precision", "versions",
+                 "hessian", "curvature", "block", "hvps", "seconds", "fingerprints", "files",
+                 "reads", "waiting_for")
 
 # What the analyzer puts in every context before the first transform runs.
 BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batches",
@@ -59,6 +70,11 @@ class Transform(NamedTuple):
     init: Callable[[Any], PyTree] | None = None  # ctx -> state before the first checkpoint.
     context_only: tuple[str, ...] = ()  # outputs kept out of the record.
     config: Mapping[str, Any] | None = None  # the factory's arguments, as JSON.
+    # Record keys written (checked by `chain` for clashes); None: not declared (an undeclared
+    # clash is caught at the first checkpoint and fails that checkpoint's record).
+    records: tuple[str, ...] | None = None
+    sizes: Mapping[str, int] | None = None  # provided entry -> number of vectors it holds.
+    needs: Mapping[str, int] | None = None  # required entry -> number of vectors used.
 
     def describe(self) -> dict:
         """Name, requirements and configuration (JSON): what ``pipeline.json`` records."""
@@ -73,9 +89,38 @@ def _jsonable(obj: Any) -> Any:
 def _describe_object(obj: Any) -> str:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
-    name = getattr(obj, "__qualname__", None) or type(obj).__name__
-    module = getattr(obj, "__module__", None)
-    return f"{module}.{name}" if module else str(name)
+    fn = getattr(obj, "func", obj)  # functools.partial, jax.tree_util.Partial
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    module = getattr(fn, "__module__", None)
+    text = f"{module}.{name}" if module else str(name)
+    code = code_fingerprint(fn)
+    return f"{text} (code {code[:16]})" if code else text
+
+
+def code_fingerprint(fn: Any) -> str | None:
+    """SHA-256 of a Python function's source (its bytecode where the source cannot be read)
+    and of the plain values it closes over; None for objects without code. So a user's
+    metric whose body or captured constant changed is not taken for the one in
+    ``pipeline.json``."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    h = hashlib.sha256()
+    try:
+        h.update(inspect.getsource(fn).encode())
+    except (OSError, TypeError):
+        h.update(code.co_code)
+        h.update(repr(code.co_consts).encode())
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, (bool, int, float, str, bytes, type(None))) or (
+                isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str))
+                                                 for v in value)):
+            h.update(repr(value).encode())
+    return h.hexdigest()
 
 
 def _check_names(label: str, names: Any) -> tuple[str, ...]:
@@ -93,7 +138,8 @@ def _check_names(label: str, names: Any) -> tuple[str, ...]:
 
 def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
               provides: Iterable[str] | None = None, init: Callable[[Any], PyTree] | None = None,
-              context_only: Iterable[str] = ()) -> Transform:
+              context_only: Iterable[str] = (), records: Iterable[str] | None = None,
+              needs: Mapping[str, int] | None = None) -> Transform:
     """A transform from a plain function of the context.
 
     Args:
@@ -107,6 +153,11 @@ def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
       init: ``init(ctx) -> state`` for a stateful transform (state carried across
         checkpoints, persisted by the runner so that a resumed run continues it).
       context_only: output keys kept out of the record.
+      records: the record keys ``fn`` writes, so that :func:`chain` refuses a clash with
+        another transform before any work (None: undeclared; a clash then fails the first
+        checkpoint's record).
+      needs: ``{entry: n}``: how many vectors of a required entry ``fn`` uses (e.g.
+        ``{"eigenpairs": 5}``), checked by :func:`chain` against what the provider computes.
 
     Returns:
       A :class:`Transform`.
@@ -129,6 +180,9 @@ def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
     requires = _check_names("requires", requires)
     provides = (name,) if provides is None else _check_names("provides", provides)
     context_only = _check_names("context_only", context_only)
+    if records is not None:
+        records = _check_names("records", records)
+    needs = check_needs(needs)
 
     def as_dict(out):
         return dict(out) if isinstance(out, Mapping) else {name: out}
@@ -145,7 +199,34 @@ def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
             return as_dict(result[0]), result[1]
 
     return Transform(name=name, update=update, requires=requires, provides=provides,
-                     init=init, context_only=context_only, config=dict(fn=fn))
+                     init=init, context_only=context_only, config=dict(fn=fn),
+                     records=records, needs=needs)
+
+
+def check_needs(needs: Mapping[str, int] | None) -> dict[str, int] | None:
+    """``needs`` as ``{entry: n}`` with n >= 1, or a ``TypeError``/``ValueError``."""
+    if needs is None:
+        return None
+    if not isinstance(needs, Mapping):
+        raise TypeError(f"`needs` must be a mapping entry -> number of vectors, got {needs!r}")
+    out = {}
+    for entry, n in needs.items():
+        if not isinstance(entry, str) or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`needs` maps entry names to ints >= 1, got {entry!r}: {n!r}")
+        out[entry] = n
+    return out
+
+
+def key_clash(key: str, declared: Iterable[str]) -> str | None:
+    """The first declared key or family (``train_*``) that ``key`` (itself a key or a family)
+    collides with, or None."""
+    for other in declared:
+        if key == other or fnmatch.fnmatchcase(key, other) or fnmatch.fnmatchcase(other, key):
+            return other
+        if key.endswith("*") and other.endswith("*") and (
+                key[:-1].startswith(other[:-1]) or other[:-1].startswith(key[:-1])):
+            return other
+    return None
 
 
 class Chain(NamedTuple):
@@ -159,6 +240,10 @@ class Chain(NamedTuple):
 
     def describe(self) -> list[dict]:
         return [t.describe() for t in self.transforms]
+
+    def record_keys(self) -> dict[str, str]:
+        """Every declared record key (or family) -> the name of the transform writing it."""
+        return {key: t.name for t in self.transforms for key in t.records or ()}
 
     def init(self, ctx) -> dict[str, PyTree]:
         """The state of every transform before the first checkpoint (keyed by name)."""
@@ -212,6 +297,8 @@ def chain(*transforms: Transform | Chain | Callable) -> Chain:
         raise ValueError("`chain` needs at least one transform")
     available = set(BASE_ENTRIES)
     seen: set[str] = set()
+    declared: dict[str, str] = {key: "the analyzer" for key in RESERVED_KEYS}
+    providers: dict[str, Transform] = {}
     for t in flat:
         if t.name in seen:
             raise ValueError(f"two transforms are named {t.name!r}; names must be unique (pass "
@@ -223,7 +310,24 @@ def chain(*transforms: Transform | Chain | Callable) -> Chain:
                 raise ValueError(
                     f"transform {t.name!r} requires {req!r}, which neither the analyzer nor an "
                     f"earlier transform provides; add {hint} before it in the chain")
+        for entry, n in (t.needs or {}).items():
+            provider = providers.get(entry)
+            have = None if provider is None else (provider.sizes or {}).get(entry)
+            if have is not None and n > have:
+                raise ValueError(
+                    f"transform {t.name!r} uses {n} vectors of {entry!r}, but transform "
+                    f"{provider.name!r} computes {have}; ask it for at least {n} (the paper "
+                    f"computes 2k eigenpairs for a top-k analysis), or ask {t.name!r} for fewer")
+        for key in t.records or ():
+            other = key_clash(key, declared)
+            if other is not None:
+                raise ValueError(
+                    f"transform {t.name!r} writes the record key {key!r}, which "
+                    f"{declared[other]} writes too ({other!r}); give one of them another "
+                    "name= (or another key)")
+            declared[key] = f"transform {t.name!r}"
         available.update(t.provides)
+        providers.update({entry: t for entry in t.provides})
     return Chain(tuple(flat))
 
 

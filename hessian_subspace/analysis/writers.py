@@ -17,6 +17,15 @@ from typing import Any, Callable, Mapping
 _SKIP = ("step", "seconds", "hvps", "lanczos_hvps")
 
 
+def summary(record: Mapping[str, Any]) -> str:
+    """The headline numbers of a record, for its log line."""
+    parts = []
+    for key in ("train_loss", "f_top", "overlap_g_hg", "lambda_max"):
+        if isinstance(record.get(key), (int, float)):
+            parts.append(f"{key} {record[key]:.4g}")
+    return "  ".join(parts)
+
+
 def scalars_of(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The finite numbers of a record (bools excluded), nested keys joined with "/"."""
     out: dict[str, float] = {}

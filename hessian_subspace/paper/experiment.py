@@ -199,13 +199,14 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
 
 def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, results_dir: str, *,
                  settings: presets.Settings | None = None, test_set: dict | None = None,
-                 record_fields: dict | None = None, progress: bool = True, mesh=None
-                 ) -> analysis.Analyzer:
+                 record_fields: dict | None = None, progress: bool = True, mesh=None,
+                 overwrite: bool = False) -> analysis.Analyzer:
     """The analyzer of a run of the paper's models: :func:`presets.paper_chain` of
     ``settings`` on the inference-mode loss, metrics and outputs of the config's model.
     ``record_fields`` (default: ``k`` and the config) go into every record. On a ``mesh``,
     examples are split over its ``data`` axis and parameters FSDP-style over its ``model``
-    axis (:func:`hessian_subspace.sharding.fsdp_shardings`)."""
+    axis (:func:`hessian_subspace.sharding.fsdp_shardings`). ``overwrite``: records of other
+    inputs in ``results_dir`` are computed again (moved aside) instead of refused."""
     settings = settings or presets.Settings()
     model = build_model(config, num_outputs)
     k = settings.k or num_outputs
@@ -219,7 +220,7 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
         results_dir=results_dir, test_data=xy(test_set),
         output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss(config.task),
         record_fields=dict(k=k, config=config_to_json(config)) if record_fields is None
-        else record_fields, progress=progress, mesh=mesh,
+        else record_fields, progress=progress, mesh=mesh, overwrite=overwrite,
         param_sharding=None if mesh is None else functools.partial(
             sharding.fsdp_shardings, mesh=mesh),
         **presets.analyzer_options(settings))
@@ -244,11 +245,15 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
                 steps=None, watch: bool = False, poll_seconds: float = 2.0,
                 timeout_seconds: float = 600.0, num_analysis: int | None = None,
                 test_metrics: bool = False, retry_failed: bool = True,
-                progress: bool = True, mesh=None) -> list[dict]:
+                progress: bool = True, mesh=None, overwrite: bool = False,
+                allow_failures: bool = False) -> list[dict]:
     """Streams a run's checkpoints (finished, or live with ``watch``) through the pipeline.
 
     The model and the analysis set are rebuilt from the config stored in the checkpoints.
     ``num_analysis`` overrides the size of the analysis set (a fixed random subset).
+    ``overwrite`` and ``allow_failures`` are those of :class:`analysis.Analyzer` and
+    :meth:`analysis.Analyzer.run`: by default records of other inputs are refused and failed
+    checkpoints end the run with :class:`analysis.FailedStepsError`.
     """
     config_json, num_outputs = read_run_config(workdir, wait_seconds=timeout_seconds if watch
                                                else 0.0)
@@ -270,11 +275,11 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
                             settings=settings, test_set=data["test"] if test_metrics else None,
                             record_fields=dict(k=(settings or presets.Settings()).k or
                                                num_outputs, config=config_json),
-                            progress=progress, mesh=mesh)
+                            progress=progress, mesh=mesh, overwrite=overwrite)
     analyzer.retry_failed = retry_failed
     source = ckpt_lib.run_checkpoints(
         os.path.join(workdir, train_lib.CHECKPOINT_DIR), like=like, state_like=state_like,
         final_step=config.get("num_steps"),
         optimizer="adam" in (settings or presets.Settings()).transforms)
     return analyzer.run(source, steps=steps, watch=watch, poll_seconds=poll_seconds,
-                        timeout_seconds=timeout_seconds)
+                        timeout_seconds=timeout_seconds, allow_failures=allow_failures)
