@@ -52,9 +52,7 @@ def temporary_in_use(name: str, directory: str | None = None) -> bool:
 
 def _failed(e: OSError, path: str) -> OSError:
     """``e`` as an ``OSError`` that names the file (a full disk: "No space left on device")."""
-    out = OSError(e.errno, f"{e.strerror or e}: cannot write {path}")
-    out.filename = path
-    return out
+    return OSError(e.errno, f"{e.strerror or e}: cannot write {path}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:

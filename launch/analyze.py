@@ -91,7 +91,10 @@ def main(argv):
         block=tuple(FLAGS.block) if FLAGS.block else None, next_bound=FLAGS.next_bound,
         tracker=FLAGS.tracker, memory_budget=FLAGS.memory_budget,
         hvp_cache={"auto": "auto", "true": True, "false": False}[FLAGS.hvp_cache])
-    mesh = _runtime.initialize()
+    try:
+        mesh = _runtime.initialize()
+    except (RuntimeError, ValueError) as e:  # a peer missing, a bad mesh: one line
+        sys.exit(f"launch.analyze: {e}")
     results = FLAGS.results or os.path.join(FLAGS.workdir, "analysis")
     try:
         records = experiment.analyze_run(
@@ -107,12 +110,15 @@ def main(argv):
                  f"{FLAGS.timeout_seconds:g}): {e}")
     except analysis.FailedStepsError as e:
         sys.exit(f"launch.analyze: {e}\n(results in {results}; --allow_failures to exit 0)")
-    except (analysis.StaleResultsError, analysis.PeerLostError, FileNotFoundError,
-            analysis.CheckpointError, OSError) as e:
+    except analysis.PeerLostError as e:  # at once: JAX's clean-up would wait on the dead peer
+        _runtime.exit_now(f"launch.analyze: {e}")
+    except (analysis.StaleResultsError, FileNotFoundError, analysis.CheckpointError,
+            OSError) as e:
         sys.exit(f"launch.analyze: {e}")
     failed = [r["step"] for r in records if r.get("status") == "failed"]
     logging.info("analysed %d checkpoints into %s (%d failed: %s)", len(records), results,
                  len(failed), failed)
+    _runtime.finished()
 
 
 if __name__ == "__main__":

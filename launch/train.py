@@ -6,10 +6,13 @@ Starting again with the same --workdir resumes from the last finalised checkpoin
 launch/configs/train.py for the config fields and overrides (--config.FIELD=VALUE).
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hessian_subspace.analysis.sources import CheckpointError
 from hessian_subspace.paper import experiment
 from launch import _runtime
 
@@ -22,10 +25,17 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
-    mesh = _runtime.initialize()
+    try:
+        mesh = _runtime.initialize()
+    except (RuntimeError, ValueError) as e:  # a peer missing, a bad mesh: one line
+        sys.exit(f"launch.train: {e}")
     logging.info("JAX devices: %s", jax.devices())
-    experiment.train_from_config(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
-                                 mesh=mesh if FLAGS.mesh else None)
+    try:
+        experiment.train_from_config(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
+                                     mesh=mesh if FLAGS.mesh else None)
+    except (OSError, CheckpointError) as e:  # a full disk, an unreadable checkpoint: one line
+        sys.exit(f"launch.train: {e} (the last finalised checkpoint resumes the run)")
+    _runtime.finished()
 
 
 if __name__ == "__main__":

@@ -188,9 +188,9 @@ def _flip_until_values_change(directory, step, like):
                 params, _ = source.load(step)
             except analysis.CheckpointError:
                 params = None
-            if params is not None and any(
-                    not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
-                                                             jax.tree_util.tree_leaves(good))):
+            leaves = zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(good),
+                         strict=True) if params is not None else ()
+            if any(not np.array_equal(a, b) for a, b in leaves):
                 return tried
             with open(path, "r+b") as f:  # undo, try the next offset
                 f.seek(offset)

@@ -140,6 +140,12 @@ def test_memory_store_and_csv_and_tensorboard_writers(tmp_path):
                                [r["f_top"] for r in analyzer.records], rtol=1e-12)
     assert "subspace_overlap/0/top2" in table and "eigenvalues" not in table
     assert [s for s, _ in logged] == list(STEPS)
+    # Only the transforms' numbers: the analyzer's bookkeeping stays in the record, and the
+    # previous checkpoint's overlap is written once (under its step).
+    names = set(table)
+    assert not {n for n in names if n.split("/")[0] in (
+        "processes", "hessian", "files", "fingerprints", "seconds", "hvps", "reads")}, names
+    assert not {n for n in names if n.startswith("subspace_overlap/previous")}, names
     tb.close()
     # The event file holds the same scalars (read back with tensorboardX's protobufs).
     from tensorboardX.proto import event_pb2

@@ -93,6 +93,7 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
     if final_step is None:
         final_step = getattr(source, "final_step", None)
     written: list[dict] = []
+    checked = 0  # scheduled checkpoints of the source looked at (reused ones included)
     failures: dict[int, str] = {}
     bar = tqdm(desc="analyse", unit="ckpt", disable=not analyzer.progress)
     seen: set[int] = set()
@@ -110,6 +111,7 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
                 if (wanted is not None and step not in wanted) or not analyzer.scheduled(step):
                     continue
                 record, failure = _run_step(analyzer, source, step)
+                checked += 1
                 if record is not None:
                     written.append(record)
                 if failure is not None:
@@ -137,8 +139,8 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
     if failures and not allow_failures:
         lines = "\n".join(f"  step {s}: {r}" for s, r in sorted(failures.items()))
         raise FailedStepsError(
-            f"{len(failures)} of the {len(written)} checkpoints analysed from {where} "
-            f"failed (their records say why; every other checkpoint was analysed; "
+            f"{len(failures)} of the {checked} checkpoints of {where} failed (every other "
+            f"one was analysed or reused; the failure records say why; "
             f"allow_failures=True returns the records instead):\n{lines}",
             failures, written)
     return written

@@ -70,7 +70,7 @@ class Settings:
     memory_budget: float | None = None
     # Linearise the product once per solve ("auto": when it fits; hs.dataset_hvp's `cache`).
     hvp_cache: bool | str = "auto"
-    f_top_ks: tuple[int, ...] = (10, 50)
+    f_top_ks: tuple[int, ...] = ()  # f_top_curve's ks (each <= 2k); () : k and 2k
     block_spectra_steps: tuple[int, ...] = ()  # () with "block_spectra": every checkpoint
     block_k: int = 4
     block_slq_probes: int = 4
@@ -107,8 +107,9 @@ class Settings:
         if isinstance(self.block, list):
             object.__setattr__(self, "block", tuple(self.block))
         # Everything else (ranges, precision, requirements between transforms) is checked by
-        # the transforms, the chain and the analyzer, all before anything is written.
-        paper_chain(self, k=self.k or 2)
+        # the transforms, the chain and the analyzer, all before anything is written; here
+        # with the smallest k that the f_top_ks allow when k comes from the model.
+        paper_chain(self, k=self.k or max([2, *((x + 1) // 2 for x in self.f_top_ks)]))
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -159,7 +160,7 @@ def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = Non
     if "dense_spectrum" in todo:
         parts.append(spectra.dense_spectrum(steps=s.dense_steps, max_params=s.dense_max_params))
     if "f_top_curve" in todo:
-        parts.append(views.f_top_curve(s.f_top_ks))
+        parts.append(views.f_top_curve(s.f_top_ks or (k, 2 * k)))
     if "block_spectra" in todo:
         parts.append(views.block_spectra(blocks, k=s.block_k, tol=s.tol,
                                          slq_probes=s.block_slq_probes,

@@ -46,22 +46,6 @@ _PEER_SIGNS = ("gloo", "connection closed by peer", "connection reset by peer",
                "barrier timed out")
 
 
-def lost_processes() -> list[int] | None:
-    """The processes of a multi-process run the coordination service no longer sees (None
-    when it cannot be asked)."""
-    try:
-        from jax._src import distributed
-
-        client = distributed.global_state.client
-        if client is None:
-            return None
-        n = jax.process_count()
-        live = client.get_live_nodes(list(range(n)))
-        return sorted(set(range(n)) - set(int(p) for p in live))
-    except Exception:  # noqa: BLE001 - a private API; its absence only makes the message vaguer
-        return None
-
-
 def peer_failure(error: BaseException, during: str) -> PeerLostError | None:
     """``error`` as a :class:`PeerLostError` naming the lost processes, if it is a collective
     failure of a multi-process run (None otherwise)."""
@@ -70,14 +54,13 @@ def peer_failure(error: BaseException, during: str) -> PeerLostError | None:
     text = f"{type(error).__name__}: {error}".lower()
     if not any(sign in text for sign in _PEER_SIGNS):
         return None
-    lost = lost_processes()
-    who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of "
-           f"{jax.process_count()}" if lost else
-           f"a peer of process {jax.process_index()} (of {jax.process_count()})")
+    # Which peer is gone, the runtime does not say here (asking the coordination service
+    # would wait on the dead peer); ``launch`` watches its peers and names it.
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return PeerLostError(f"lost {who} during {during}: a collective across the processes "
-                         f"failed ({first[:300]}); no record was written for it. Restart every "
-                         "process: finished records are reused.")
+    return PeerLostError(
+        f"process {jax.process_index()} of {jax.process_count()} lost a peer during {during}: "
+        f"a collective across the processes failed ({first[:300]}); no record was written for "
+        "it. Restart every process: finished records are reused.")
 
 
 class Source(Protocol):

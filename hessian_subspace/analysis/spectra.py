@@ -40,7 +40,8 @@ def slq(*, steps: Sequence[int] | None = None, num_probes: int = 10, num_steps: 
                                   slq_weights=np.asarray(weights))}, state
 
     return Transform(name=name, update=update, provides=("slq",),
-                     config=dict(steps=steps, num_probes=num_probes, num_steps=num_steps))
+                     config=dict(steps=steps, num_probes=num_probes, num_steps=num_steps),
+                     records=("slq",))
 
 
 def dense_spectrum(*, steps: Sequence[int] | None = None, max_params: int = 5000,
@@ -78,7 +79,8 @@ def dense_spectrum(*, steps: Sequence[int] | None = None, max_params: int = 5000
                 "spectra": Stored(dense_eigenvalues=lam)}, state
 
     return Transform(name=name, update=update, provides=("dense_spectrum",),
-                     config=dict(steps=steps, max_params=max_params))
+                     config=dict(steps=steps, max_params=max_params),
+                     records=("dense_spectrum",))
 
 
 def dense_float64(matvec, like, *, block_size: int = 256) -> np.ndarray:

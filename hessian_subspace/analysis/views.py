@@ -39,7 +39,8 @@ def f_top_curve(ks: Sequence[int] = (10, 50), *, saturation: float = 0.95,
     r"""f_top of the top-k subspace for every k up to the number of eigenpairs:
     ``f_top_curve`` (the cumulative :math:`\sum_{i\le k} c_i^2`), ``f_top_at[str(k)]`` for
     ``ks``, and ``k_saturation``, the smallest k whose f_top reaches ``saturation`` times the
-    largest computed (where adding directions stops paying)."""
+    largest computed (where adding directions stops paying). Every k of ``ks`` needs k
+    eigenvectors: the chain refuses more than ``eigenpairs`` computes."""
     ks = tuple(_positive_int("ks entries", k) for k in ks)
     if not 0 < float(saturation) <= 1:
         raise ValueError(f"`saturation` must be in (0, 1], got {saturation!r}")
@@ -48,14 +49,15 @@ def f_top_curve(ks: Sequence[int] = (10, 50), *, saturation: float = 0.95,
         c2 = np.asarray(_fractions(_flat(ctx["gradient"]), ctx[of].eigenvectors, 0)["c2"],
                         np.float64)
         curve = np.cumsum(c2)
-        out = dict(f_top_curve=curve, f_top_at={str(k): float(curve[k - 1]) for k in ks
-                                                if k <= curve.size})
+        out = dict(f_top_curve=curve, f_top_at={str(k): float(curve[k - 1]) for k in ks})
         out["k_saturation"] = int(np.argmax(curve >= saturation * curve[-1]) + 1)
         return out, state
 
     return Transform(name=name, update=update, requires=("gradient", of),
                      provides=("f_top_curve",),
-                     config=dict(ks=ks, saturation=saturation, of=of))
+                     config=dict(ks=ks, saturation=saturation, of=of),
+                     records=("f_top_curve", "f_top_at", "k_saturation"),
+                     needs={of: max(ks)} if ks else None)
 
 
 def block_spectra(blocks: Mapping[str, Any] | None = None, *, k: int = 4, tol: float = 1e-3,
@@ -115,7 +117,8 @@ def block_spectra(blocks: Mapping[str, Any] | None = None, *, k: int = 4, tol: f
 
     return Transform(name=name, update=update, provides=("block_spectra",),
                      config=dict(blocks=blocks, k=k, tol=tol, slq_probes=slq_probes,
-                                 slq_steps=slq_steps, steps=steps, curvature=curvature_name))
+                                 slq_steps=slq_steps, steps=steps, curvature=curvature_name),
+                     records=("block_spectra",))
 
 
 def find_adam_state(opt_state: PyTree) -> tuple[PyTree, Any]:
@@ -184,4 +187,6 @@ def adam_preconditioned(k: int = 10, *, b2: float = 0.999, eps: float = 1e-8,
         return out, state
 
     return Transform(name=name, update=update, provides=("adam_eigenvalues",),
-                     config=dict(k=k, b2=b2, eps=eps, tol=tol, extras_key=extras_key))
+                     config=dict(k=k, b2=b2, eps=eps, tol=tol, extras_key=extras_key),
+                     records=("adam_eigenvalues", "adam_residuals", "adam_all_converged",
+                              "adam_count", "adam_f_top", "adam_skipped"))

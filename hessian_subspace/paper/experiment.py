@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from hessian_subspace import analysis, curvature, sharding
 from hessian_subspace.analysis import presets
@@ -187,13 +188,25 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
     deadline = time.monotonic() + wait_seconds
     while True:
         steps = ckpt_lib.list_steps(ckpt_dir)
-        if steps:
-            meta = ckpt_lib.read_meta(ckpt_dir, steps[0])
+        errors = []
+        for step in steps:  # every checkpoint carries the config: the first readable one
+            try:
+                meta = ckpt_lib.read_meta(ckpt_dir, step)
+            except ckpt_lib.CheckpointError as e:
+                logging.warning("%s; reading the run's config from the next checkpoint", e)
+                errors.append(str(e))
+                continue
             if "config" not in meta:
                 raise ValueError(f"checkpoints in {ckpt_dir} carry no run config")
             return meta["config"], int(meta["num_outputs"])
+        if errors:
+            raise ckpt_lib.CheckpointError(
+                f"no checkpoint in {ckpt_dir} has a readable meta item (the run's config): "
+                f"{errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         if time.monotonic() >= deadline:
-            raise FileNotFoundError(f"no finalised checkpoint in {ckpt_dir}")
+            raise FileNotFoundError(f"no finalised checkpoint in {ckpt_dir}"
+                                    + ("" if os.path.isdir(ckpt_dir) else
+                                       " (the directory does not exist)"))
         time.sleep(poll_seconds)
 
 

@@ -15,8 +15,10 @@ it when complete), and readers open the directory read-only
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -79,6 +81,7 @@ class CheckpointWriter:
         """Starts saving the state at ``step`` (returns before the write finishes); ``meta``
         gains the step and the checksums of ``params`` and ``model_state``."""
         params, model_state = jax.device_get((params, model_state))
+        self._check_space(step, (params, model_state, opt_state))
         meta = dict(meta, step=int(step), checksum=dict(
             algorithm=CHECKSUM, params=checksum(params), model_state=checksum(model_state)))
         self._manager.save(int(step), args=ocp.args.Composite(**{
@@ -87,9 +90,30 @@ class CheckpointWriter:
             META: ocp.args.JsonSave(meta),
         }))
 
+    def _check_space(self, step: int, tree: PyTree) -> None:
+        """An ``OSError`` (ENOSPC) naming the directory when the disk cannot hold another
+        checkpoint, before orbax starts writing it in a background thread (whose failure would
+        surface as a cascade of tracebacks naming no file)."""
+        # Twice the arrays, and orbax's metadata files (~40 kB, more in 4 kB blocks).
+        need = 2 * sum(int(np.asarray(x).nbytes) for x in jax.tree_util.tree_leaves(tree)) \
+            + (256 << 10)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: {self.directory} has "
+                                        f"{free} bytes free, the checkpoint of step {step} "
+                                        f"needs about {need}")
+
     def wait(self) -> None:
-        """Blocks until every started save is finalised on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is finalised on disk.
+
+        Raises:
+          OSError: a save failed (a full disk), naming the checkpoint directory.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e}: cannot write a checkpoint in "
+                                   f"{self.directory}") from e
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -157,7 +181,17 @@ def read_meta(directory: str | os.PathLike, step: int) -> dict:
     try:
         if step not in manager.all_steps():
             raise CheckpointError(f"no finalised checkpoint for step {step} in {directory}")
-        out = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-        return dict(out[META] or {})
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(**{
+                META: ocp.args.JsonRestore()}))
+        except Exception as e:  # orbax and json raise many types for a corrupt file
+            path = os.path.join(os.path.abspath(os.fspath(directory)), str(step), META)
+            raise CheckpointError(f"cannot read {path} (the meta item of step {step}): "
+                                  f"{type(e).__name__}: {e}") from e
+        meta = out[META]
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"the meta item of step {step} in {directory} is not a JSON "
+                                  f"object: {type(meta).__name__}")
+        return meta
     finally:
         manager.close()
