@@ -64,7 +64,8 @@ def reference(smoke_run, tmp_path_factory):
     return analysis.read_results(results)
 
 
-@pytest.mark.parametrize("size", ["12k", "48k", "100k"])
+@pytest.mark.parametrize("size", ["12k", pytest.param("48k", marks=pytest.mark.slow),
+                                  pytest.param("100k", marks=pytest.mark.slow)])
 def test_a_full_disk_during_the_analysis_is_one_line_and_resumes(smoke_run, reference,
                                                                   tmp_path, size):
     disk = str(tmp_path / "disk")

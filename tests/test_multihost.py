@@ -172,6 +172,7 @@ def long_run_dir(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_a_lost_peer_ends_the_run_with_one_line_and_no_failure_record(long_run_dir, tmp_path):
     """kill -9 of process 1 in the middle of a 2-process analysis: process 0 names it, exits 1
     at once (no native abort 60 s later), and writes no failure record; restarted, the two
