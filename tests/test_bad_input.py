@@ -116,6 +116,10 @@ _MORE_CASES = [
      ValueError, "`loss_fn` cannot be evaluated on a batch of `data`"),
     ("analyzer, labels out of range", lambda: _process({"x": _X, "y": _Y + 1}),
      ValueError, "class indices in [0, 3)"),
+    ("analyzer, uint8 images", lambda: _analyzer({"x": np.zeros((12, 5), np.uint8), "y": _Y}),
+     TypeError, "`data['x']` holds uint8 values (raw image bytes?)"),
+    ("analyzer, uint8 test images", lambda: _analyzer({"x": _X, "y": _Y}, test_data={
+        "x": np.zeros((12, 5), np.uint8), "y": _Y}), TypeError, "`test_data['x']` holds uint8"),
     ("dataset_hvp, batch without y",
      lambda: hs.dataset_hvp(_loss, _PARAMS, {"x": _DATA["x"]}, batch_size=5), ValueError,
      "`loss_fn(params, batch)` fails on the batch"),
@@ -218,3 +222,20 @@ def test_the_metrics_still_take_bases_at_float32_rounding():
     assert 0.0 <= float(hs.gradient_fraction(g, q)) <= 1.0
     # Under jit nothing is checked (values are not known): documented, NaN for g = 0.
     assert np.isnan(float(jax.jit(hs.gradient_fraction)(jnp.zeros(50), q)))
+
+
+def test_the_analyzer_warns_on_float64_parameters_analysed_in_float32():
+    """The core functions warn that JAX would cast float64 to float32; the analyzer casts to
+    its `dtype` on purpose, and says so once (float64 analysis: dtype="float64")."""
+    import warnings
+
+    _, params = _classifier()
+    params64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    analyzer = _analyzer({"x": _X, "y": _Y}, progress=False)
+    with pytest.warns(UserWarning, match=r"`params` holds float64 arrays but the analysis runs "
+                                         r"in float32 \(Analyzer\(dtype='float32'\)\)"):
+        analyzer.process(0, params64, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analyzer.process(1, params64, {})  # once per analyzer
+        _analyzer({"x": _X, "y": _Y}, progress=False, dtype="float64").process(0, params64, {})

@@ -173,6 +173,23 @@ def test_nothing_to_analyse_is_an_error_naming_the_path(tmp_path):
     _no_traceback(out)
 
 
+def test_watching_an_empty_directory_says_what_it_waits_for(tmp_path, caplog):
+    ds = data.gaussian_mixture(num_classes=3, dim=4, num_examples=60, sigma=0.5, seed=0)
+
+    def loss_fn(p, b):
+        return -jnp.mean(jax.nn.log_softmax(b["x"] @ p["w"])[jnp.arange(60), b["y"]])
+
+    analyzer = analysis.Analyzer(analysis.gradient(), loss_fn, data={"x": ds["x"], "y": ds["y"]},
+                                 progress=False)
+    with caplog.at_level("INFO"):
+        with pytest.raises(TimeoutError, match="waiting for step 5"):
+            analyzer.run(analysis.orbax_checkpoints(str(tmp_path / "later")), watch=True,
+                         final_step=5, poll_seconds=0.1, timeout_seconds=1)
+    lines = [r.getMessage() for r in caplog.records if "watching" in r.getMessage()]
+    assert len(lines) == 1 and "waiting for step 5 (0 checkpoints seen)" in lines[0]
+    assert str(tmp_path / "later") in lines[0]
+
+
 def test_every_checkpoint_failing_is_one_error_listing_them(tmp_path):
     ds = data.gaussian_mixture(num_classes=3, dim=4, num_examples=60, sigma=0.5, seed=0)
     ds = {"x": ds["x"], "y": ds["y"]}

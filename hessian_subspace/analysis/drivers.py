@@ -97,7 +97,7 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
     failures: dict[int, str] = {}
     bar = tqdm(desc="analyse", unit="ckpt", disable=not analyzer.progress)
     seen: set[int] = set()
-    last_new = last_note = time.monotonic()
+    last_new, last_note = time.monotonic(), -float("inf")
     waiting = lambda: (f"steps {sorted(wanted - seen)}" if wanted is not None  # noqa: E731
                        else f"step {final_step}" if final_step is not None
                        else "the end of the run")
@@ -127,7 +127,7 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
                     f"no new checkpoint in {where} for {timeout_seconds:.0f} s while "
                     f"waiting for {waiting()}; {len(written)} checkpoints analysed by this "
                     "call (their records are stored)")
-            if now - last_note >= 60.0 or not seen:
+            if now - last_note >= 60.0:  # at the first wait, then every minute
                 logging.info("watching %s: waiting for %s (%d checkpoints seen)", where,
                              waiting(), len(seen))
                 last_note = now
