@@ -111,7 +111,10 @@ analyzer = analysis.Analyzer(pipe, loss_fn, data=train, batch_size=1000,
 # %% [markdown]
 # ## Your training loop, one extra line
 # `analyzer(step, params)` analyses the scheduled steps (every `every` steps here) and does
-# nothing at the others. Run the cell twice: finished steps are skipped, from the result files.
+# nothing at the others. Run the notebook again from the top and the finished steps are
+# reused from the result files (their fingerprints match the parameters); run only this cell
+# again and it trains on from where it stopped: the analyzer refuses those other parameters at
+# step 0 (`StaleResultsError`) instead of mixing two runs in one directory.
 
 # %%
 tx = optax.sgd(0.1)

@@ -252,3 +252,37 @@ def test_results_jsonl_is_appended_and_compacted_only_on_repair(tmp_path):
         f.write('{"step": 4, "sta')
     store_lib.ResultStore(str(tmp_path)).check()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_a_checkpoint_error_names_the_cause_not_a_wrapper():
+    """Errors of orbax and TensorStore wrap their cause; a wrapper whose text is a bound
+    method (or nothing) is skipped for the first informative line of the chain."""
+    from hessian_subspace.analysis import sources
+
+    class Handler:
+        def restore(self):
+            pass
+
+    try:
+        try:
+            raise OSError("DATA_LOSS: Error reading /x/4/model/d/abc: CRC-32C mismatch")
+        except OSError as cause:
+            raise ValueError(Handler().restore) from cause
+    except ValueError as e:
+        assert "bound method" in str(e)
+        assert sources._first_line(e) == ("DATA_LOSS: Error reading /x/4/model/d/abc: "
+                                          "CRC-32C mismatch")
+    assert sources._first_line(ValueError("x" * 400)).endswith(" ...")
+
+
+def test_results_jsonl_never_holds_a_step_twice_across_sessions(tmp_path):
+    store = store_lib.ResultStore(str(tmp_path))
+    for step in (0, 1, 2):
+        store.write_step(step, {"status": "ok" if step < 2 else "failed"}, {})
+    again = store_lib.ResultStore(str(tmp_path))  # a new session retries the failed last step
+    again.check()
+    again.write_step(2, {"status": "ok"}, {})
+    again.write_step(3, {"status": "ok"}, {})
+    lines = [json.loads(line) for line in (tmp_path / store_lib.JSONL).read_text().splitlines()]
+    assert [(r["step"], r["status"]) for r in lines] == [(0, "ok"), (1, "ok"), (2, "ok"),
+                                                         (3, "ok")]

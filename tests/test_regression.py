@@ -56,8 +56,9 @@ class _Tolerances:
       eigenvector's layer mass, mini-batch f_top): within the sum of both records' own error
       bars (Davis-Kahan, from the residuals) plus 1000 u; where a record has no error bar (the
       last computed pair has no known gap), 1e-3 in float32 and 1e-9 in float64;
-    - plain arithmetic on g and H g (loss, accuracy, gradient norm, overlap(g, Hg)): rtol
-      1000 u;
+    - plain arithmetic on g and H g (loss, gradient norm, overlap(g, Hg)): rtol 1000 u;
+      accuracies, counts over n examples (summed in float32 by the model's metrics even in a
+      float64 analysis): within a quarter of 1/n;
     - Krylov matvec counts: within 10 % (a convergence check may land one block later); flags,
       strings and layer slices: equal.
     """
@@ -139,6 +140,9 @@ def _compare(new, old, path, tol: _Tolerances):
     elif "top_eigenvector_layer_mass" in path:
         bar = (tol.vector_bars(tol.res) + tol.vector_bars(tol.old_res))[0]
         tol.within(new, old, 2 * np.sqrt(2) * bar + 1000 * tol.u, path)
+    elif key.endswith("accuracy"):  # a count over n examples, whatever dtype summed it
+        n = tol.new["hessian"]["num_examples"]
+        tol.within(new, old, 0.25 / n, path)
     elif key in ("lanczos_hvps", "hvps", "ggn_lanczos_hvps"):
         assert abs(new - old) <= max(2, 0.1 * old), (path, new, old)
     elif isinstance(old, (bool, str)) or key in ("layer_slices", "converged", "block", "step") \

@@ -304,6 +304,7 @@ class ResultStore(_Records):
     def _sync_jsonl(self) -> None:
         """Rewrites ``results.jsonl`` (atomically) if it is not the records in step order."""
         self._jsonl_stale = False
+        self._jsonl_steps = set(self.index)
         if not self.writer:
             return
         path = os.path.join(self.directory, JSONL)
@@ -321,13 +322,13 @@ class ResultStore(_Records):
         replaced, one before the last) compacts the file instead."""
         if not self.writer:
             return
-        later = [s for s in self.index if s >= step and s != step]
         path = os.path.join(self.directory, JSONL)
-        if later or self._jsonl_stale or step in self._jsonl_steps or not os.path.exists(path):
+        if (self._jsonl_stale or step in self._jsonl_steps or not os.path.exists(path)
+                or any(s > step for s in self.index)):
             self._sync_jsonl()
         else:
             _io.append_line(path, json.dumps(record))
-        self._jsonl_steps.add(int(step))
+            self._jsonl_steps.add(int(step))
 
     # ---- writing ---------------------------------------------------------------------------
 
