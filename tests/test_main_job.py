@@ -26,7 +26,7 @@ def test_launch_main_quick_writes_figures_and_a_summary(tmp_path):
     (results,) = [str(p) for p in (out / "runs").glob("*/analysis-*")]
     values = [(r["step"], r["f_top"]) for r in analysis.read_results(results)
               if r["status"] == "ok"]
-    for (a, x), (b, y) in zip(values, values[1:]):
+    for (a, x), (b, y) in zip(values[:-1], values[1:], strict=True):
         assert abs(y - x) <= 0.2 or b - a == 1, (a, x, b, y)
 
 

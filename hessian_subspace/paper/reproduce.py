@@ -284,7 +284,7 @@ def refine_checkpoints(train_config: ConfigDict, workdir: str, results: str, *,
     for _ in range(max_rounds):
         values = [(r["step"], r[key]) for r in summaries.ok_records(
             analysis.read_results(results)) if isinstance(r.get(key), (int, float))]
-        mids = sorted({(a + b) // 2 for (a, x), (b, y) in zip(values, values[1:])
+        mids = sorted({(a + b) // 2 for (a, x), (b, y) in zip(values[:-1], values[1:], strict=True)
                        if b - a > 1 and abs(y - x) > threshold})
         if not mids:
             break
