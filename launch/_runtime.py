@@ -127,7 +127,14 @@ class _Rendezvous:
         if me == 0:
             server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            server.bind(("", port))
+            try:
+                server.bind(("", port))
+            except OSError as e:
+                server.close()
+                raise RuntimeError(
+                    f"process 0 cannot listen on the rendezvous port {port} (the port of "
+                    f"--coordinator_address={FLAGS.coordinator_address} + 1): {e}; choose "
+                    "another coordinator port") from None
             server.listen(n)
             try:
                 while len(self.sockets) < n - 1:
