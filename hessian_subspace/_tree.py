@@ -152,14 +152,31 @@ def flat_matvec(matvec: Callable[[PyTree], PyTree], like: PyTree, dtype) -> tupl
 # Argument checks and scopes shared by the solvers (run before any tracing).
 
 
-def check_int(name: str, value, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]``, or a `ValueError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"`{name}` must be an int, got {value!r}.")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"`{name}` must be {bound}, got {value}.")
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]`` (either bound optional), or a `ValueError` naming
+    ``name``: the one integer check of the package (bools and floats are not ints)."""
+    if low is None and high is None:
+        bound = ""
+    elif high is None:
+        bound = f" >= {low}"
+    elif low is None:
+        bound = f" <= {high}"
+    else:
+        bound = f" in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+            low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"`{name}` must be an int{bound}, got {value!r}.")
     return int(value)
+
+
+def check_steps(name: str, steps) -> tuple[int, ...]:
+    """Checkpoint steps (an int or a sequence of ints >= 0) as a tuple in the order given, or a
+    `ValueError`/`TypeError` naming ``name``."""
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+        steps = (steps,)
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        raise TypeError(f"`{name}` must be a step or a sequence of steps, got {steps!r}.")
+    return tuple(check_int(f"{name} entries", s, 0) for s in steps)
 
 
 def resolve_dtype(dtype, like: PyTree):

@@ -47,7 +47,7 @@ class RestrictedOperator:
     def __call__(self, v: PyTree) -> PyTree:
         return apply_operator(self, v)
 
-    def _matvec(self, v: PyTree) -> PyTree:
+    def matvec(self, v: PyTree) -> PyTree:
         return self.select(self.operator(self.embed(v)))
 
     def prepared(self):

@@ -10,7 +10,7 @@ where batch :math:`j` holds :math:`n_j` examples and :math:`L_j` is its mean los
 last batch is weighted exactly. The Hessian is never formed (Pearlmutter 1994).
 
 The same weighting gives the generalised Gauss-Newton matrix :math:`G`
-(:mod:`hessian_subspace.gauss_newton`, on the :class:`_DatasetOperator` base defined here), and
+(:mod:`hessian_subspace.gauss_newton`, on the :class:`DatasetOperator` base defined here), and
 :func:`hessian_subspace.restrict` turns either operator into its diagonal block on a subset of
 the parameter leaves (one layer, say). All of them are pytrees with ``dim``, ``like`` and
 ``describe()``, so the eigensolvers, spectra and metrics take any of them. For one checkpoint
@@ -44,7 +44,7 @@ LossFn = Callable[..., jax.Array]
 _PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
-def _check_precision(precision):
+def check_precision(precision):
     if isinstance(precision, jax.lax.Precision):
         return str(precision).split(".")[-1].lower()
     if precision not in _PRECISIONS:
@@ -55,7 +55,7 @@ def _check_precision(precision):
     return precision
 
 
-def _matmul_precision(precision):
+def matmul_precision(precision):
     """Scoped matmul precision for tracing (a no-op context for None)."""
     if precision is None:
         return _NullContext()
@@ -97,12 +97,12 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, *args: Any, precision: str |
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
-    precision = _check_precision(precision)
-    _check_like("v", v, params)
+    precision = check_precision(precision)
+    check_like("v", v, params)
     _tree.check_finite("params", params)
     _tree.warn_float64_dropped("params", params)
     _check_scalar_loss(loss_fn, params, *args)
-    with _matmul_precision(precision):
+    with matmul_precision(precision):
         return jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
 
 
@@ -125,7 +125,7 @@ def _check_scalar_loss(loss_fn, params, *args) -> None:
                          f"the batch), got {shape}.")
 
 
-def _check_like(name: str, tree: PyTree, like: PyTree) -> None:
+def check_like(name: str, tree: PyTree, like: PyTree) -> None:
     t1, t2 = jax.tree_util.tree_structure(tree), jax.tree_util.tree_structure(like)
     if t1 != t2:
         raise ValueError(f"`{name}` must have the pytree structure of `params`: {t1} vs {t2}.")
@@ -222,11 +222,7 @@ def _strided(data: PyTree, batch_size: int) -> layout.BatchedData:
 
 
 def _validate_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    return int(batch_size)
+    return _tree.check_int("batch_size", batch_size, 1)
 
 
 def as_loss_pytree(loss_fn: LossFn) -> jax.tree_util.Partial:
@@ -270,7 +266,7 @@ def _call_with_state(fn, state, params, *args):
     return fn(params, *args, state)
 
 
-class _DatasetOperator:
+class DatasetOperator:
     """What the curvature operators of a mean loss over a fixed data set have in common.
 
     A subclass is a frozen dataclass registered as a pytree, with leaves ``params``, ``data`` and
@@ -285,8 +281,8 @@ class _DatasetOperator:
     def __call__(self, v: PyTree) -> PyTree:
         return apply_operator(self, v)
 
-    def _matvec(self, v: PyTree) -> PyTree:
-        with _matmul_precision(self.precision):
+    def matvec(self, v: PyTree) -> PyTree:
+        with matmul_precision(self.precision):
             out = dataset_mean(lambda batch: self._batch_product(v, batch), self.data,
                                batch_size=self.batch_size, unroll=self.unroll)
         if self.param_shardings is not None:  # H v is laid out like the parameters.
@@ -362,9 +358,10 @@ def apply_operator(op, v: PyTree) -> PyTree:
     """``op(v)`` for the pytree operators of this package (:class:`HessianOperator`,
     :class:`GGNOperator`, :class:`hessian_subspace.blocks.RestrictedOperator`): one compiled
     program per operator type and shape, whatever the parameter values (the operator's arrays
-    are inputs, its static fields part of the cache key). ``op(v)`` calls it; its
-    ``.lower(op, v)`` shows the compiled product."""
-    return op._matvec(v)
+    are inputs, its static fields part of the cache key). ``op(v)`` calls it, and
+    ``op.matvec(v)`` is the same product traced inline (what ``jax.linearize`` and an
+    enclosing jit see); ``.lower(op, v)`` shows the compiled product."""
+    return op.matvec(v)
 
 
 @functools.partial(
@@ -373,7 +370,7 @@ def apply_operator(op, v: PyTree) -> PyTree:
     meta_fields=["batch_size", "precision", "param_shardings", "cache", "unroll"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
-class HessianOperator(_DatasetOperator):
+class HessianOperator(DatasetOperator):
     r"""The linear map :math:`v \mapsto Hv` of the mean loss over a fixed data set.
 
     A pytree: ``params``, ``data`` and the arrays bound in ``loss_fn`` (a
@@ -444,18 +441,18 @@ def dataset_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, *,
       >>> op(jnp.array([3.0, 0.0, 0.0]))  # H = X^T X / n = I / 3
       Array([1., 0., 0.], dtype=float32)
     """
-    batch_size, precision = _check_operator_args(params, data, batch_size, precision)
+    batch_size, precision = check_operator_args(params, data, batch_size, precision)
     _tree.warn_float64_dropped("params", params)
     op = HessianOperator(params=params, data=data, loss_fn=as_loss_pytree(loss_fn),
                          batch_size=batch_size, precision=precision,
-                         param_shardings=_param_shardings(params))
+                         param_shardings=param_shardings(params))
     first = (data.first_batch() if isinstance(data, layout.BatchedData)
              else jax.tree_util.tree_map(lambda x: x[:batch_size], data))
     _check_scalar_loss(op.loss_fn, params, first)
     return with_cache(op, cache, cache_budget)
 
 
-def _param_shardings(params: PyTree) -> tuple | None:
+def param_shardings(params: PyTree) -> tuple | None:
     """The leaves' shardings when the parameters are spread over a mesh of several devices
     (None otherwise: nothing to keep)."""
     shardings = [getattr(x, "sharding", None) for x in jax.tree_util.tree_leaves(params)]
@@ -466,12 +463,12 @@ def _param_shardings(params: PyTree) -> tuple | None:
     return tuple(shardings)
 
 
-def _check_operator_args(params, data, batch_size, precision):
+def check_operator_args(params, data, batch_size, precision):
     """Validates what every data-set operator takes; returns (batch_size, precision)."""
     if isinstance(data, layout.BatchedData) and batch_size is None:
         batch_size = data.batch_size
     batch_size = _validate_batch_size(batch_size)
-    precision = _check_precision(precision)
+    precision = check_precision(precision)
     _tree.check_floating("params", params)
     _tree.check_finite("params", params)
     _num_examples(data)

@@ -22,12 +22,12 @@ import jax
 
 from hessian_subspace import _tree
 from hessian_subspace.curvature import (
-    _check_like,
-    _check_operator_args,
-    _check_precision,
-    _DatasetOperator,
-    _matmul_precision,
-    _param_shardings,
+    check_like,
+    check_operator_args,
+    check_precision,
+    DatasetOperator,
+    matmul_precision,
+    param_shardings,
     as_loss_pytree,
 )
 from hessian_subspace.linearization import with_cache
@@ -91,10 +91,10 @@ def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTr
       Neural Computation 14 (2002).
       Martens, "New insights and perspectives on the natural gradient method", JMLR 21 (2020).
     """
-    precision = _check_precision(precision)
-    _check_like("v", v, params)
+    precision = check_precision(precision)
+    check_like("v", v, params)
     _tree.check_finite("params", params)
-    with _matmul_precision(precision):
+    with matmul_precision(precision):
         return _ggn_product(output_fn, output_loss, params, v, batch)
 
 
@@ -104,7 +104,7 @@ def ggn_vp(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, v: PyTr
     meta_fields=["batch_size", "precision", "param_shardings", "cache", "unroll"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
-class GGNOperator(_DatasetOperator):
+class GGNOperator(DatasetOperator):
     r"""The linear map :math:`v \mapsto Gv` of the Gauss-Newton matrix of the mean loss over a
     fixed data set (see :func:`ggn_vp`). A pytree like :class:`HessianOperator`, with the same
     methods; ``describe()`` reports ``curvature="ggn"``. Build it with :func:`dataset_ggn`."""
@@ -156,8 +156,8 @@ def dataset_ggn(output_fn: OutputFn, output_loss: OutputLoss, params: PyTree, da
       >>> op(jnp.array([3.0, 0.0, 0.0]))  # G = H = X^T X / n = I / 3
       Array([1., 0., 0.], dtype=float32)
     """
-    batch_size, precision = _check_operator_args(params, data, batch_size, precision)
+    batch_size, precision = check_operator_args(params, data, batch_size, precision)
     op = GGNOperator(params=params, data=data, output_fn=as_loss_pytree(output_fn),
                      output_loss=as_loss_pytree(output_loss), batch_size=batch_size,
-                     precision=precision, param_shardings=_param_shardings(params))
+                     precision=precision, param_shardings=param_shardings(params))
     return with_cache(op, cache, cache_budget)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hessian_subspace import sharding as sharding_lib
+from hessian_subspace import _tree, sharding as sharding_lib
 
 PyTree = Any
 
@@ -141,9 +141,7 @@ def batch_data(data: PyTree | Callable[[int, int], PyTree], *, batch_size: int,
       >>> batched.grid["x"].shape, batched.rest["x"].tolist()
       ((4, 2), [8.0, 9.0])
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    batch_size = _tree.check_int("batch_size", batch_size, 1)
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     d = sharding_lib.data_parallel_size(mesh, axes)
     if callable(data):

@@ -2,7 +2,7 @@ r"""The cached linearisation of a curvature operator.
 
 For one checkpoint a data-set operator (:class:`hessian_subspace.HessianOperator`,
 :class:`hessian_subspace.GGNOperator`, and wrappers of them) is fixed, and its product is linear
-in v, so ``jax.linearize(op._matvec, 0)`` splits it into what does not depend on v — the
+in v, so ``jax.linearize(op.matvec, 0)`` splits it into what does not depend on v — the
 forward and backward passes of the gradient over every batch, computed once and stored as the
 residuals of a ``Partial`` — and the operations on v, applied at every solver step
 (:func:`linearize`, :class:`LinearizedOperator`). :func:`linearization_bytes` reads the memory
@@ -84,7 +84,7 @@ class LinearizedOperator:
 
 def _linear_map(op) -> jax.tree_util.Partial:
     zeros = jax.tree_util.tree_map(jnp.zeros_like, op.like)
-    return jax.linearize(op._matvec, zeros)[1]
+    return jax.linearize(op.matvec, zeros)[1]
 
 
 def linearize(op) -> LinearizedOperator:
@@ -101,7 +101,7 @@ def linearize(op) -> LinearizedOperator:
 
     Args:
       op: a :class:`HessianOperator` or :class:`GGNOperator` (or any operator with ``like``
-        and a ``_matvec`` that is linear in its argument).
+        and a ``matvec`` that is linear in its argument).
 
     Returns:
       A :class:`LinearizedOperator`.

@@ -44,7 +44,7 @@ class PreconditionedOperator:
     def __call__(self, v: PyTree) -> PyTree:
         return apply_operator(self, v)
 
-    def _matvec(self, v: PyTree) -> PyTree:
+    def matvec(self, v: PyTree) -> PyTree:
         scaled = jax.tree_util.tree_map(lambda s, x: s.astype(x.dtype) * x, self.scale, v)
         out = self.operator(scaled)
         return jax.tree_util.tree_map(lambda s, x: s.astype(x.dtype) * x, self.scale, out)

@@ -272,8 +272,8 @@ def test_every_builtin_matches_a_dense_float64_computation(tmp_path):
 def test_spectra_builtins_against_dense_float64(tmp_path):
     model, ds, params, state = _tiny_problem()
     p = hs.metrics.leaf_slices(params)[-1][2]  # 53 parameters
-    pipe = analysis.chain(analysis.slq(steps=(3,), num_probes=4, num_steps=p),
-                          analysis.dense_spectrum(steps=(3,)))
+    pipe = analysis.chain(analysis.at_steps(analysis.slq(num_probes=4, num_steps=p), (3,)),
+                          analysis.at_steps(analysis.dense_spectrum(), 3))
     analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
                                  results_dir=str(tmp_path), dtype="float64", progress=False)
     assert "slq" not in analyzer.process(2, params, state)  # not a step of theirs
@@ -354,7 +354,7 @@ def test_invalid_settings_are_refused_before_anything_is_written(tmp_path):
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
             analysis.Analyzer(pipe, loss, **args)
-    with pytest.raises(ValueError, match="`k` must be a positive int"):
+    with pytest.raises(ValueError, match="`k` must be an int >= 1"):
         presets.Settings(k=-3)
     with pytest.raises(ValueError, match="unknown transforms"):
         presets.Settings(transforms=("loss", "nope"))

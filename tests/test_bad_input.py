@@ -167,10 +167,10 @@ _MORE_CASES = [
     ("model config, unknown initialiser",
      lambda: __import__("hessian_subspace.paper.models", fromlist=["x"]).build_model(
          "fc", num_outputs=3, initializer="xavier"), ValueError, "`initializer` must be one of"),
-    ("settings, k = 0", lambda: _settings(k=0), ValueError, "`k` must be a positive int"),
+    ("settings, k = 0", lambda: _settings(k=0), ValueError, "`k` must be an int >= 1"),
     ("settings, k = -3 says -3", lambda: _settings(k=-3), ValueError, "got -3"),
     ("settings, lanczos_steps = 0", lambda: _settings(lanczos_steps=0), ValueError,
-     "`lanczos_steps` must be a positive int"),
+     "`lanczos_steps` must be an int >= 1"),
 ]
 
 

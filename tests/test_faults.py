@@ -257,7 +257,7 @@ def test_results_jsonl_is_appended_and_compacted_only_on_repair(tmp_path):
 def test_a_checkpoint_error_names_the_cause_not_a_wrapper():
     """Errors of orbax and TensorStore wrap their cause; a wrapper whose text is a bound
     method (or nothing) is skipped for the first informative line of the chain."""
-    from hessian_subspace.analysis import sources
+    from hessian_subspace import checkpoints
 
     class Handler:
         def restore(self):
@@ -270,9 +270,9 @@ def test_a_checkpoint_error_names_the_cause_not_a_wrapper():
             raise ValueError(Handler().restore) from cause
     except ValueError as e:
         assert "bound method" in str(e)
-        assert sources._first_line(e) == ("DATA_LOSS: Error reading /x/4/model/d/abc: "
+        assert checkpoints.first_line(e) == ("DATA_LOSS: Error reading /x/4/model/d/abc: "
                                           "CRC-32C mismatch")
-    assert sources._first_line(ValueError("x" * 400)).endswith(" ...")
+    assert checkpoints.first_line(ValueError("x" * 400)).endswith(" ...")
 
 
 def test_results_jsonl_never_holds_a_step_twice_across_sessions(tmp_path):

@@ -19,7 +19,8 @@ from flax.training import train_state
 
 from hessian_subspace import analysis
 from hessian_subspace.paper import data, experiment
-from hessian_subspace.training import checkpoint, tasks
+from hessian_subspace import checkpoints as checkpoint
+from hessian_subspace.training import tasks
 
 from _helpers import Process
 

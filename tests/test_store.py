@@ -35,7 +35,7 @@ def _chain():
     return analysis.chain(analysis.gradient(), analysis.eigenpairs(k=4),
                           analysis.f_top(k=2, num_minibatches=0),
                           analysis.subspace_overlap(k=2, reference_steps=(0,)),
-                          analysis.slq(steps=(6,), num_probes=2, num_steps=8))
+                          analysis.at_steps(analysis.slq(num_probes=2, num_steps=8), (6,)))
 
 
 def _analyzer(directory, ds, loss_fn, **kwargs):

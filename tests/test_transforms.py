@@ -3,6 +3,7 @@ declared record keys, how many vectors a transform uses against how many its pro
 computes), that every built-in writes exactly the record keys it declares, and that the
 README's table of record keys says the same."""
 
+import json
 import os
 import re
 
@@ -128,7 +129,7 @@ def test_chain_refuses_more_vectors_than_eigenpairs_computes():
                               needs={"eigenpairs": 8})
     with pytest.raises(ValueError, match="'f_top8' uses 8 vectors"):
         analysis.chain(analysis.gradient(), five, mine)
-    with pytest.raises(ValueError, match="`needs` maps entry names to ints >= 1"):
+    with pytest.raises(ValueError, match=r"`needs\[.eigenpairs.\]` must be an int >= 1"):
         analysis.transform("x", lambda ctx: 0.0, needs={"eigenpairs": 0})
 
 
@@ -184,3 +185,54 @@ def test_a_non_finite_output_fails_the_record_and_an_infinite_bound_does_not(tmp
     bound = analysis.transform("bound", lambda ctx: {"top_bound": np.inf, "n": 1.0})
     record = analysis.Analyzer(bound, loss_fn, data=ds, progress=False).process(0, params)
     assert record["status"] == "ok" and record["top_bound"] is None  # no bound: null
+
+
+def test_at_steps_and_every_run_a_transform_at_chosen_checkpoints(tmp_path):
+    """The one step filter: a gated transform outputs nothing at other checkpoints and keeps
+    its state across them (a stateful counter counts only the steps it ran at); the gate is
+    part of the settings (``run_at`` in pipeline.json)."""
+    ds, params, loss_fn, _, _ = _problem()
+
+    def counter(ctx, state):
+        return {"runs": state + 1, "at": ctx.step}, state + 1
+
+    def make(name):
+        return analysis.transform(name, counter, init=lambda ctx: 0, records=("runs", "at"))
+
+    for gated, chosen in ((analysis.at_steps(make("c"), [4, 1]), {1, 4}),
+                          (analysis.at_steps(make("c"), 3), {3}),
+                          (analysis.every(make("c"), 2), {0, 2, 4}),
+                          (analysis.every(make("c"), 3, offset=1), {1, 4})):
+        results = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        analyzer = analysis.Analyzer(analysis.chain(gated), loss_fn, data=ds,
+                                     results_dir=str(results), progress=False)
+        records = analyzer.run(analysis.in_memory({s: params for s in range(6)}))
+        ran = {r["step"]: r["runs"] for r in records if "runs" in r}
+        assert set(ran) == chosen
+        assert [ran[s] for s in sorted(ran)] == list(range(1, len(chosen) + 1))
+        assert all(r["status"] == "ok" for r in records)
+        with open(results / "pipeline.json") as f:
+            described = json.load(f)["transforms"][0]["config"]["run_at"]
+        assert described == gated.config["run_at"]
+    # A gated transform keeps its declarations, so chain() still checks them.
+    slq = analysis.at_steps(analysis.slq(num_probes=2, num_steps=8), (0,))
+    assert slq.records == ("slq",) and slq.name == "slq"
+
+
+def test_at_steps_and_every_refuse_bad_arguments():
+    t = analysis.gradient()
+    for bad, error, match in (((-1,), ValueError, "`steps entries` must be an int >= 0"),
+                              ((1.5,), ValueError, "`steps entries`"),
+                              ("10", TypeError, "`steps` must be a step or a sequence")):
+        with pytest.raises(error, match=match):
+            analysis.at_steps(t, bad)
+    with pytest.raises(ValueError, match="`n` must be an int >= 1"):
+        analysis.every(t, 0)
+    with pytest.raises(ValueError, match=r"`offset` must be an int in \[0, 2\]"):
+        analysis.every(t, 3, offset=3)
+    with pytest.raises(ValueError, match="gated already"):
+        analysis.every(analysis.at_steps(t, 3), 2)
+    with pytest.raises(TypeError, match="gate each transform of a chain"):
+        analysis.at_steps(analysis.chain(t), 3)
+    with pytest.raises(TypeError, match="expected a Transform"):
+        analysis.every(lambda ctx: 0, 2)

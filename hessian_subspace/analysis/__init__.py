@@ -69,8 +69,10 @@ from hessian_subspace.analysis.store import StaleResultsError as StaleResultsErr
 from hessian_subspace.analysis.store import read_results as read_results
 from hessian_subspace.analysis.transforms import Chain as Chain
 from hessian_subspace.analysis.transforms import Stored as Stored
+from hessian_subspace.analysis.transforms import at_steps as at_steps
 from hessian_subspace.analysis.transforms import Transform as Transform
 from hessian_subspace.analysis.transforms import chain as chain
+from hessian_subspace.analysis.transforms import every as every
 from hessian_subspace.analysis.transforms import transform as transform
 from hessian_subspace.analysis.views import adam_preconditioned as adam_preconditioned
 from hessian_subspace.analysis.views import block_spectra as block_spectra

@@ -46,21 +46,6 @@ PyTree = Any
 BASIS_ROUNDING = 5 * 2.0**-24
 
 
-def _positive_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _steps(name: str, steps) -> tuple[int, ...] | None:
-    if steps is None:
-        return None
-    steps = (steps,) if isinstance(steps, (int, np.integer)) else tuple(steps)
-    for s in steps:
-        _positive_int(f"{name} entries", s, 0)
-    return tuple(int(s) for s in steps)
-
-
 def _flat(tree: PyTree) -> jax.Array:
     return flatten_util.ravel_pytree(tree)[0]
 
@@ -218,17 +203,17 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
         case the basis is capped to fit it (recorded as ``max_basis``).
       name: the transform's name and context entry (other names store in ``NAME_bases/``).
     """
-    k = _positive_int("k", k)
+    k = _tree.check_int("k", k, 1)
     if not float(tol) > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}")
-    block_size = _positive_int("block_size", block_size)
-    tracker_blocks = _positive_int("tracker_blocks", tracker_blocks)
+    block_size = _tree.check_int("block_size", block_size, 1)
+    tracker_blocks = _tree.check_int("tracker_blocks", tracker_blocks, 1)
     if num_steps is not None:
-        num_steps = _positive_int("num_steps", num_steps)
+        num_steps = _tree.check_int("num_steps", num_steps, 1)
     if tracker and not warm_start:
         raise ValueError("`tracker` needs `warm_start`")
     if max_basis is not None:
-        max_basis = _positive_int("max_basis", max_basis, k + 2)
+        max_basis = _tree.check_int("max_basis", max_basis, k + 2)
     folder = bases_folder(name)
 
     def init(ctx):
@@ -339,8 +324,9 @@ def _key(name: str, field: str) -> str:
 
 
 @jax.jit
-def _fractions(g: jax.Array, eigenvectors: jax.Array, k: int | jax.Array) -> dict:
-    """f_top over V[:k], f_next over V[k:] and all c_i² (eq. 2, 12) for a flat gradient."""
+def gradient_fractions(g: jax.Array, eigenvectors: jax.Array, k: int | jax.Array) -> dict:
+    """f_top over V[:k], f_next over V[k:] and all c_i² (eq. 2, 12) for a flat gradient ``g``
+    and orthonormal rows ``eigenvectors``, in one compiled program."""
     c2 = metrics.eigenvector_overlaps(g, eigenvectors)
     idx = jnp.arange(eigenvectors.shape[0])
     return dict(f_top=jnp.sum(jnp.where(idx < k, c2, 0.0)),
@@ -393,16 +379,16 @@ def f_top(k: int, *, num_minibatches: int = 4, minibatch_size: int = 64,
       of: the eigenpairs entry to use.
       name: the transform's name.
     """
-    k = _positive_int("k", k)
-    num_minibatches = _positive_int("num_minibatches", num_minibatches, 0)
-    minibatch_size = _positive_int("minibatch_size", minibatch_size)
+    k = _tree.check_int("k", k, 1)
+    num_minibatches = _tree.check_int("num_minibatches", num_minibatches, 0)
+    minibatch_size = _tree.check_int("minibatch_size", minibatch_size, 1)
 
     def update(ctx, state):
         eig = ctx[of]
         g = _flat(ctx["gradient"])
         _nonzero_gradient(g, "f_top = |P g|²/|g|²")
         vectors = eig.eigenvectors[:2 * k]
-        fr = _fractions(g, vectors, k)
+        fr = gradient_fractions(g, vectors, k)
         # f_next is the fraction in eigenvectors k+1 .. 2k: recorded only when all k are there.
         out = dict(f_top=float(fr["f_top"]), f_next=float(fr["f_next"]) if len(vectors) == 2 * k
                    else None)
@@ -431,14 +417,14 @@ def c2(num: int | None = None, *, of: str = "eigenpairs", name: str = "c2") -> T
     """c_i² = (v_i·g)²/‖g‖² (eq. 12) for the first ``num`` eigenvectors (default: all),
     recorded as ``c2`` (Fig. 11)."""
     if num is not None:
-        num = _positive_int("num", num)
+        num = _tree.check_int("num", num, 1)
 
     def update(ctx, state):
         vectors = ctx[of].eigenvectors
         vectors = vectors if num is None else vectors[:num]
         g = _flat(ctx["gradient"])
         _nonzero_gradient(g, "c_i² = (v_i·g)²/|g|²")
-        return {"c2": np.asarray(_fractions(g, vectors, 0)["c2"])}, state
+        return {"c2": np.asarray(gradient_fractions(g, vectors, 0)["c2"])}, state
 
     return Transform(name=name, update=update, requires=("gradient", of), provides=("c2",),
                      config=dict(num=num, of=of), records=("c2",),
@@ -535,10 +521,11 @@ def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100
       of: the eigenpairs entry (its stored bases).
       name: the transform's name.
     """
-    k = _positive_int("k", k)
-    reference_steps = _steps("reference_steps", reference_steps)
+    k = _tree.check_int("k", k, 1)
+    if reference_steps is not None:
+        reference_steps = _tree.check_steps("reference_steps", reference_steps)
     dims = tuple(range(1, k + 1)) if dims is None else tuple(
-        _positive_int("dims entries", d) for d in dims)
+        _tree.check_int("dims entries", d, 1) for d in dims)
     if not dims:
         raise ValueError("`dims` must name at least one subspace dimension")
     folder = bases_folder(of)
@@ -597,7 +584,7 @@ def ggn(k: int, *, output_fn: Callable | None = None, output_loss: Callable | No
       of: the Hessian eigenpairs entry.
       name: the transform's name.
     """
-    k = _positive_int("k", k)
+    k = _tree.check_int("k", k, 1)
     if (output_fn is None) != (output_loss is None):
         raise ValueError("give both `output_fn` and `output_loss`, or neither")
     for label, fn in (("output_fn", output_fn), ("output_loss", output_loss)):
@@ -620,7 +607,7 @@ def ggn(k: int, *, output_fn: Callable | None = None, output_loss: Callable | No
                    ggn_hessian_overlap=float(metrics.subspace_overlap(eig.eigenvectors[:k],
                                                                       geig.eigenvectors[:k])))
         if "gradient" in ctx:
-            fr = _fractions(_flat(ctx["gradient"]), geig.eigenvectors, k)
+            fr = gradient_fractions(_flat(ctx["gradient"]), geig.eigenvectors, k)
             bounds = fraction_bounds(error_bounds(geig.residuals, geig.eigenvalues), k)
             out.update(f_top_ggn=float(fr["f_top"]), f_top_ggn_bound=bounds["f_top_bound"])
         return out, state

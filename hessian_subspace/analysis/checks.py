@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from hessian_subspace import _tree
 from hessian_subspace.analysis import context as context_lib
 
 PyTree = Any
@@ -17,9 +18,7 @@ PyTree = Any
 
 def check_step(step) -> int:
     """``step`` as an int >= 0, or a ``ValueError`` naming it."""
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
-    return int(step)
+    return _tree.check_int("step", step, 0)
 
 
 def check_block(block) -> tuple[str, ...] | None:

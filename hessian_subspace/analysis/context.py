@@ -76,8 +76,14 @@ class Context(Mapping):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _add(self, outputs: dict[str, Any]) -> None:
+    def add(self, outputs: Mapping[str, Any]) -> None:
+        """Adds a transform's outputs (the runner calls it after each transform)."""
         self._entries.update(outputs)
+
+    def hold_stored(self, folder: str, arrays: dict) -> None:
+        """This checkpoint's arrays of ``folder``, before they are written: what
+        :meth:`stored` returns for this step (the runner calls it)."""
+        self._pending[folder] = arrays
 
     # ---- services --------------------------------------------------------------------------
 

@@ -12,9 +12,10 @@ import dataclasses
 import json
 from typing import Any, Callable
 
+from hessian_subspace import _tree
 from hessian_subspace.analysis import builtins as b
 from hessian_subspace.analysis import spectra, views
-from hessian_subspace.analysis.transforms import Chain, chain
+from hessian_subspace.analysis.transforms import Chain, Transform, at_steps, chain
 
 TRANSFORMS = (
     "loss",  # full-data loss and accuracy (train; test too if a test set is given)
@@ -89,14 +90,9 @@ class Settings:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if unknown:
             raise ValueError(f"unknown transforms {unknown}; choose from {TRANSFORMS}")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int)
-                                   or self.k < 1):
-            raise ValueError(f"`k` must be a positive int or None, got {self.k!r}")
-        if self.lanczos_steps is not None and (
-                isinstance(self.lanczos_steps, bool) or not isinstance(self.lanczos_steps, int)
-                or self.lanczos_steps < 1):
-            raise ValueError(f"`lanczos_steps` must be a positive int or None, got "
-                             f"{self.lanczos_steps!r}")
+        for name in ("k", "lanczos_steps"):
+            if getattr(self, name) is not None:
+                _tree.check_int(name, getattr(self, name), 1)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64', got {self.dtype!r}")
         if self.curvature not in ("hessian", "ggn"):
@@ -155,21 +151,26 @@ def paper_chain(settings: Settings, *, k: int, metrics_fn: Callable | None = Non
         parts.append(b.subspace_overlap(k, reference_steps=s.reference_steps,
                                         dims=range(1, 2 * k + 1)))
     if "slq" in todo:
-        parts.append(spectra.slq(steps=s.slq_steps, num_probes=s.slq_probes,
-                           num_steps=s.slq_lanczos_steps))
+        parts.append(_at(spectra.slq(num_probes=s.slq_probes, num_steps=s.slq_lanczos_steps),
+                         s.slq_steps))
     if "dense_spectrum" in todo:
-        parts.append(spectra.dense_spectrum(steps=s.dense_steps, max_params=s.dense_max_params))
+        parts.append(_at(spectra.dense_spectrum(max_params=s.dense_max_params), s.dense_steps))
     if "f_top_curve" in todo:
         parts.append(views.f_top_curve(s.f_top_ks or (k, 2 * k)))
     if "block_spectra" in todo:
-        parts.append(views.block_spectra(blocks, k=s.block_k, tol=s.tol,
-                                         slq_probes=s.block_slq_probes,
-                                         slq_steps=s.block_slq_steps,
-                                         steps=s.block_spectra_steps or None))
+        parts.append(_at(views.block_spectra(blocks, k=s.block_k, tol=s.tol,
+                                             slq_probes=s.block_slq_probes,
+                                             slq_steps=s.block_slq_steps),
+                         s.block_spectra_steps or None))
     if "adam" in todo:
         parts.append(views.adam_preconditioned(s.adam_k, b2=s.adam_b2, eps=s.adam_eps,
                                                tol=s.tol))
     return chain(*parts)
+
+
+def _at(t: Transform, steps) -> Transform:
+    """``t`` at ``steps`` (None: at every checkpoint)."""
+    return t if steps is None else at_steps(t, steps)
 
 
 def analyzer_options(settings: Settings) -> dict:

@@ -140,10 +140,7 @@ class Analyzer:
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size = _tree.check_int("batch_size", batch_size, 1)
         if dtype not in ("float32", "float64"):
             raise ValueError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}")
         self.dtype = dtype
@@ -164,14 +161,9 @@ class Analyzer:
                              "outputs and the loss of the outputs)")
         self.curvature, self.output_fn, self.output_loss = curvature, output_fn, output_loss
         self.block = checks.check_block(block)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an int, got {seed!r}")
-        self.seed = int(seed)
-        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(
-                every_steps, (int, np.integer)) or every_steps < 1):
-            raise ValueError(f"`every_steps` must be a positive int or None, got "
-                             f"{every_steps!r}")
-        self.every_steps = every_steps
+        self.seed = _tree.check_int("seed", seed)
+        self.every_steps = None if every_steps is None else _tree.check_int(
+            "every_steps", every_steps, 1)
         self.on_steps = frozenset(int(s) for s in on_steps)
         self.writers = tuple(writers_lib.as_writer(w) for w in writers)
         self.record_fields = checks.check_record_fields(record_fields, self.chain)
@@ -552,7 +544,7 @@ class Analyzer:
                             f"transform {t.name!r} stores {sorted(clash)} in {key!r}, which an "
                             "earlier transform stored already")
                     arrays.update({k: _tree.to_host(v) for k, v in value.items()})
-                    ctx._pending[key] = arrays
+                    ctx.hold_stored(key, arrays)
                     continue
                 if key in t.context_only:
                     continue
@@ -566,7 +558,7 @@ class Analyzer:
                 except ValueError as e:
                     raise checks.TransformContractError(str(e)) from None
                 checks.check_finite_output(t.name, key, record[key])
-            ctx._add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
+            ctx.add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
         ctx.current = None
         record["hvps"] = ctx.hvps
         if ctx.reads:

@@ -1,11 +1,10 @@
 """Spectra of the curvature operator as transforms: the SLQ density (the paper's Fig. 5) and the
-dense spectrum of small models (Fig. 4), stored in ``spectra/`` at chosen steps."""
+dense spectrum of small models (Fig. 4), stored in ``spectra/``. Both are costly: run them at a
+few checkpoints with :func:`hessian_subspace.analysis.at_steps` (or ``every``)."""
 
 from __future__ import annotations
 
 import time
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,23 +13,17 @@ from jax import flatten_util
 
 import hessian_subspace as hs
 from hessian_subspace import _tree
-from hessian_subspace.analysis.builtins import _positive_int, _steps
 from hessian_subspace.analysis.transforms import Stored, Transform
 
 
-
-def slq(*, steps: Sequence[int] | None = None, num_probes: int = 10, num_steps: int = 80,
-        name: str = "slq") -> Transform:
-    """The spectral density by stochastic Lanczos quadrature (Fig. 5) at ``steps`` (None: every
-    checkpoint): nodes and weights stored as ``slq_nodes``, ``slq_weights`` in ``spectra/``;
-    record ``slq`` (probes, Lanczos steps)."""
-    steps = _steps("steps", steps)
-    num_probes = _positive_int("num_probes", num_probes)
-    num_steps = _positive_int("num_steps", num_steps)
+def slq(*, num_probes: int = 10, num_steps: int = 80, name: str = "slq") -> Transform:
+    """The spectral density by stochastic Lanczos quadrature (Fig. 5) at every checkpoint it
+    runs at (``analysis.at_steps(slq(), steps)`` for a few): nodes and weights stored as
+    ``slq_nodes``, ``slq_weights`` in ``spectra/``; record ``slq`` (probes, Lanczos steps)."""
+    num_probes = _tree.check_int("num_probes", num_probes, 1)
+    num_steps = _tree.check_int("num_steps", num_steps, 1)
 
     def update(ctx, state):
-        if steps is not None and ctx.step not in steps:
-            return {}, state
         op = ctx["operator"]
         nodes, weights = hs.slq_quadrature(op, ctx.rng(7), num_probes=num_probes,
                                            num_steps=min(num_steps, op.dim), probe_batch=1)
@@ -40,25 +33,23 @@ def slq(*, steps: Sequence[int] | None = None, num_probes: int = 10, num_steps: 
                                   slq_weights=np.asarray(weights))}, state
 
     return Transform(name=name, update=update, provides=("slq",),
-                     config=dict(steps=steps, num_probes=num_probes, num_steps=num_steps),
+                     config=dict(num_probes=num_probes, num_steps=num_steps),
                      records=("slq",))
 
 
-def dense_spectrum(*, steps: Sequence[int] | None = None, max_params: int = 5000,
-                   block_size: int = 256, name: str = "dense_spectrum") -> Transform:
-    """Every eigenvalue of the curvature operator at ``steps`` (Fig. 4): :func:`dense_float64`
+def dense_spectrum(*, max_params: int = 5000, block_size: int = 256,
+                   name: str = "dense_spectrum") -> Transform:
+    """Every eigenvalue of the curvature operator (Fig. 4; ``analysis.at_steps(dense_spectrum(),
+    steps)`` for a few checkpoints): :func:`dense_float64`
     (p products, ``block_size`` at a time, into a float64 matrix), then LAPACK's
     eigenvalue-only symmetric solver (``numpy.linalg.eigvalsh``: no eigenvectors, about a
     third of ``eigh``'s time). Stored as ``dense_eigenvalues`` in ``spectra/``; record
     ``dense_spectrum`` (count, max, min, seconds of each stage). Skipped (with a note in the
     record) above ``max_params`` parameters: 16 p² bytes of memory at the peak, p³ time."""
-    steps = _steps("steps", steps)
-    max_params = _positive_int("max_params", max_params)
-    block_size = _positive_int("block_size", block_size)
+    max_params = _tree.check_int("max_params", max_params, 1)
+    block_size = _tree.check_int("block_size", block_size, 1)
 
     def update(ctx, state):
-        if steps is not None and ctx.step not in steps:
-            return {}, state
         op = ctx["operator"]
         if op.dim > max_params:
             return {"dense_spectrum": f"skipped: {op.dim} parameters > "
@@ -79,7 +70,7 @@ def dense_spectrum(*, steps: Sequence[int] | None = None, max_params: int = 5000
                 "spectra": Stored(dense_eigenvalues=lam)}, state
 
     return Transform(name=name, update=update, provides=("dense_spectrum",),
-                     config=dict(steps=steps, max_params=max_params),
+                     config=dict(max_params=max_params),
                      records=("dense_spectrum",))
 
 

@@ -38,6 +38,8 @@ import inspect
 import json
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
+from hessian_subspace import _tree
+
 PyTree = Any
 
 # Keys the analyzer itself writes into every record (transforms may not output them).
@@ -211,9 +213,9 @@ def check_needs(needs: Mapping[str, int] | None) -> dict[str, int] | None:
         raise TypeError(f"`needs` must be a mapping entry -> number of vectors, got {needs!r}")
     out = {}
     for entry, n in needs.items():
-        if not isinstance(entry, str) or isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`needs` maps entry names to ints >= 1, got {entry!r}: {n!r}")
-        out[entry] = n
+        if not isinstance(entry, str):
+            raise ValueError(f"`needs` maps entry names to ints >= 1, got the key {entry!r}")
+        out[entry] = _tree.check_int(f"needs[{entry!r}]", n, 1)
     return out
 
 
@@ -227,6 +229,58 @@ def key_clash(key: str, declared: Iterable[str]) -> str | None:
                 key[:-1].startswith(other[:-1]) or other[:-1].startswith(key[:-1])):
             return other
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# When a transform runs: the one step filter.
+
+
+def at_steps(t: Transform, steps: int | Iterable[int]) -> Transform:
+    """``t`` run only at the checkpoints ``steps`` (the paper's dense spectrum at the end of
+    training, an SLQ density at a few steps); elsewhere it outputs nothing and keeps its state.
+
+    Example:
+      >>> from hessian_subspace import analysis
+      >>> t = analysis.at_steps(analysis.slq(num_probes=2, num_steps=8), [0, 1000])
+      >>> t.name, t.config["run_at"]
+      ('slq', {'steps': [0, 1000]})
+    """
+    steps = _tree.check_steps("steps", steps)
+    chosen = frozenset(steps)
+    return _gated(t, dict(steps=list(steps)), lambda step: step in chosen)
+
+
+def every(t: Transform, n: int, *, offset: int = 0) -> Transform:
+    """``t`` run only at the checkpoints whose step is ``offset`` modulo ``n``; elsewhere it
+    outputs nothing and keeps its state.
+
+    Example:
+      >>> from hessian_subspace import analysis
+      >>> analysis.every(analysis.c2(num=4), 100).config["run_at"]
+      {'every': 100, 'offset': 0}
+    """
+    n = _tree.check_int("n", n, 1)
+    offset = _tree.check_int("offset", offset, 0, n - 1)
+    return _gated(t, dict(every=n, offset=offset), lambda step: step % n == offset)
+
+
+def _gated(t: Transform, run_at: dict, runs: Callable[[int], bool]) -> Transform:
+    if isinstance(t, Chain):
+        raise TypeError("gate each transform of a chain on its own (a chain's later transforms "
+                        "need its earlier ones' outputs)")
+    if not isinstance(t, Transform):
+        raise TypeError(f"expected a Transform, got {type(t).__name__}")
+    if (t.config or {}).get("run_at") is not None:
+        raise ValueError(f"transform {t.name!r} is gated already ({t.config['run_at']}); "
+                         "gate the transform itself once")
+    inner = t.update
+
+    def update(ctx, state):
+        if not runs(int(ctx.step)):
+            return {}, state
+        return inner(ctx, state)
+
+    return t._replace(update=update, config=dict(t.config or {}, run_at=run_at))
 
 
 class Chain(NamedTuple):

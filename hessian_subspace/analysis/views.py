@@ -27,7 +27,7 @@ import numpy as np
 
 import hessian_subspace as hs
 from hessian_subspace import _tree
-from hessian_subspace.analysis.builtins import _flat, _fractions, _positive_int, _steps
+from hessian_subspace.analysis.builtins import gradient_fractions
 from hessian_subspace.analysis.sources import conform
 from hessian_subspace.analysis.transforms import Stored, Transform
 
@@ -41,13 +41,13 @@ def f_top_curve(ks: Sequence[int] = (10, 50), *, saturation: float = 0.95,
     ``ks``, and ``k_saturation``, the smallest k whose f_top reaches ``saturation`` times the
     largest computed (where adding directions stops paying). Every k of ``ks`` needs k
     eigenvectors: the chain refuses more than ``eigenpairs`` computes."""
-    ks = tuple(_positive_int("ks entries", k) for k in ks)
+    ks = tuple(_tree.check_int("ks entries", k, 1) for k in ks)
     if not 0 < float(saturation) <= 1:
         raise ValueError(f"`saturation` must be in (0, 1], got {saturation!r}")
 
     def update(ctx, state):
-        c2 = np.asarray(_fractions(_flat(ctx["gradient"]), ctx[of].eigenvectors, 0)["c2"],
-                        np.float64)
+        g = _tree.as_flat(ctx["gradient"])
+        c2 = np.asarray(gradient_fractions(g, ctx[of].eigenvectors, 0)["c2"], np.float64)
         curve = np.cumsum(c2)
         out = dict(f_top_curve=curve, f_top_at={str(k): float(curve[k - 1]) for k in ks})
         out["k_saturation"] = int(np.argmax(curve >= saturation * curve[-1]) + 1)
@@ -61,12 +61,12 @@ def f_top_curve(ks: Sequence[int] = (10, 50), *, saturation: float = 0.95,
 
 
 def block_spectra(blocks: Mapping[str, Any] | None = None, *, k: int = 4, tol: float = 1e-3,
-                  slq_probes: int = 4, slq_steps: int = 30, steps: Sequence[int] | None = None,
+                  slq_probes: int = 4, slq_steps: int = 30,
                   curvature_name: str | None = None, name: str = "block_spectra") -> Transform:
     """The spectrum of each diagonal block of the curvature operator (embeddings, each layer's
     attention projections, MLPs, LayerNorms ...): its top-k eigenvalues (cold-started
     Lanczos) and an SLQ density (nodes and weights stored in ``block_slq/`` as
-    ``NAME.nodes``, ``NAME.weights``), at ``steps`` (None: every checkpoint).
+    ``NAME.nodes``, ``NAME.weights``); ``analysis.at_steps`` runs it at a few checkpoints.
 
     Args:
       blocks: ``{block name: leaf-path prefix or prefixes}``; None: one block per top-level
@@ -74,18 +74,14 @@ def block_spectra(blocks: Mapping[str, Any] | None = None, *, k: int = 4, tol: f
       k: eigenvalues per block (fewer for blocks with fewer parameters).
       tol: relative residual tolerance.
       slq_probes, slq_steps: the SLQ density of each block (0 probes: none).
-      steps: the checkpoints where this runs.
       curvature_name: "hessian" or "ggn" (None: the analyzer's).
       name: the transform's name.
     """
-    k = _positive_int("k", k)
-    slq_probes = _positive_int("slq_probes", slq_probes, 0)
-    slq_steps = _positive_int("slq_steps", slq_steps)
-    steps = _steps("steps", steps)
+    k = _tree.check_int("k", k, 1)
+    slq_probes = _tree.check_int("slq_probes", slq_probes, 0)
+    slq_steps = _tree.check_int("slq_steps", slq_steps, 1)
 
     def update(ctx, state):
-        if steps is not None and ctx.step not in steps:
-            return {}, state
         groups = dict(blocks) if blocks is not None else {
             key: key for key in dict.fromkeys(n.split("/")[0] for n, _, _ in
                                               _tree.leaf_slices(ctx["params"]))}
@@ -117,7 +113,7 @@ def block_spectra(blocks: Mapping[str, Any] | None = None, *, k: int = 4, tol: f
 
     return Transform(name=name, update=update, provides=("block_spectra",),
                      config=dict(blocks=blocks, k=k, tol=tol, slq_probes=slq_probes,
-                                 slq_steps=slq_steps, steps=steps, curvature=curvature_name),
+                                 slq_steps=slq_steps, curvature=curvature_name),
                      records=("block_spectra",))
 
 
@@ -155,7 +151,7 @@ def adam_preconditioned(k: int = 10, *, b2: float = 0.999, eps: float = 1e-8,
     (``training.checkpoint.run_checkpoints(..., optimizer=True)``) or the training loop
     (``analyzer(step, params, extras={"optimizer": opt_state})``).
     """
-    k = _positive_int("k", k)
+    k = _tree.check_int("k", k, 1)
 
     def update(ctx, state):
         opt_state = ctx["extras"].get(extras_key)
@@ -183,7 +179,8 @@ def adam_preconditioned(k: int = 10, *, b2: float = 0.999, eps: float = 1e-8,
                    adam_all_converged=bool(np.all(eig.converged)), adam_count=count)
         if "gradient" in ctx and not hasattr(ctx["operator"], "select"):
             g = jax.tree_util.tree_map(lambda s, x: s * x, scale, ctx["gradient"])
-            out["adam_f_top"] = float(_fractions(_flat(g), eig.eigenvectors, num)["f_top"])
+            fractions = gradient_fractions(_tree.as_flat(g), eig.eigenvectors, num)
+            out["adam_f_top"] = float(fractions["f_top"])
         return out, state
 
     return Transform(name=name, update=update, provides=("adam_eigenvalues",),

@@ -26,7 +26,7 @@ from hessian_subspace import analysis, curvature, sharding
 from hessian_subspace.analysis import presets
 from hessian_subspace.paper import data as data_lib
 from hessian_subspace.paper import models
-from hessian_subspace.training import checkpoint as ckpt_lib
+from hessian_subspace import checkpoints as ckpt_lib
 from hessian_subspace.training import loop as train_lib
 from hessian_subspace.training import tasks
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hessian_subspace import _tree
+
 PyTree = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -395,8 +397,7 @@ def _convnet(num_outputs: int, dropout: bool = False, batch_norm: bool = False,
 
 
 def _resnet18(num_outputs: int, width: int = 64, initializer: str = DEFAULT_INIT) -> ResNet18:
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"`width` must be a positive int, got {width!r}.")
+    _tree.check_int("width", width, 1)
     return ResNet18(num_outputs=num_outputs, width=width, initializer=_init_name(initializer))
 
 
@@ -410,8 +411,7 @@ def _gpt(num_outputs: int, context: int = 64, width: int = 64, depth: int = 2, h
          mlp_ratio: int = 4) -> GPT:
     for name, value in (("context", context), ("width", width), ("depth", depth),
                         ("heads", heads), ("mlp_ratio", mlp_ratio)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        _tree.check_int(name, value, 1)
     if width % heads:
         raise ValueError(f"`width` {width} must be a multiple of `heads` {heads}.")
     return GPT(num_outputs=num_outputs, context=context, width=width, depth=depth, heads=heads,
@@ -452,8 +452,7 @@ def build_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model name {name!r}; known names: {MODEL_NAMES}.")
-    if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
-        raise ValueError(f"`num_outputs` must be a positive int, got {num_outputs!r}.")
+    _tree.check_int("num_outputs", num_outputs, 1)
     builder = _BUILDERS[name]
     allowed = [p for p in inspect.signature(builder).parameters if p != "num_outputs"]
     unknown = sorted(set(kwargs) - set(allowed))

@@ -27,7 +27,7 @@ from hessian_subspace import _io, analysis
 from hessian_subspace.analysis import presets
 from hessian_subspace.paper import experiment, summaries
 from hessian_subspace.paper import figures as plots
-from hessian_subspace.training import checkpoint as ckpt_lib
+from hessian_subspace import checkpoints as ckpt_lib
 from hessian_subspace.training import loop as train_lib
 
 ConfigDict = ml_collections.ConfigDict
@@ -367,7 +367,7 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
     out_dir = os.path.join(root, config.name)
     os.makedirs(out_dir, exist_ok=True)
     results = {}
-    for name in run_order(config):
+    for name in summaries.run_order(config):
         run = config.runs[name]
         if only_runs and name not in only_runs:
             continue
@@ -398,13 +398,6 @@ def run_experiment(config: ConfigDict, root: str, *, dataset: str | None = None,
         if isinstance(config.get("paper"), ConfigDict) else config.get("paper", {}))
     _io.write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
-
-
-def run_order(config: ConfigDict) -> list[str]:
-    """The experiment's run names in the paper's order (``config.order``; ConfigDict sorts
-    its keys), then any others."""
-    order = [n for n in (config.get("order") or []) if n in config.runs]
-    return order + sorted(n for n in config.runs if n not in order)
 
 
 def _run_summary(r: RunResult) -> dict:

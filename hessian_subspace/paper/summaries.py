@@ -49,7 +49,7 @@ def save(fig, out_dir, name, title: str | None = None) -> list[str]:
     model, steps, seeds) becomes its suptitle, below any title it has."""
     import matplotlib.pyplot as plt
     if title:
-        old = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        old = fig.get_suptitle()
         fig.suptitle(f"{old}\n{title}" if old and old not in title else title, fontsize=9)
     paths = plots.save(fig, os.path.join(out_dir, name))
     plt.close(fig)
@@ -151,11 +151,16 @@ def _fig1(config, results, out_dir):
     return figures, numbers
 
 
-def _table1(config, results, out_dir):
-    from hessian_subspace.paper import reproduce
+def run_order(config: ml_collections.ConfigDict) -> list[str]:
+    """The experiment's run names in the paper's order (``config.order``; ConfigDict sorts
+    its keys), then any others."""
+    order = [n for n in (config.get("order") or []) if n in config.runs]
+    return order + sorted(n for n in config.runs if n not in order)
 
+
+def _table1(config, results, out_dir):
     rows, numbers = [], {}
-    for name in reproduce.run_order(config):
+    for name in run_order(config):
         if name not in results:
             rows.append(dict(experiment=config.labels.get(name, name), ours=None,
                              paper=config.paper.get(name), steps="not run"))
@@ -433,10 +438,8 @@ def _transformer(config, results, out_dir):
 
 def _sharpness(config, results, out_dir):
     """Full-batch GD at several step sizes: λ_max against 2/η, the loss, and f_top."""
-    from hessian_subspace.paper import reproduce
-
     runs, numbers = {}, {}
-    for name in reproduce.run_order(config):
+    for name in run_order(config):
         if name not in results:
             continue
         r = results[name]

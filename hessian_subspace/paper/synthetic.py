@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from hessian_subspace import _tree
+
 _TEST_STREAM = 1  # the "test" split of a synthetic set draws its examples from rng([seed, 1])
 
 
@@ -128,8 +130,7 @@ def text_sequences(source: str = "pydoc", *, context: int = 64, split: str = "tr
     (8, True)
     """
     _check_split(split, f"text:{source}")
-    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
-        raise ValueError(f"`context` must be a positive int, got {context!r}")
+    context = _tree.check_int("context", context, 1)
     data = np.frombuffer(text_corpus(source), dtype=np.uint8).astype(np.int32)
     cut = int(len(data) * (1 - test_fraction))
     data = data[:cut] if split == "train" else data[cut:]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from hessian_subspace import _io, curvature
 from hessian_subspace.training import batches, tasks
-from hessian_subspace.training import checkpoint as ckpt_lib
+from hessian_subspace import checkpoints as ckpt_lib
 
 PyTree = Any
 

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from jax import flatten_util
 
-from hessian_subspace import curvature, krylov
+from hessian_subspace import _tree, curvature, krylov
 
 PyTree = Any
 HessianFn = Callable[[PyTree, PyTree], Callable[[PyTree], PyTree]]
@@ -78,14 +78,6 @@ class SubspaceState(NamedTuple):
 
 # --------------------------------------------------------------------------------------------
 # Validation (construction time: plain Python values only).
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"`{name}` must be an int, got {value!r}.")
-    if value < low:
-        raise ValueError(f"`{name}` must be >= {low}, got {value}.")
-    return int(value)
 
 
 def _check_float(name: str, value, *, positive: bool) -> float:
@@ -127,10 +119,10 @@ def _key_codec(key) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
 
 def _check_solver_args(k, num_steps, tol, block_size):
     if num_steps is not None:
-        num_steps = _check_int("num_steps", num_steps, max(k, 1))
+        num_steps = _tree.check_int("num_steps", num_steps, max(k, 1))
     if tol is not None:
         tol = _check_float("tol", tol, positive=True)
-    block_size = _check_int("block_size", block_size, 1)
+    block_size = _tree.check_int("block_size", block_size, 1)
     return num_steps, tol, block_size
 
 
@@ -326,8 +318,8 @@ def project_onto_subspace(mode: str, k: int, refresh_every: int, *, hessian_fn: 
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-    k = _check_int("k", k, 1)
-    refresh_every = _check_int("refresh_every", refresh_every, 1)
+    k = _tree.check_int("k", k, 1)
+    refresh_every = _tree.check_int("refresh_every", refresh_every, 1)
     _check_hessian_fn(hessian_fn)
     key_data, decode_key = _key_codec(key)
     num_steps, tol, block_size = _check_solver_args(k, num_steps, tol, block_size)
@@ -429,9 +421,9 @@ def low_rank_newton(k: int, damping: float, *, hessian_fn: HessianFn, key: jax.A
     References:
       Gur-Ari, Roberts, Dyer (2018), eq. 11; Dauphin et al. (2014), saddle-free Newton.
     """
-    k = _check_int("k", k, 1)
+    k = _tree.check_int("k", k, 1)
     damping = _check_float("damping", damping, positive=False)
-    refresh_every = _check_int("refresh_every", refresh_every, 1)
+    refresh_every = _tree.check_int("refresh_every", refresh_every, 1)
     step_size = _check_float("step_size", step_size, positive=True)
     _check_hessian_fn(hessian_fn)
     key_data, decode_key = _key_codec(key)

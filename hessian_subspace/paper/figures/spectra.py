@@ -77,7 +77,7 @@ def fig4_dense_spectrum(eigenvalues, title: str = "", *, k: int | None = None,
     return fig
 
 
-def _smoothed_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
+def smoothed_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
                       sigma: float) -> np.ndarray:
     """:func:`hessian_subspace.spectrum.gaussian_smoothing` (float64) as a numpy array."""
     with jax.enable_x64(True):
@@ -132,7 +132,7 @@ def fig5_slq_density(nodes, weights, num_grid: int = 400, sigma: float | None = 
     ax = axes[0, 0]
     sig = sigma or span / 100
     grid = np.linspace(lo - 3 * sig, hi + 3 * sig, num_grid)
-    dens = _smoothed_density(nodes, weights, grid, sig)
+    dens = smoothed_density(nodes, weights, grid, sig)
     ax.plot(grid, dens, color="C0")
     ax.set_yscale("log")
     ax.set_ylim(max(dens.max() * 1e-6, 1e-300), dens.max() * 3)
@@ -149,7 +149,7 @@ def fig5_slq_density(nodes, weights, num_grid: int = 400, sigma: float | None = 
         w = np.where(keep, weights, 0.0)
         lsig = sigma or decades / 100
         lgrid = np.linspace(math.log10(lmin), math.log10(hi) + 3 * lsig, num_grid)
-        ldens = _smoothed_density(x, w, lgrid, lsig)
+        ldens = smoothed_density(x, w, lgrid, lsig)
         ax.plot(10.0 ** lgrid, ldens, color="C1")
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from hessian_subspace.paper.figures import _common as _c
 from hessian_subspace.paper.figures._common import Record
-from hessian_subspace.paper.figures.spectra import _smoothed_density
+from hessian_subspace.paper.figures.spectra import smoothed_density
 
 
 def f_top_vs_k(records: Sequence[Record], title: str = "") -> Figure:
@@ -93,7 +93,7 @@ def block_spectra(records: Sequence[Record], densities: Mapping[str, tuple] | No
         sigma = max((span[0] - span[1]) / 100, 1e-12)
         for (name, (nodes, weights)), color in zip(
                 densities.items(), _c.colors(len(densities), "tab20"), strict=True):
-            dens = _smoothed_density(nodes, weights, grid, sigma)
+            dens = smoothed_density(nodes, weights, grid, sigma)
             ax.plot(grid, np.maximum(dens, 1e-12), color=color, lw=1, label=name)
         ax.set_yscale("log")
         ax.set_ylim(bottom=1e-6)
