@@ -36,6 +36,8 @@ from hessian_subspace.gauss_newton import ggn_vp as ggn_vp
 from hessian_subspace.curvature import hvp as hvp
 from hessian_subspace.krylov import Eigenpairs as Eigenpairs
 from hessian_subspace.krylov import LanczosResult as LanczosResult
+from hessian_subspace.krylov import Quadrature as Quadrature
+from hessian_subspace.krylov import RitzValues as RitzValues
 from hessian_subspace.krylov import as_pytrees as as_pytrees
 from hessian_subspace.krylov import lanczos as lanczos
 from hessian_subspace.krylov import random_start_vector as random_start_vector
@@ -61,6 +63,7 @@ from hessian_subspace.preconditioned import PreconditionedOperator as Preconditi
 from hessian_subspace.preconditioned import adam_scale as adam_scale
 from hessian_subspace.preconditioned import precondition as precondition
 from hessian_subspace.spectrum import SpectralDensity as SpectralDensity
+from hessian_subspace.spectrum import TraceEstimate as TraceEstimate
 from hessian_subspace.spectrum import hutchinson_trace as hutchinson_trace
 from hessian_subspace.spectrum import slq_quadrature as slq_quadrature
 from hessian_subspace.spectrum import spectral_density as spectral_density

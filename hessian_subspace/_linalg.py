@@ -6,6 +6,7 @@ Pure jax.numpy; no validation of user input beyond what the solvers delegate her
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -43,6 +44,25 @@ def check_start_vector(v0: PyTree) -> None:
     _tree.check_finite("v0", v0)
     if all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(v0)):
         raise ValueError("`v0` is the zero vector; Lanczos needs a nonzero start vector.")
+
+
+def start_as_tree(v0: PyTree, matvec) -> PyTree:
+    """A flat ``(p,)`` start vector as a pytree shaped like the operator's vectors, when the
+    operator declares them (``matvec.like``) and they are a pytree; anything else unchanged
+    (a mismatch is then named by :func:`check_start_like_operator`)."""
+    like = getattr(matvec, "like", None)
+    if like is None or not isinstance(v0, (jax.Array, np.ndarray)) or np.ndim(v0) != 1:
+        return v0
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    shapes = [tuple(np.shape(x)) for x in leaves]
+    if shapes == [tuple(np.shape(v0))]:
+        return treedef.unflatten([v0])
+    sizes = [math.prod(s) for s in shapes]
+    if int(np.shape(v0)[0]) != sum(sizes):
+        return v0
+    parts = jnp.split(jnp.asarray(v0), np.cumsum(sizes)[:-1].tolist())
+    return treedef.unflatten([p.reshape(s).astype(x.dtype)
+                              for p, s, x in zip(parts, shapes, leaves, strict=True)])
 
 
 def check_start_like_operator(v0: PyTree, matvec) -> None:

@@ -139,7 +139,7 @@ def _block_mask(subset, like: PyTree) -> tuple[bool, ...]:
     return mask
 
 
-def restrict(operator: Callable[[PyTree], PyTree], subset: Any, *, like: PyTree = None
+def restrict(matvec: Callable[[PyTree], PyTree], subset: Any, *, like: PyTree = None
              ) -> RestrictedOperator:
     r"""The block :math:`H_{SS}` of a symmetric operator on a subset S of the parameter leaves.
 
@@ -150,13 +150,13 @@ def restrict(operator: Callable[[PyTree], PyTree], subset: Any, *, like: PyTree 
     layer's gradient.
 
     Args:
-      operator: ``v -> H v`` on parameter pytrees, e.g. :func:`dataset_hvp` or
+      matvec: ``v -> H v`` on parameter pytrees, e.g. :func:`dataset_hvp` or
         :func:`dataset_ggn` (or a :class:`RestrictedOperator`, to restrict further).
       subset: which leaves form S: a prefix of their "/"-joined paths
         (:func:`hessian_subspace.leaf_slices` naming), matched on whole path components ("dense_1"
         selects "dense_1/kernel" and "dense_1/bias", not "dense_10/..."), a sequence of such
         prefixes, or a pytree of bools with the structure of the parameters (one per leaf).
-      like: the parameter template (default ``operator.like``).
+      like: the parameter template (default ``matvec.like``).
 
     Returns:
       A :class:`RestrictedOperator` acting on pytrees shaped like its ``like``.
@@ -174,15 +174,15 @@ def restrict(operator: Callable[[PyTree], PyTree], subset: Any, *, like: PyTree 
       (2, Array([2., 6.], dtype=float32))
     """
     if like is None:
-        like = getattr(operator, "like", None)
+        like = getattr(matvec, "like", None)
         if like is None:
-            raise ValueError("`like` is required for an operator without a `like` attribute.")
-    operator = operator if _is_pytree_operator(operator) else jax.tree_util.Partial(operator)
+            raise ValueError("`like` is required for a `matvec` without a `like` attribute.")
+    operator = matvec if _is_pytree_operator(matvec) else jax.tree_util.Partial(matvec)
     return RestrictedOperator(operator=operator, full_like=like, mask=_block_mask(subset, like))
 
 
-def _is_pytree_operator(operator) -> bool:
-    if not callable(operator):
-        raise ValueError(f"`operator` must be callable, got {type(operator).__name__}.")
-    leaves = jax.tree_util.tree_leaves(operator)
-    return not (len(leaves) == 1 and leaves[0] is operator)
+def _is_pytree_operator(matvec) -> bool:
+    if not callable(matvec):
+        raise ValueError(f"`matvec` must be callable, got {type(matvec).__name__}.")
+    leaves = jax.tree_util.tree_leaves(matvec)
+    return not (len(leaves) == 1 and leaves[0] is matvec)

@@ -66,6 +66,21 @@ class Eigenpairs(NamedTuple):
     num_matvecs: jax.Array  # () int32; matvecs used, the k residual matvecs included.
 
 
+class RitzValues(NamedTuple):
+    """Output of :func:`ritz_values`."""
+
+    values: jax.Array  # (num_steps,) ascending eigenvalues of T; padding where not `valid`.
+    valid: jax.Array  # (num_steps,) bool; False for entries that come from padding.
+
+
+class Quadrature(NamedTuple):
+    """A Gauss quadrature rule of a spectral measure (:func:`gauss_quadrature`; stacked over
+    probes by :func:`hessian_subspace.slq_quadrature`)."""
+
+    nodes: jax.Array  # (..., num_steps); Ritz values.
+    weights: jax.Array  # (..., num_steps); squared first components; 0 on padding, sum 1.
+
+
 def random_start_vector(key: jax.Array, like: PyTree) -> PyTree:
     """A standard-normal pytree shaped like ``like`` (a start vector for Lanczos).
 
@@ -217,6 +232,7 @@ def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int 
       Array([1., 2., 3., 4., 5.], dtype=float32)
     """
     matvec = _tree.as_operator(matvec)
+    v0 = _linalg.start_as_tree(v0, matvec)
     _linalg.check_start_vector(v0)
     _linalg.check_start_like_operator(v0, matvec)
     _linalg.check_operator_output(matvec, v0)
@@ -232,15 +248,15 @@ def lanczos(matvec: Matvec, v0: PyTree, num_steps: int, *, reorthogonalize: int 
                             sharding=sharding)
 
 
-def ritz_values(result: LanczosResult) -> tuple[jax.Array, jax.Array]:
+def ritz_values(result: LanczosResult) -> RitzValues:
     """Eigenvalues of T from a :class:`LanczosResult`, padding masked.
 
     Returns:
-      ``(theta, valid)``: ``(num_steps,)`` ascending Ritz values (entries with ``valid`` False
-      come from padding and carry no information) and the ``(num_steps,)`` bool mask.
+      :class:`RitzValues` ``(values, valid)``: ``(num_steps,)`` ascending Ritz values (entries
+      with ``valid`` False come from padding and carry no information) and the bool mask.
     """
     theta, _, valid = _linalg.ritz(tridiagonal_matrix(result), result.num_valid)
-    return theta, valid
+    return RitzValues(values=theta, valid=valid)
 
 
 def tridiagonal_matrix(result: LanczosResult) -> jax.Array:
@@ -248,7 +264,7 @@ def tridiagonal_matrix(result: LanczosResult) -> jax.Array:
     return _tridiag(result.alphas, result.betas, result.num_valid)
 
 
-def gauss_quadrature(result: LanczosResult) -> tuple[jax.Array, jax.Array]:
+def gauss_quadrature(result: LanczosResult) -> Quadrature:
     r"""The Gauss quadrature rule of the start vector's spectral measure, from a Lanczos run.
 
     With :math:`T = S\,\mathrm{diag}(	heta)\,S^	op`, the nodes are the Ritz values
@@ -261,8 +277,8 @@ def gauss_quadrature(result: LanczosResult) -> tuple[jax.Array, jax.Array]:
       result: a :class:`LanczosResult`; a NaN-poisoned one gives NaN nodes.
 
     Returns:
-      ``(nodes, weights)``, ``(num_steps,)`` each; padding (rows >= ``num_valid``) has
-      weight 0 and the weights sum to 1.
+      :class:`Quadrature` ``(nodes, weights)``, ``(num_steps,)`` each; padding (rows >=
+      ``num_valid``) has weight 0 and the weights sum to 1.
 
     Example:
       >>> import jax.numpy as jnp
@@ -274,7 +290,7 @@ def gauss_quadrature(result: LanczosResult) -> tuple[jax.Array, jax.Array]:
       0.5
     """
     theta, vectors, valid = _linalg.ritz(tridiagonal_matrix(result), result.num_valid)
-    return theta, jnp.where(valid, vectors[0] ** 2, 0.0)
+    return Quadrature(nodes=theta, weights=jnp.where(valid, vectors[0] ** 2, 0.0))
 
 
 def _tridiag(alphas, betas, num_valid):
@@ -534,7 +550,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
 
     Args:
       matvec: ``v -> H v`` for symmetric H, on pytrees like ``v0`` or flat arrays.
-      v0: start vector (pytree like the params, or flat); see :func:`random_start_vector`.
+      v0: start vector: a pytree like the operator's vectors (the params), or flat in
+        ``ravel_pytree`` order; see :func:`random_start_vector`.
       k: number of eigenpairs, ``1 <= k < p``.
       num_steps: maximum number of Krylov matvecs before the k residual checks, rounded down
         to a multiple of ``block_size``; without ``max_basis`` also the basis size
@@ -586,6 +603,7 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
       problems", SIAM J. Matrix Anal. Appl. 22 (2000); Gur-Ari, Roberts, Dyer (2018), App. A.
     """
     matvec = _tree.as_operator(matvec)
+    v0 = _linalg.start_as_tree(v0, matvec)
     _linalg.check_start_vector(v0)
     _linalg.check_start_like_operator(v0, matvec)
     _linalg.check_operator_output(matvec, v0)

@@ -73,11 +73,11 @@ class PreconditionedOperator:
         return info
 
 
-def precondition(operator: Callable[[PyTree], PyTree], scale: PyTree) -> PreconditionedOperator:
+def precondition(matvec: Callable[[PyTree], PyTree], scale: PyTree) -> PreconditionedOperator:
     r"""The operator :math:`S H S`, :math:`S = \mathrm{diag}(s)`, for a positive ``scale``.
 
     Args:
-      operator: ``v -> H v`` with a ``like`` template (e.g. :func:`hessian_subspace.dataset_hvp`).
+      matvec: ``v -> H v`` with a ``like`` template (e.g. :func:`hessian_subspace.dataset_hvp`).
       scale: a pytree like the parameters, positive and finite: :math:`D^{-1/2}` for a
         preconditioner :math:`D` (see :func:`adam_scale`).
 
@@ -92,9 +92,9 @@ def precondition(operator: Callable[[PyTree], PyTree], scale: PyTree) -> Precond
       >>> hs.precondition(op, jnp.array([2.0, 1.0]))(jnp.ones(2))  # diag(4, 1) / 2
       Array([2. , 0.5], dtype=float32)
     """
-    like = getattr(operator, "like", None)
+    like = getattr(matvec, "like", None)
     if like is None:
-        raise ValueError("`operator` needs a `like` template (an operator of this package)")
+        raise ValueError("`matvec` needs a `like` template (an operator of this package)")
     if jax.tree_util.tree_structure(scale) != jax.tree_util.tree_structure(like):
         raise ValueError("`scale` must have the structure of the parameters")
     for s, x in zip(jax.tree_util.tree_leaves(scale), jax.tree_util.tree_leaves(like),
@@ -107,7 +107,7 @@ def precondition(operator: Callable[[PyTree], PyTree], scale: PyTree) -> Precond
         if any(np.any(np.asarray(_tree.to_host(s)) <= 0) for s in
                jax.tree_util.tree_leaves(scale)):
             raise ValueError("`scale` must be positive")
-    return PreconditionedOperator(operator=operator, scale=scale)
+    return PreconditionedOperator(operator=matvec, scale=scale)
 
 
 def adam_scale(nu: PyTree, count, *, b2: float = 0.999, eps: float = 1e-8) -> PyTree:

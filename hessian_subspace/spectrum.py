@@ -41,6 +41,13 @@ class SpectralDensity(NamedTuple):
     weights: jax.Array  # (num_probes, num_steps); squared first components; rows sum to 1.
 
 
+class TraceEstimate(NamedTuple):
+    """Output of :func:`hutchinson_trace`."""
+
+    estimate: jax.Array  # () the mean of z^T H z over the probes.
+    standard_error: jax.Array  # () its standard error (sample std / sqrt(num_probes)).
+
+
 def _template(matvec, like):
     if like is None:
         like = getattr(matvec, "like", None)
@@ -99,8 +106,9 @@ def _slq(matvec, like, key, *, num_probes, num_steps, probe, probe_batch, dtype)
 
 def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_probes: int,
                    num_steps: int, like: PyTree = None, probe: str = "gaussian",
-                   probe_batch: int | None = None, dtype=None) -> tuple[jax.Array, jax.Array]:
-    """SLQ nodes and weights, ``(num_probes, num_steps)`` each, without smoothing.
+                   probe_batch: int | None = None, dtype=None) -> krylov.Quadrature:
+    """SLQ nodes and weights, ``(num_probes, num_steps)`` each, without smoothing: a
+    :class:`~hessian_subspace.krylov.Quadrature` rule per probe, stacked.
 
     Arguments as in :func:`spectral_density`. Padding after a breakdown has weight 0; a
     non-finite matvec makes every node NaN.
@@ -186,7 +194,7 @@ def _hutchinson(matvec, like, key, *, num_probes, probe_batch):
 
 def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_probes: int,
                      like: PyTree = None, probe_batch: int | None = None
-                     ) -> tuple[jax.Array, jax.Array]:
+                     ) -> TraceEstimate:
     r"""Hutchinson's estimate of :math:`\mathrm{Tr}\,H = \mathbb{E}[z^\top H z]`, z Rademacher.
 
     Args:
@@ -198,7 +206,7 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
         :func:`default_probe_batch`.
 
     Returns:
-      ``(estimate, standard_error)``, two scalars.
+      :class:`TraceEstimate` ``(estimate, standard_error)``, two scalars.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -215,7 +223,8 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_probes, 1)
     probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
-    return _hutchinson(matvec, like, key, num_probes=num_probes, probe_batch=probe_batch)
+    return TraceEstimate(*_hutchinson(matvec, like, key, num_probes=num_probes,
+                                      probe_batch=probe_batch))
 
 
 def eigenvalue_summary(eigenvalues) -> dict:

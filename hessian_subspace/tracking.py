@@ -125,7 +125,9 @@ def track_eigenpairs(matvec: Matvec, start: jax.Array, k: int, *, like: PyTree,
 
     Args:
       matvec: ``v -> H v`` on pytrees like ``like``.
-      start: ``(b, p)`` rows in ``ravel_pytree`` order (orthonormalised inside), ``b >= k``.
+      start: ``(b, p)`` rows in ``ravel_pytree`` order, or a pytree like ``like`` whose leaves
+        have a leading axis b (e.g. :func:`hessian_subspace.as_pytrees` of earlier
+        eigenvectors); orthonormalised inside, ``b >= k``.
       k: number of eigenpairs.
       like: template pytree of the vectors (e.g. the parameters).
       max_blocks: at most ``max_blocks * b`` matvecs; memory ``2 * max_blocks * b * p``.
@@ -154,7 +156,10 @@ def track_eigenpairs(matvec: Matvec, start: jax.Array, k: int, *, like: PyTree,
     if key is not None:
         _tree.check_key("key", key)
     dim = _tree.tree_size(like)
-    start = jnp.asarray(start)
+    if isinstance(start, (jax.Array, np.ndarray)) and np.ndim(start) != 2:
+        raise ValueError(f"`start` must be (b, {dim}) rows or a pytree of them, got shape "
+                         f"{np.shape(start)}.")
+    start = _tree.as_flat_rows(start)
     if start.ndim != 2 or start.shape[1] != dim:
         raise ValueError(f"`start` must be (b, {dim}) rows, got shape {start.shape}.")
     if _tree.is_concrete(start):

@@ -36,8 +36,8 @@ _CASES = [
     ("top_eigenpairs, v0 of another tree",
      lambda: hs.top_eigenpairs(_op(), {"v": jnp.ones((3, 2))}, 2), ValueError,
      "`v0` must be shaped like the operator's vectors"),
-    ("top_eigenpairs, flat v0 for a pytree operator",
-     lambda: hs.top_eigenpairs(_op(), jnp.ones(6), 2), ValueError,
+    ("top_eigenpairs, flat v0 of another size for a pytree operator",
+     lambda: hs.top_eigenpairs(_op(), jnp.ones(7), 2), ValueError,
      "hs.random_start_vector(key, op.like)"),
     ("lanczos, v0 of other shapes",
      lambda: hs.lanczos(_op(), {"w": jnp.ones((2, 3))}, 3), ValueError,
@@ -167,6 +167,9 @@ _MORE_CASES = [
     ("model config, unknown initialiser",
      lambda: __import__("hessian_subspace.paper.models", fromlist=["x"]).build_model(
          "fc", num_outputs=3, initializer="xavier"), ValueError, "`initializer` must be one of"),
+    ("training task, unknown",
+     lambda: __import__("hessian_subspace.training.tasks", fromlist=["x"]).output_loss(
+         "ranking"), ValueError, "`task`"),
     ("settings, k = 0", lambda: _settings(k=0), ValueError, "`k` must be an int >= 1"),
     ("settings, k = -3 says -3", lambda: _settings(k=-3), ValueError, "got -3"),
     ("settings, lanczos_steps = 0", lambda: _settings(lanczos_steps=0), ValueError,

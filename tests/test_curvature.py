@@ -12,10 +12,8 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace.paper import models
-from hessian_subspace.training import tasks
 
-from _helpers import count_compilations
+from _helpers import convnet, count_compilations, cross_entropy, loss_of, mlp
 
 
 def _f64(tree):
@@ -25,20 +23,18 @@ def _f64(tree):
 
 
 def _mlp_problem(n=24, seed=0):
-    model = models.MLP(hidden=(6, 5), num_outputs=3, activation="softplus")
+    params, outputs = mlp((4, 6, 5, 3), seed=seed, activation="softplus")
     rng = np.random.default_rng(seed)
     batch = {"x": _f64(rng.normal(size=(n, 4))), "y": jnp.asarray(rng.integers(0, 3, n))}
-    params = _f64(models.init_params(model, jax.random.key(seed), batch["x"][:1]))
-    return tasks.cross_entropy_loss(model), params, batch
+    return loss_of(outputs), _f64(params), batch
 
 
 def _conv_problem(n=10, seed=0):
-    model = models.SmallConvNet(channels=(2, 3), num_outputs=3)
+    params, outputs = convnet((2, 3), 3, (8, 8, 1), seed=seed)
     rng = np.random.default_rng(seed)
     batch = {"x": _f64(rng.normal(size=(n, 8, 8, 1))),
              "y": jnp.asarray(rng.integers(0, 3, n))}
-    params = _f64(models.init_params(model, jax.random.key(seed), batch["x"][:1]))
-    return tasks.cross_entropy_loss(model), params, batch
+    return loss_of(outputs), _f64(params), batch
 
 
 @pytest.mark.parametrize("problem", [_mlp_problem, _conv_problem], ids=["mlp", "convnet"])
@@ -130,15 +126,14 @@ _SHARDED_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from jax import flatten_util
     import hessian_subspace as hs
-    from hessian_subspace.paper import models
-    from hessian_subspace.training import tasks
+    sys.path.insert(0, sys.argv[1])  # the tests directory
+    from _helpers import loss_of, mlp
 
-    model = models.MLP(hidden=(16,), num_outputs=4)
-    loss = tasks.cross_entropy_loss(model)
+    params, outputs = mlp((8, 16, 4))
+    loss = loss_of(outputs)
     rng = np.random.default_rng(0)
     data = {"x": rng.normal(size=(100, 8)).astype(np.float32),
             "y": rng.integers(0, 4, 100).astype(np.int32)}
-    params = models.init_params(model, jax.random.key(0), data["x"][:1])
     v = hs.random_start_vector(jax.random.key(1), params)
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("data",))
@@ -157,8 +152,9 @@ def _run_sharded(num_devices):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, tests_dir], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -195,13 +191,11 @@ def test_partial_loss_with_bound_state_compiles_once():
 def test_jit_of_every_operator_type_equals_the_operator():
     # Operators hash by identity (not by their arrays), so jax.jit(op) is an ordinary jitted
     # callable; it agrees with op(v) for the Hessian, the Gauss-Newton matrix and a block.
-    model = models.MLP(hidden=(5,), num_outputs=3)
+    params, outputs = mlp((4, 5, 3))
     rng = np.random.default_rng(3)
     data = {"x": rng.normal(size=(20, 4)).astype(np.float32), "y": rng.integers(0, 3, 20)}
-    params = models.init_params(model, jax.random.key(0), data["x"][:1])
-    hessian = hs.dataset_hvp(tasks.cross_entropy_loss(model), params, data, batch_size=8)
-    ggn = hs.dataset_ggn(hs.curvature.bind_state(tasks.inference_outputs(model), {}),
-                         tasks.output_loss("classification"), params, data, batch_size=8)
+    hessian = hs.dataset_hvp(loss_of(outputs), params, data, batch_size=8)
+    ggn = hs.dataset_ggn(outputs, cross_entropy, params, data, batch_size=8)
     for op in (hessian, ggn, hs.restrict(hessian, "dense_1"), hs.restrict(ggn, ["dense_0"])):
         v = hs.random_start_vector(jax.random.key(1), op.like)
         want, got = op(v), jax.jit(op)(v)
@@ -209,4 +203,4 @@ def test_jit_of_every_operator_type_equals_the_operator():
                         strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         assert hash(op) == hash(op) and op == op and op != hs.dataset_hvp(
-            tasks.cross_entropy_loss(model), params, data, batch_size=8)
+            loss_of(outputs), params, data, batch_size=8)

@@ -13,9 +13,9 @@ import pytest
 
 import hessian_subspace as hs
 from hessian_subspace import _xla, curvature, krylov, linearization
+
+from _helpers import convnet, count_compilations, loss_of
 from jax import flatten_util
-from hessian_subspace.paper import models
-from hessian_subspace.training import tasks
 
 
 def _mlp_problem(dtype=jnp.float64, n=37):
@@ -43,9 +43,8 @@ def _conv_problem(n=24):
     rng = np.random.default_rng(1)
     data = {"x": jnp.asarray(rng.normal(size=(n, 8, 8, 1)), jnp.float32),
             "y": jnp.asarray(rng.integers(0, 3, n), jnp.int32)}
-    model = models.SmallConvNet(channels=(2, 3), num_outputs=3)
-    params = models.init_params(model, jax.random.key(0), data["x"][:1])
-    return tasks.cross_entropy_loss(model), params, data
+    params, outputs = convnet((2, 3), 3, (8, 8, 1))
+    return loss_of(outputs), params, data
 
 
 def _apply_prepared(op, v):
@@ -145,8 +144,6 @@ def test_host_driven_solver_equals_compiled():
     # The same compiled step serves the next checkpoint (new parameter values).
     params2 = jax.tree_util.tree_map(lambda x: 1.01 * x, params)
     op2 = hs.dataset_hvp(loss, params2, data, batch_size=10)
-    from tests._helpers import count_compilations
-
     hs.top_eigenpairs(op2, v, 3, driver="host")
     with count_compilations() as n:
         hs.top_eigenpairs(dataclasses.replace(op2, params=params), v, 3, driver="host")

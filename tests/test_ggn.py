@@ -7,10 +7,8 @@ import pytest
 from jax import flatten_util
 
 import hessian_subspace as hs
-from hessian_subspace.paper import models
-from hessian_subspace.training import tasks
 
-from _helpers import count_compilations
+from _helpers import count_compilations, cross_entropy, loss_of, mlp, squared_error
 
 
 # Dense references are built under `jax.jit`: one compilation instead of op-by-op dispatch.
@@ -24,17 +22,16 @@ def _f64(tree):
 
 def _problem(task, *, hidden=(5, 4), num_outputs=3, n=12, seed=0, activation="softplus"):
     """A small MLP, its analysis set and the GGN's two functions (call inside enable_x64)."""
-    model = models.MLP(hidden=hidden, num_outputs=num_outputs, activation=activation)
+    params, outputs = mlp((4, *hidden, num_outputs), seed=seed, activation=activation)
     rng = np.random.default_rng(seed)
     x = _f64(rng.normal(size=(n, 4)))
     if task == "classification":
         y = jnp.asarray(rng.integers(0, num_outputs, n))
     else:
         y = _f64(rng.normal(size=(n, num_outputs)))
-    params = _f64(models.init_params(model, jax.random.key(seed), x[:1]))
     data = {"x": x, "y": y}
-    return (model, params, data, hs.curvature.bind_state(tasks.inference_outputs(model), {}),
-            tasks.output_loss(task), hs.curvature.bind_state(tasks.inference_loss(model, task), {}))
+    output_loss = cross_entropy if task == "classification" else squared_error
+    return outputs, _f64(params), data, outputs, output_loss, loss_of(outputs, output_loss)
 
 
 def _dense_ggn(output_fn, params, data, task):
@@ -98,7 +95,7 @@ def test_operators_compile_once_across_parameter_values():
     data = {"x": jnp.asarray(np.float32(data["x"])), "y": jnp.asarray(np.int32(data["y"]))}
     v = hs.random_start_vector(jax.random.key(0), params)
     ops = lambda p: [hs.dataset_ggn(output_fn, output_loss, p, data, batch_size=5),  # noqa: E731
-                     hs.restrict(hs.dataset_hvp(tasks.cross_entropy_loss(model), p, data,
+                     hs.restrict(hs.dataset_hvp(loss_of(model), p, data,
                                                 batch_size=5), "dense_1")]
     for op in ops(params):  # warm-up compilations
         op(v if isinstance(op, hs.GGNOperator) else op.select(v))
@@ -163,5 +160,3 @@ def test_restrict_prefixes_match_whole_path_components_and_bad_subsets_raise():
         hs.restrict(identity, jax.tree_util.tree_map(lambda _: False, params), like=params)
     with pytest.raises(ValueError, match="`like` is required"):
         hs.restrict(identity, "out")
-    with pytest.raises(ValueError, match="`task`"):
-        tasks.output_loss("ranking")

@@ -9,10 +9,9 @@ from jax import flatten_util
 
 import hessian_subspace as hs
 from hessian_subspace import krylov
-from hessian_subspace.paper import models
-from hessian_subspace.training import tasks
 
-from _helpers import count_compilations, matrix_with_spectrum, projector, top_subspace
+from _helpers import (count_compilations, loss_of, matrix_with_spectrum, mlp, projector,
+                      top_subspace)
 
 RTOL64 = 1e-9  # relative eigenvalue accuracy asked of float64 solves
 
@@ -213,16 +212,15 @@ def _mlp_dense_hessian():
 
 def _mlp_hessian_problem():
     # ~2k parameters: 20 -> 40 -> 20 -> 5.
-    model = models.MLP(hidden=(40, 20), num_outputs=5, activation="softplus")
+    params, outputs = mlp((20, 40, 20, 5), activation="softplus")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 20))
     y = rng.integers(0, 5, 200)
-    params = models.init_params(model, jax.random.key(0), jnp.ones((1, 20)))
     # float64 inside a `jax.enable_x64` scope, float32 outside.
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params)
     data = {"x": jnp.asarray(x, dtype), "y": jnp.asarray(y)}
-    return tasks.cross_entropy_loss(model), params, data
+    return loss_of(outputs), params, data
 
 
 def test_top_eigenpairs_of_mlp_hessian_match_dense_eigh_float64():
@@ -358,14 +356,12 @@ def test_restarted_solver_matches_dense_eigh_and_the_unrestarted_one(name):
 
 
 def test_restarted_solver_on_an_mlp_hessian_and_its_argument_checks():
-    model = models.MLP(hidden=(8,), num_outputs=3)
+    params, outputs = mlp((5, 8, 3))
     rng = np.random.default_rng(0)
     data = {"x": rng.normal(size=(64, 5)), "y": rng.integers(0, 3, 64)}
     with jax.enable_x64(True):
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64),
-                                        models.init_params(model, jax.random.key(0),
-                                                           data["x"][:1]))
-        loss = tasks.cross_entropy_loss(model)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+        loss = loss_of(outputs)
         op = hs.dataset_hvp(loss, params, data, batch_size=16)
         h = np.asarray(hs.dense_hessian(loss, params, data))
         v0 = hs.random_start_vector(jax.random.key(1), params)

@@ -185,3 +185,25 @@ def test_the_checks_catch_what_they_guard(negative, tmp_path, monkeypatch):
              "private": test_no_private_names_of_other_modules}[negative]
     with pytest.raises(AssertionError):
         check()
+
+
+CORE_TESTS = ["test_api.py", "test_curvature.py", "test_fast_paths.py", "test_ggn.py",
+              "test_krylov.py", "test_layering.py", "test_metrics.py", "test_spectrum.py",
+              "test_tracker.py"]
+
+
+def test_the_core_and_its_tests_need_no_flax_optax_orbax_or_tfds():
+    """The core's tests build plain-JAX models (``tests/_helpers.py``): with flax, optax,
+    orbax and tensorflow-datasets unimportable, the core imports and its tests collect."""
+    import subprocess
+    import sys
+
+    blocked = ("flax", "optax", "orbax", "orbax.checkpoint", "tensorflow_datasets")
+    script = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+              "import hessian_subspace, pytest\n"
+              "sys.exit(pytest.main(['-q', '--co', '-p', 'no:cacheprovider'] + sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script,
+                           *[str(ROOT / "tests" / t) for t in CORE_TESTS]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error" not in proc.stdout.lower().splitlines()[-1], proc.stdout[-2000:]
