@@ -12,10 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import flatten_util
 
 from hessian_subspace import analysis
 from hessian_subspace.analysis import transforms as transforms_lib
 from hessian_subspace.paper import data
+from hessian_subspace.training import tasks
+
+from _pipeline import acceptance_problem, tiny_problem, user_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,3 +240,66 @@ def test_at_steps_and_every_refuse_bad_arguments():
         analysis.at_steps(analysis.chain(t), 3)
     with pytest.raises(TypeError, match="expected a Transform"):
         analysis.every(lambda ctx: 0, 2)
+
+
+# Composition: requirements, order and state, through the Analyzer.
+
+
+def test_chain_checks_requirements_and_names_before_any_work():
+    with pytest.raises(ValueError, match="'f_top' requires 'gradient'.*analysis.gradient()"):
+        analysis.chain(analysis.eigenpairs(k=4), analysis.f_top(k=2))
+    with pytest.raises(ValueError, match="'f_top' requires 'eigenpairs'"):
+        analysis.chain(analysis.gradient(), analysis.f_top(k=2), analysis.eigenpairs(k=4))
+    with pytest.raises(ValueError, match="named 'gradient'"):
+        analysis.chain(analysis.gradient(), analysis.gradient())
+    with pytest.raises(ValueError, match="'mine' requires 'nothing_here'"):
+        analysis.chain(analysis.transform("mine", lambda ctx: 1.0, requires=("nothing_here",)))
+    with pytest.raises(TypeError, match="chain"):
+        analysis.chain("f_top")
+    with pytest.raises(ValueError, match="`k` must be an int >= 1"):
+        analysis.eigenpairs(k=-3)
+    # Nested chains flatten; a bare function of the context is a transform named after it.
+    def norm_of_params(ctx):
+        return {"param_norm": float(jnp.linalg.norm(flatten_util.ravel_pytree(ctx["params"])[0]))}
+    pipe = analysis.chain(analysis.chain(analysis.loss(), analysis.gradient()), norm_of_params)
+    assert pipe.names == ("loss", "gradient", "norm_of_params")
+
+
+def test_order_is_respected_and_missing_entries_name_the_transform(tmp_path):
+    model, ds, params, _ = tiny_problem()
+    loss = tasks.cross_entropy_loss(model)
+    seen = []
+
+    def first(ctx):
+        seen.append("first")
+        return {"a": 1.0}
+
+    def second(ctx):
+        seen.append("second")
+        return {"b": ctx["a"] + 1.0}  # reads what `first` put in the context
+
+    analyzer = analysis.Analyzer(analysis.chain(first, second), loss, data=ds, progress=False)
+    record = analyzer.process(0, params)
+    assert seen == ["first", "second"] and record["b"] == 2.0
+    # A function that reads an entry nobody provides (and did not declare it): a clear error.
+    sneaky = analysis.transform("sneaky", lambda ctx: ctx["eigenpairs"].eigenvalues[0])
+    analyzer = analysis.Analyzer(analysis.chain(sneaky), loss, data=ds, progress=False,
+                                 results_dir=str(tmp_path / "r"))
+    with pytest.raises(analysis.MissingEntry, match="transform 'sneaky' asked for 'eigenpairs'"):
+        analyzer.process(0, params)
+    assert not (tmp_path / "r").exists()  # nothing was written
+
+
+def test_a_stateful_user_transform_and_single_value_outputs():
+    analysis_set, params = acceptance_problem()
+
+    def count(ctx, state):
+        return {"calls": int(state) + 1}, state + 1
+
+    pipe = analysis.chain(
+        analysis.transform("calls", count, init=lambda ctx: np.asarray(0)),
+        analysis.transform("param_norm", lambda ctx: float(jnp.linalg.norm(ctx["params"]["w1"]))))
+    analyzer = analysis.Analyzer(pipe, user_loss(0.0), data=analysis_set, progress=False)
+    records = [analyzer.process(t, params) for t in (0, 5, 9)]
+    assert [r["calls"] for r in records] == [1, 2, 3]
+    np.testing.assert_allclose(records[0]["param_norm"], float(jnp.linalg.norm(params["w1"])))
