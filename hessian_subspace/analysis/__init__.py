@@ -40,6 +40,7 @@ from hessian_subspace.analysis import drivers as drivers
 from hessian_subspace.analysis import fingerprints as fingerprints
 from hessian_subspace.analysis import presets as presets
 from hessian_subspace.analysis import spectra as spectra
+from hessian_subspace.analysis import step as step
 from hessian_subspace.analysis import sources as sources
 from hessian_subspace.analysis import store as store
 from hessian_subspace.analysis import views as views

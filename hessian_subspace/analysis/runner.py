@@ -36,9 +36,10 @@ from hessian_subspace.analysis import checks
 from hessian_subspace.analysis import context as context_lib
 from hessian_subspace.analysis import fingerprints as fp
 from hessian_subspace.analysis import sources as sources_lib
+from hessian_subspace.analysis import step as step_lib
 from hessian_subspace.analysis import store as store_lib
 from hessian_subspace.analysis import writers as writers_lib
-from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Stored, Transform, chain
+from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Transform, chain
 
 PyTree = Any
 CURVATURES = ("hessian", "ggn")
@@ -526,46 +527,9 @@ class Analyzer:
         if self.block is not None:
             record["block"] = dict(prefixes=list(self.block), leaves=list(operator.leaf_names),
                                    num_params=operator.dim)
-        stored: dict[str, dict] = {}
-        new_states = {}
-        for t in self.chain.transforms:
-            ctx.current = t.name
-            outputs, new_states[t.name] = t.update(ctx, states[t.name])
-            if not isinstance(outputs, Mapping):
-                raise checks.TransformContractError(
-                    f"transform {t.name!r} returned {type(outputs).__name__}, not a dict of "
-                    "outputs")
-            for key, value in outputs.items():
-                if isinstance(value, Stored):
-                    arrays = stored.setdefault(key, {})
-                    clash = set(arrays) & set(value)
-                    if clash:
-                        raise checks.TransformContractError(
-                            f"transform {t.name!r} stores {sorted(clash)} in {key!r}, which an "
-                            "earlier transform stored already")
-                    arrays.update({k: _tree.to_host(v) for k, v in value.items()})
-                    ctx.hold_stored(key, arrays)
-                    continue
-                if key in t.context_only:
-                    continue
-                if key in record or key in RESERVED_KEYS:
-                    raise checks.TransformContractError(
-                        f"transform {t.name!r} outputs {key!r}, which is already in the record; "
-                        "rename one of them (and declare the keys a transform writes with "
-                        "records=..., so that chain() refuses a clash before any work)")
-                try:
-                    record[key] = store_lib.recordable(t.name, key, value)
-                except ValueError as e:
-                    raise checks.TransformContractError(str(e)) from None
-                checks.check_finite_output(t.name, key, record[key])
-            ctx.add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
-        ctx.current = None
-        record["hvps"] = ctx.hvps
-        if ctx.reads:
-            record["reads"] = ctx.reads
-        if ctx.waiting_for:
-            record["waiting_for"] = ctx.waiting_for
-        return record, stored, new_states
+        result = step_lib.apply(self.chain, ctx, states, taken=record)
+        record.update(result.record)
+        return record, result.stored, result.state
 
     # ---- streams ---------------------------------------------------------------------------
 
