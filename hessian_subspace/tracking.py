@@ -156,6 +156,9 @@ def track_eigenpairs(matvec: Matvec, start: jax.Array, k: int, *, like: PyTree,
     if key is not None:
         _tree.check_key("key", key)
     dim = _tree.tree_size(like)
+    if isinstance(start, (list, tuple)) and all(np.ndim(r) == 1 for r in start) and \
+            len({np.shape(r) for r in start}) == 1:
+        start = jnp.stack([jnp.asarray(r) for r in start])  # a list of rows
     if isinstance(start, (jax.Array, np.ndarray)) and np.ndim(start) != 2:
         raise ValueError(f"`start` must be (b, {dim}) rows or a pytree of them, got shape "
                          f"{np.shape(start)}.")

@@ -231,6 +231,8 @@ def test_start_vectors_are_pytrees_or_flat_alike():
     from_rows = hs.track_eigenpairs(op, rows, 2, like=params, tol=1e-4, max_blocks=3)
     from_tree = hs.track_eigenpairs(op, stacked, 2, like=params, tol=1e-4, max_blocks=3)
     np.testing.assert_array_equal(from_rows.eigenvalues, from_tree.eigenvalues)
+    from_list = hs.track_eigenpairs(op, list(rows), 2, like=params, tol=1e-4, max_blocks=3)
+    np.testing.assert_array_equal(from_rows.eigenvalues, from_list.eigenvalues)
     # A flat vector of the wrong size is still named.
     with pytest.raises(ValueError, match="`v0` must be shaped like the operator's vectors"):
         hs.top_eigenpairs(op, jnp.ones(5), 2)

@@ -38,7 +38,7 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
 
     Args:
       source: a checkpoint source (:func:`~hessian_subspace.analysis.orbax_checkpoints`,
-        a training run's :func:`~hessian_subspace.training.checkpoint.run_checkpoints`, or
+        a training run's :func:`~hessian_subspace.checkpoints.run_checkpoints`, or
         anything with ``steps()`` and ``load(step)``), or ``{step: params}`` /
         ``{step: (params, state)}``.
       steps: only these steps (default: every scheduled one).

@@ -148,7 +148,7 @@ def adam_preconditioned(k: int = 10, *, b2: float = 0.999, eps: float = 1e-8,
     :math:`D^{-1/2}g` in their span — the paper's question asked in Adam's geometry.
 
     The optimizer state comes from the checkpoints
-    (``training.checkpoint.run_checkpoints(..., optimizer=True)``) or the training loop
+    (``checkpoints.run_checkpoints(..., optimizer=True)``) or the training loop
     (``analyzer(step, params, extras={"optimizer": opt_state})``).
     """
     k = _tree.check_int("k", k, 1)
