@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping, Protocol
 
-
 from hessian_subspace import _tree
 from hessian_subspace.checkpoints import (CheckpointError, OrbaxCheckpoints, PeerLostError,
                                           conform, orbax_checkpoints, peer_failure)
