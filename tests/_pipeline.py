@@ -34,13 +34,19 @@ def paper_analyzer(model, ds, results_dir, settings=None, k=3, **kwargs):
         **dict(presets.analyzer_options(settings), **kwargs))
 
 
+def _float64_problem(model, ds, params):
+    """Parameters and data in float64 (call inside ``jax.enable_x64``), the loss, and the
+    flat parameters with their unravel."""
+    p64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+    batch = {"x": jnp.asarray(ds["x"], jnp.float64), "y": jnp.asarray(ds["y"])}
+    flat, unravel = flatten_util.ravel_pytree(p64)
+    return p64, batch, tasks.cross_entropy_loss(model), flat, unravel
+
+
 def dense_reference(model, ds, params):
     """g, H and its eigen-decomposition in float64, independently of the pipeline."""
     with jax.enable_x64(True):
-        p64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
-        batch = {"x": jnp.asarray(ds["x"], jnp.float64), "y": jnp.asarray(ds["y"])}
-        loss = tasks.cross_entropy_loss(model)
-        flat, unravel = flatten_util.ravel_pytree(p64)
+        p64, batch, loss, flat, unravel = _float64_problem(model, ds, params)
         g = np.asarray(jax.grad(lambda x: loss(unravel(x), batch))(flat))
         h = np.asarray(jax.hessian(lambda x: loss(unravel(x), batch))(flat))
         value = float(loss(p64, batch))
@@ -58,10 +64,7 @@ def dense_curvatures(model, ds, params):
     """Dense float64 g, H and GGN of the tiny problem (the GGN from jacfwd, as in test_ggn)."""
     from test_ggn import _dense_ggn
     with jax.enable_x64(True):
-        p64 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
-        batch = {"x": jnp.asarray(ds["x"], jnp.float64), "y": jnp.asarray(ds["y"])}
-        loss = tasks.cross_entropy_loss(model)
-        flat, unravel = flatten_util.ravel_pytree(p64)
+        p64, batch, loss, flat, unravel = _float64_problem(model, ds, params)
         g = np.asarray(jax.jit(jax.grad(lambda x, b: loss(unravel(x), b)))(flat, batch))
         h = np.asarray(jax.jit(hs.dense_hessian)(loss, p64, batch))
         ggn = _dense_ggn(hs.curvature.bind_state(tasks.inference_outputs(model), {}), p64, batch,
