@@ -22,7 +22,7 @@ from absl import app, flags
 
 import _common
 import hessian_subspace as hs
-from hessian_subspace.analysis import presets
+from hessian_subspace.analysis import config as config_lib
 from hessian_subspace.paper import experiment
 from hessian_subspace.training import checkpoint, tasks
 
@@ -58,9 +58,10 @@ def _analyse(workdir, results, warm):
     config.data.num_analysis = FLAGS.num_analysis
     data = experiment.load_data(config)
     model = experiment.build_model(config, num_outputs)
-    settings = presets.Settings(batch_size=FLAGS.batch_size, tol=FLAGS.tol, warm_start=warm)
+    acfg = config_lib.as_config(dict(operator=dict(batch_size=FLAGS.batch_size),
+                                     eigenpairs=dict(tol=FLAGS.tol, warm_start=warm)))
     analyzer = experiment.analyzer_for(config, num_outputs, data["analysis"], results,
-                                       settings=settings, progress=False)
+                                       analysis_config=acfg, progress=False, model=model)
     records = analyzer.run(checkpoint.run_checkpoints(os.path.join(workdir, "checkpoints")))
     return analyzer, model, config.task, records
 
@@ -96,7 +97,7 @@ def main(argv):
         versions=_common.versions(),
         setup=dict(model="FC 784-100-100-10", data="Fashion-MNIST (IDX)",
                    analysis_examples=FLAGS.num_analysis, hvp_batch=FLAGS.batch_size,
-                   transforms=list(presets.DEFAULT_TRANSFORMS), k=10, eigenpairs=20,
+                   transforms=list(config_lib.DEFAULT_TRANSFORMS), k=10, eigenpairs=20,
                    tol=FLAGS.tol, train_steps=FLAGS.train_steps, schedule=FLAGS.schedule,
                    precision="float32, default matmul precision"),
         train_seconds=round(train_seconds, 2),

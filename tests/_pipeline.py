@@ -9,7 +9,7 @@ from jax import flatten_util
 
 import hessian_subspace as hs
 from hessian_subspace import analysis
-from hessian_subspace.analysis import presets
+from hessian_subspace.analysis import config as config_lib
 from hessian_subspace.paper import data, models
 from hessian_subspace.training import tasks
 
@@ -23,15 +23,21 @@ def tiny_problem(seed=0):
     return model, {"x": ds["x"], "y": ds["y"]}, params, state
 
 
+def config_of(**flat):
+    """The analysis config with flat (alias) settings applied, checked."""
+    return config_lib.validate(config_lib.apply_aliases(config_lib.default_config(), **flat))
+
+
 def paper_analyzer(model, ds, results_dir, settings=None, k=3, **kwargs):
-    """The paper's chain on a linen model, as ``paper.experiment.analyzer_for`` builds it."""
-    settings = settings or presets.Settings()
+    """The paper's chain on a linen model, as ``paper.experiment.analyzer_for`` builds it
+    (``settings``: an analysis config)."""
+    settings = settings or config_lib.default_config()
     return analysis.Analyzer(
-        presets.paper_chain(settings, k=k, metrics_fn=tasks.inference_metrics(model, CE)),
+        config_lib.build_chain(settings, k=k, metrics_fn=tasks.inference_metrics(model, CE)),
         tasks.inference_loss(model, CE), data=ds, results_dir=results_dir,
         output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss(CE),
         record_fields=dict(k=k), progress=False,
-        **dict(presets.analyzer_options(settings), **kwargs))
+        **dict(config_lib.analyzer_options(settings), **kwargs))
 
 
 def _float64_problem(model, ds, params):

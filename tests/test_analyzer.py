@@ -10,11 +10,10 @@ import pytest
 
 import hessian_subspace as hs
 from hessian_subspace import analysis
-from hessian_subspace.analysis import presets
 from hessian_subspace.training import batches, tasks
 
 from _helpers import count_compilations
-from _pipeline import CE, acceptance_problem, paper_analyzer, tiny_problem, user_loss
+from _pipeline import CE, acceptance_problem, config_of, paper_analyzer, tiny_problem, user_loss
 
 
 def _acceptance_chain():
@@ -126,10 +125,10 @@ def test_invalid_settings_are_refused_before_anything_is_written(tmp_path):
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
             analysis.Analyzer(pipe, loss, **args)
-    with pytest.raises(ValueError, match="`k` must be an int >= 1"):
-        presets.Settings(k=-3)
+    with pytest.raises(ValueError, match="`config.k` must be an int >= 1"):
+        config_of(k=-3)
     with pytest.raises(ValueError, match="unknown transforms"):
-        presets.Settings(transforms=("loss", "nope"))
+        config_of(transforms=("loss", "nope"))
     # A block that matches no parameter, and a loss that needs a state nobody gave: refused at
     # the first checkpoint, still before any file.
     analyzer = analysis.Analyzer(pipe, loss, data=ds, results_dir=str(results), block="dense_7",
@@ -152,7 +151,7 @@ def test_invalid_settings_are_refused_before_anything_is_written(tmp_path):
 
 def test_one_compilation_per_transform_and_shape(tmp_path):
     model, ds, params, state = tiny_problem()
-    analyzer = paper_analyzer(model, ds, str(tmp_path), presets.Settings(batch_size=32))
+    analyzer = paper_analyzer(model, ds, str(tmp_path), config_of(batch_size=32))
     analyzer.process(0, params, state)
     analyzer.process(1, jax.tree_util.tree_map(lambda x: x * 1.1, params), state)
     with count_compilations() as n:

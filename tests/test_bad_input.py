@@ -170,17 +170,27 @@ _MORE_CASES = [
     ("training task, unknown",
      lambda: __import__("hessian_subspace.training.tasks", fromlist=["x"]).output_loss(
          "ranking"), ValueError, "`task`"),
-    ("settings, k = 0", lambda: _settings(k=0), ValueError, "`k` must be an int >= 1"),
+    ("settings, k = 0", lambda: _settings(k=0), ValueError, "`config.k` must be an int >= 1"),
     ("settings, k = -3 says -3", lambda: _settings(k=-3), ValueError, "got -3"),
-    ("settings, lanczos_steps = 0", lambda: _settings(lanczos_steps=0), ValueError,
-     "`lanczos_steps` must be an int >= 1"),
+    ("settings, eigenpairs.num_steps = 0", lambda: _settings(eigenpairs=dict(num_steps=0)),
+     ValueError, "config.eigenpairs: `num_steps` must be an int >= 1"),
+    ("settings, a field the config lacks", lambda: _settings(eigenpairs=dict(nope=1)),
+     ValueError, "`config.eigenpairs` has no field 'nope'"),
+    ("settings, an unknown alias", lambda: _alias(lanczos=3), ValueError,
+     "unknown analysis settings ['lanczos']"),
 ]
 
 
 def _settings(**kw):
-    from hessian_subspace.analysis import presets
+    from hessian_subspace.analysis import config as config_lib
 
-    return presets.Settings(**kw)
+    return config_lib.validate(kw)
+
+
+def _alias(**flat):
+    from hessian_subspace.analysis import config as config_lib
+
+    return config_lib.apply_aliases(config_lib.default_config(), **flat)
 
 
 @pytest.mark.parametrize("case, call, error, fragment", _MORE_CASES,

@@ -10,18 +10,17 @@ import pytest
 
 import hessian_subspace as hs
 from hessian_subspace import analysis
-from hessian_subspace.analysis import presets
 from hessian_subspace.paper import data, models
 from hessian_subspace.training import batches, tasks
 
 from _helpers import count_compilations
-from _pipeline import (CE, dense_curvatures, dense_reference, eig_desc,
+from _pipeline import (CE, config_of, dense_curvatures, dense_reference, eig_desc,
                        moved_params, paper_analyzer, tiny_problem)
 
 
 def test_every_builtin_matches_a_dense_float64_computation(tmp_path):
     model, ds, params, state = tiny_problem()
-    settings = presets.Settings(dtype="float64", tol=1e-9, lanczos_steps=60, batch_size=32,
+    settings = config_of(dtype="float64", tol=1e-9, lanczos_steps=60, batch_size=32,
                                 num_minibatches=2, minibatch_size=16, reference_steps=(0,))
     analyzer = paper_analyzer(model, ds, str(tmp_path), settings)
     moved = moved_params(params)
@@ -118,7 +117,7 @@ def test_tracker_warm_start_agrees_with_lanczos_and_counts_its_hvps(tmp_path):
     steps = [jax.tree_util.tree_map(lambda x, t=t: x * (1 + 1e-3 * t), params) for t in range(3)]
     out = {}
     for tracker in (False, True):
-        settings = presets.Settings(batch_size=32, k=2, tol=1e-4, tracker=tracker,
+        settings = config_of(batch_size=32, k=2, tol=1e-4, tracker=tracker,
                                     tracker_blocks=6,
                                     transforms=("loss", "gradient", "eigenpairs", "f_top"))
         analyzer = paper_analyzer(model, ds, str(tmp_path / str(tracker)), settings, k=2)
@@ -131,12 +130,12 @@ def test_tracker_warm_start_agrees_with_lanczos_and_counts_its_hvps(tmp_path):
         assert tracked["tracker_converged"] and tracked["all_converged"]
         assert tracked["hvps"] == tracked["lanczos_hvps"] == tracked["tracker_hvps"]
     with pytest.raises(ValueError, match="tracker"):
-        presets.Settings(tracker=True, warm_start=False)
+        config_of(tracker=True, warm_start=False)
 
 
 def test_block_analysis_and_ggn_alongside_match_dense_blocks(tmp_path):
     model, ds, params, state = tiny_problem()
-    settings = presets.Settings(
+    settings = config_of(
         block="dense_1", also_ggn=True, dtype="float64", tol=1e-9, lanczos_steps=18,
         batch_size=45, num_minibatches=2, minibatch_size=16,
         transforms=("loss", "gradient", "eigenpairs", "f_top", "layers"))
@@ -172,7 +171,7 @@ def test_block_analysis_and_ggn_alongside_match_dense_blocks(tmp_path):
 def test_ggn_curvature_and_its_error_bars_against_dense_float64_in_a_float32_analysis(
         tmp_path):
     model, ds, params, state = tiny_problem()
-    settings = presets.Settings(
+    settings = config_of(
         curvature="ggn", next_bound=True, batch_size=45, num_minibatches=0,
         reference_steps=(0,), transforms=("loss", "gradient", "eigenpairs", "f_top",
                                           "overlap_g_hg", "layers", "subspace_overlap"))

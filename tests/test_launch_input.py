@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hessian_subspace.analysis import presets
+from hessian_subspace.analysis import config as config_lib
 from hessian_subspace.paper import experiment
 from launch.configs import train as train_configs
 
@@ -60,7 +60,8 @@ def test_k_larger_than_the_model_is_refused_before_anything_is_written(smoke_run
                                          r"\(2k\) but the model has 659 parameters; k must be "
                                          r"<= 329"):
         experiment.analyze_run(smoke_run, str(tmp_path / "a"),
-                               settings=presets.Settings(k=1000), progress=False)
+                               analysis_config=config_lib.as_config(dict(k=1000)),
+                               progress=False)
     assert not os.path.exists(tmp_path / "a")
 
 
@@ -68,7 +69,8 @@ def test_steps_without_a_checkpoint_are_refused(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"`steps`: no checkpoint at step\(s\) \[12345\]; the "
                                          r"checkpoint directory .*checkpoints has \[0, 10, 20\]"):
         experiment.analyze_run(smoke_run, str(tmp_path / "a"), steps=[0, 12345],
-                               settings=presets.Settings(transforms=("loss",)), progress=False)
+                               analysis_config=config_lib.as_config(dict(transforms="loss")),
+                               progress=False)
     assert not os.path.exists(tmp_path / "a" / "records")
 
 

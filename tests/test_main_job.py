@@ -37,7 +37,7 @@ def test_refinement_adds_the_checkpoints_an_uninterrupted_run_would_have(tmp_pat
     import numpy as np
 
     from hessian_subspace import analysis
-    from hessian_subspace.analysis import presets
+    from hessian_subspace.analysis import config as config_lib
     from hessian_subspace.paper import experiment, reproduce
     from hessian_subspace.training import checkpoint
     from launch.configs import train as train_configs
@@ -46,10 +46,10 @@ def test_refinement_adds_the_checkpoints_an_uninterrupted_run_would_have(tmp_pat
     config.num_steps, config.checkpoint_schedule = 16, "8"
     workdir, results = str(tmp_path / "run"), str(tmp_path / "run" / "analysis")
     experiment.train_from_config(config, workdir, progress=False)
-    settings = presets.Settings(transforms=("loss", "gradient"))
-    experiment.analyze_run(workdir, results, settings=settings, progress=False)
+    acfg = config_lib.as_config(dict(transforms="loss,gradient"))
+    experiment.analyze_run(workdir, results, analysis_config=acfg, progress=False)
     added = reproduce.refine_checkpoints(config, workdir, results, key="train_loss",
-                                         threshold=0.0, max_rounds=2, settings=settings,
+                                         threshold=0.0, max_rounds=2, analysis_config=acfg,
                                          progress=False)
     assert added == [2, 4, 6, 10, 12, 14]
     full = config.copy_and_resolve_references()

@@ -4,7 +4,7 @@
 ``make.py`` there) for six checkpoints of a 75-parameter MLP, in three analyses: the default
 transform set in float32 with an SLQ density and a dense spectrum; float64 with the GGN beside
 the Hessian and 2k + 1 pairs; the GGN on the last layer's block. The same settings through
-:func:`analysis.presets.paper_chain` must give the same numbers within each quantity's own
+:func:`analysis.config.build_chain` must give the same numbers within each quantity's own
 error estimate (:class:`_Tolerances`), so the test passes on any CPU and XLA configuration:
 the fixture was made on one CPU, and Krylov quantities near round-off (residuals, error bars)
 move with the rounding of every product.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from hessian_subspace import analysis
-from hessian_subspace.analysis import presets
+from hessian_subspace.analysis import config as config_lib
 from hessian_subspace.paper import models
 from hessian_subspace.training import tasks
 
@@ -28,7 +28,7 @@ ANALYSES = {
     "default_f32": dict(reference_steps=(0, 4), batch_size=50, num_minibatches=2,
                         minibatch_size=16, tol=1e-3, slq_steps=(12,), slq_probes=3,
                         slq_lanczos_steps=12, dense_steps=(12,),
-                        transforms=presets.TRANSFORMS[:10]),  # the transforms it had then
+                        transforms=config_lib.TRANSFORMS[:10]),  # the transforms it had then
     "ggn_also_f64": dict(dtype="float64", tol=1e-8, also_ggn=True, next_bound=True,
                          reference_steps=(0,), batch_size=50, num_minibatches=2,
                          minibatch_size=16),
@@ -183,14 +183,19 @@ def _problem():
     return model, {"x": z["x"], "y": z["y"]}, shaped
 
 
+def _config(**flat):
+    """The analysis config of the old flat settings (the aliases of issue 19)."""
+    return config_lib.validate(config_lib.apply_aliases(config_lib.default_config(), **flat))
+
+
 def _analyzer(model, data, settings, tmp_path):
     """The paper's chain for ``settings`` on the fixture's model, as the old Pipeline ran it."""
     return analysis.Analyzer(
-        presets.paper_chain(settings, k=3,
+        config_lib.build_chain(settings, k=3,
                             metrics_fn=tasks.inference_metrics(model, "classification")),
         tasks.inference_loss(model, "classification"), data=data,
         output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss("classification"),
-        results_dir=str(tmp_path), progress=False, **presets.analyzer_options(settings))
+        results_dir=str(tmp_path), progress=False, **config_lib.analyzer_options(settings))
 
 
 @pytest.mark.parametrize("name", sorted(ANALYSES))
@@ -199,7 +204,7 @@ def test_the_rebuilt_pipeline_reproduces_the_old_records(name, tmp_path):
     # The fixture was recorded by forward-over-reverse products; the cached linearisation
     # (default "auto") computes the same numbers in another order, compared within float32
     # round-off in tests/test_fast_paths.py. Here the old arithmetic, to the last bits.
-    settings = presets.Settings(**ANALYSES[name], hvp_cache=False)
+    settings = _config(**ANALYSES[name], hvp_cache=False)
     analyzer = _analyzer(model, data, settings, tmp_path)
     with open(os.path.join(FIXTURE, f"records_{name}.json")) as f:
         old_records = json.load(f)
@@ -208,7 +213,7 @@ def test_the_rebuilt_pipeline_reproduces_the_old_records(name, tmp_path):
         assert new["status"] == old["status"] == "ok"
         k = old["k"]
         lam = old["eigenvalues"] + old["next_eigenvalues"]
-        tol = _Tolerances(new, old, settings.dtype)
+        tol = _Tolerances(new, old, settings.operator.dtype)
         m = len(lam)
         tol.within(new["eigenvalues"][:m], lam, tol.res[:m] + tol.old_res[:m]
                    + 100 * tol.u * tol.norm, f"{name}/{step}/eigenvalues")
@@ -235,7 +240,7 @@ def test_the_cached_linearisation_reproduces_the_old_records_to_round_off(name, 
     operations, so the records agree within the tolerances of :class:`_Tolerances` (each
     quantity's own error estimate)."""
     model, data, params = _problem()
-    settings = presets.Settings(**ANALYSES[name], hvp_cache=True)
+    settings = _config(**ANALYSES[name], hvp_cache=True)
     analyzer = _analyzer(model, data, settings, tmp_path)
     assert analyzer.settings["analyzer"]["hvp_cache"] is True
     with open(os.path.join(FIXTURE, f"records_{name}.json")) as f:
@@ -243,7 +248,7 @@ def test_the_cached_linearisation_reproduces_the_old_records_to_round_off(name, 
     for step, old in zip(STEPS, old_records, strict=True):
         new = analyzer.process(step, params[step], {})
         lam = old["eigenvalues"] + old["next_eigenvalues"]
-        tol = _Tolerances(new, old, settings.dtype)
+        tol = _Tolerances(new, old, settings.operator.dtype)
         tol.within(new["eigenvalues"][:len(lam)], lam, tol.res[:len(lam)]
                    + tol.old_res[:len(lam)] + 100 * tol.u * tol.norm, f"{name}/{step}")
         for key in ("f_top", "f_next", "overlap_g_hg", "lambda_max", "c2"):

@@ -15,7 +15,7 @@ def test_every_experiment_config_builds_valid_runs():
         config = paper.get_config(name)
         assert config.name == name and config.kind in summaries.KINDS
         for run in config.runs.values():
-            reproduce.settings_of(run)  # the analysis block is valid
+            reproduce.analysis_config_of(run)  # the analysis block is valid
             for dataset in (None, "gaussian_mixture", "idx:/tmp/x"):
                 r = run if dataset is None else reproduce.override_dataset(run, dataset)
                 for variant in (r, reproduce.smoke(r)):

@@ -38,7 +38,7 @@ from hessian_subspace.analysis import aggregate as aggregate
 from hessian_subspace.analysis import builtins as builtins
 from hessian_subspace.analysis import drivers as drivers
 from hessian_subspace.analysis import fingerprints as fingerprints
-from hessian_subspace.analysis import presets as presets
+from hessian_subspace.analysis import config as config
 from hessian_subspace.analysis import spectra as spectra
 from hessian_subspace.analysis import step as step
 from hessian_subspace.analysis import sources as sources

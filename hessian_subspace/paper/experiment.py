@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from hessian_subspace import analysis, curvature, sharding
-from hessian_subspace.analysis import presets
+from hessian_subspace.analysis import config as analysis_config_lib
 from hessian_subspace.paper import data as data_lib
 from hessian_subspace.paper import models
 from hessian_subspace import checkpoints as ckpt_lib
@@ -211,22 +211,22 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
 
 
 def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, results_dir: str, *,
-                 settings: presets.Settings | None = None, test_set: dict | None = None,
+                 analysis_config: ConfigDict | None = None, test_set: dict | None = None,
                  record_fields: dict | None = None, progress: bool = True, mesh=None,
-                 overwrite: bool = False) -> analysis.Analyzer:
-    """The analyzer of a run of the paper's models: :func:`presets.paper_chain` of
-    ``settings`` on the inference-mode loss, metrics and outputs of the config's model.
-    ``record_fields`` (default: ``k`` and the config) go into every record. On a ``mesh``,
-    examples are split over its ``data`` axis and parameters FSDP-style over its ``model``
-    axis (:func:`hessian_subspace.sharding.fsdp_shardings`). ``overwrite``: records of other
-    inputs in ``results_dir`` are computed again (moved aside) instead of refused."""
-    settings = settings or presets.Settings()
-    model = build_model(config, num_outputs)
-    k = settings.k or num_outputs
+                 overwrite: bool = False, model=None) -> analysis.Analyzer:
+    """The analyzer of a run of the paper's models: :func:`analysis.config.build_chain` of
+    ``analysis_config`` (default :func:`analysis.config.default_config`) on the
+    inference-mode loss, metrics and outputs of the config's model (``model``: that model,
+    already built). ``record_fields`` (default: ``k`` and the config) go into every record. On
+    a ``mesh``, examples are split over its ``data`` axis and parameters FSDP-style over its
+    ``model`` axis (:func:`hessian_subspace.sharding.fsdp_shardings`). ``overwrite``: records
+    of other inputs in ``results_dir`` are computed again (moved aside) instead of refused."""
+    acfg = analysis_config_lib.as_config(analysis_config or analysis_config_lib.default_config())
+    model = build_model(config, num_outputs) if model is None else model
+    k = acfg.k or num_outputs
     blocks = (models.gpt_blocks(model.depth) if isinstance(model, models.GPT) else None)
-    chain = presets.paper_chain(settings, k=k,
-                                metrics_fn=tasks.inference_metrics(model, config.task),
-                                blocks=blocks)
+    chain = analysis_config_lib.build_chain(
+        acfg, k=k, metrics_fn=tasks.inference_metrics(model, config.task), blocks=blocks)
     xy = lambda ds: None if ds is None else {"x": ds["x"], "y": ds["y"]}  # noqa: E731
     return analysis.Analyzer(
         chain, tasks.inference_loss(model, config.task), data=xy(analysis_set),
@@ -236,7 +236,7 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
         else record_fields, progress=progress, mesh=mesh, overwrite=overwrite,
         param_sharding=None if mesh is None else functools.partial(
             sharding.fsdp_shardings, mesh=mesh),
-        **presets.analyzer_options(settings))
+        **analysis_config_lib.analyzer_options(acfg))
 
 
 def restore_like(model, example_x, mesh=None) -> tuple[Any, Any]:
@@ -254,7 +254,7 @@ def restore_like(model, example_x, mesh=None) -> tuple[Any, Any]:
                                                      state_like)))
 
 
-def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | None = None,
+def analyze_run(workdir: str, results_dir: str, *, analysis_config: ConfigDict | None = None,
                 steps=None, watch: bool = False, poll_seconds: float = 2.0,
                 timeout_seconds: float = 600.0, num_analysis: int | None = None,
                 test_metrics: bool = False, retry_failed: bool = True,
@@ -262,7 +262,8 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
                 allow_failures: bool = False) -> list[dict]:
     """Streams a run's checkpoints (finished, or live with ``watch``) through the pipeline.
 
-    The model and the analysis set are rebuilt from the config stored in the checkpoints.
+    The model and the analysis set are rebuilt from the config stored in the checkpoints;
+    ``analysis_config`` (default :func:`analysis.config.default_config`) says what is measured.
     ``num_analysis`` overrides the size of the analysis set (a fixed random subset).
     ``overwrite`` and ``allow_failures`` are those of :class:`analysis.Analyzer` and
     :meth:`analysis.Analyzer.run`: by default records of other inputs are refused and failed
@@ -276,23 +277,27 @@ def analyze_run(workdir: str, results_dir: str, *, settings: presets.Settings | 
     data = load_data(config)
     model = build_model(config, num_outputs)
     like, state_like = restore_like(model, data["analysis"]["x"][:1], mesh)
-    s = settings or presets.Settings()
+    acfg = analysis_config_lib.validate(analysis_config or analysis_config_lib.default_config())
+    todo = analysis_config_lib.names(acfg)
     num_params = models.param_count(like)
-    pairs = 2 * (s.k or num_outputs) + int(s.next_bound)
-    if "eigenpairs" in s.transforms and s.block is None and pairs > num_params - 1:
-        raise ValueError(f"`k` = {s.k or num_outputs}: the analysis computes {pairs} eigenpairs "
-                         f"(2k{' + 1' if s.next_bound else ''}) but the model has "
+    k = acfg.k or num_outputs
+    pairs = analysis_config_lib.num_pairs(acfg, k)
+    if ("eigenpairs" in todo and analysis_config_lib.block_of(acfg) is None
+            and pairs > num_params - 1):
+        bound = int(acfg.eigenpairs.next_bound)
+        raise ValueError(f"`k` = {k}: the analysis computes {pairs} eigenpairs "
+                         f"(2k{' + 1' if bound else ''}) but the model has "
                          f"{num_params} parameters; k must be <= "
-                         f"{(num_params - 1 - int(s.next_bound)) // 2}")
+                         f"{(num_params - 1 - bound) // 2}")
     analyzer = analyzer_for(config, num_outputs, data["analysis"], results_dir,
-                            settings=settings, test_set=data["test"] if test_metrics else None,
-                            record_fields=dict(k=(settings or presets.Settings()).k or
-                                               num_outputs, config=config_json),
-                            progress=progress, mesh=mesh, overwrite=overwrite)
+                            analysis_config=acfg,
+                            test_set=data["test"] if test_metrics else None,
+                            record_fields=dict(k=k, config=config_json),
+                            progress=progress, mesh=mesh, overwrite=overwrite, model=model)
     analyzer.retry_failed = retry_failed
     source = ckpt_lib.run_checkpoints(
         os.path.join(workdir, train_lib.CHECKPOINT_DIR), like=like, state_like=state_like,
         final_step=config.get("num_steps"),
-        optimizer="adam" in (settings or presets.Settings()).transforms)
+        optimizer=bool(analysis_config_lib.NEEDS_OPTIMIZER.intersection(todo)))
     return analyzer.run(source, steps=steps, watch=watch, poll_seconds=poll_seconds,
                         timeout_seconds=timeout_seconds, allow_failures=allow_failures)

@@ -3,7 +3,8 @@ and numbers made from their result files.
 
 An experiment config (``launch/configs/paper.py``) has a ``kind`` (which figure or table), a
 dict of ``runs`` (each a training config from :func:`experiment.default_config` with an
-``analysis`` block of :class:`hessian_subspace.analysis.presets.Settings` fields) and ``plot``
+``analysis`` block: :func:`hessian_subspace.analysis.config.default_config` plus which steps
+to analyse) and ``plot``
 options; :mod:`.summaries` turns a kind's results into figures and numbers. Runs are stored
 under ``ROOT/runs/NAME-HASH`` (HASH of the run's identity), so experiments that share a run
 (Fig. 1, 2, 3, 6, 8 and 11 all use the FC net on MNIST) train and analyse it once; everything is
@@ -24,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from hessian_subspace import _io, analysis
-from hessian_subspace.analysis import presets
+from hessian_subspace.analysis import config as analysis_config_lib
 from hessian_subspace.paper import experiment, summaries
 from hessian_subspace.paper import figures as plots
 from hessian_subspace import checkpoints as ckpt_lib
@@ -32,12 +33,8 @@ from hessian_subspace.training import loop as train_lib
 
 ConfigDict = ml_collections.ConfigDict
 
-ANALYSIS_DEFAULTS = dict(
-    transforms=list(presets.DEFAULT_TRANSFORMS), k=None, lanczos_steps=None, tol=1e-3,
-    block_size=1, dtype="float32", precision=None, batch_size=1000, num_minibatches=4,
-    minibatch_size=64, reference_steps=[0, 10, 50, 100, 200, 500, 1000], warm_start=True,
-    slq_steps=[], slq_probes=10, slq_lanczos_steps=80, dense_steps=[],
-    dense_max_params=30000, seed=0,
+# The run's analysis block beyond the analysis config: which checkpoints, and how.
+ANALYSIS_DRIVER = dict(
     steps=None,  # analyse only these checkpoint steps (None: all)
     min_step=None,  # analyse only checkpoints at or after this step
     test_metrics=False,
@@ -45,11 +42,23 @@ ANALYSIS_DEFAULTS = dict(
 )
 
 
+def analysis_block() -> ConfigDict:
+    """A run's ``analysis`` block: the analysis config (dense spectra up to 30,000
+    parameters) and :data:`ANALYSIS_DRIVER`."""
+    block = analysis_config_lib.default_config()
+    block.dense_spectrum.max_params = 30000
+    block.steps = ml_collections.config_dict.placeholder(tuple)
+    block.min_step = ml_collections.config_dict.placeholder(int)
+    block.test_metrics = False
+    block.live = False
+    return block
+
+
 def make_run(**fields) -> ConfigDict:
     """A run config: :func:`experiment.default_config` updated with ``fields`` (nested dicts
     are merged) and an ``analysis`` block."""
     config = experiment.default_config()
-    config.analysis = ConfigDict(ANALYSIS_DEFAULTS)
+    config.analysis = analysis_block()
     _merge(config, fields)
     return config
 
@@ -68,21 +77,11 @@ def _hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
 
-# Analysis settings added after result directories existed. At their defaults they are left out
-# of the directory name, so a rerun finds and resumes the analyses made before they existed.
-_LATER_SETTINGS = ("curvature", "also_ggn", "block", "next_bound", "tracker", "tracker_blocks",
-                   "memory_budget", "f_top_ks", "block_spectra_steps", "block_k",
-                   "block_slq_probes", "block_slq_steps", "adam_k", "adam_b2", "adam_eps",
-                   "hvp_cache")
-
-
-def analysis_identity(settings: presets.Settings) -> dict:
-    """What names an analysis directory: the settings, less later additions at their defaults,
-    and the store's layout version (results of the pre-issue-9 pipeline are not mixed in)."""
-    current, defaults = settings.to_json(), presets.Settings().to_json()
-    identity = {k: v for k, v in current.items()
-                if not (k in _LATER_SETTINGS and v == defaults[k])}
-    return dict(identity, layout=analysis.runner.LAYOUT_VERSION)
+def analysis_identity(analysis_config: ConfigDict) -> dict:
+    """What names an analysis directory: every field of the analysis config and the store's
+    layout version (results of an older pipeline are not mixed in)."""
+    return dict(analysis_config_lib.to_json(analysis_config),
+                layout=analysis.runner.LAYOUT_VERSION)
 
 
 def _train_part(run: ConfigDict) -> ConfigDict:
@@ -91,14 +90,13 @@ def _train_part(run: ConfigDict) -> ConfigDict:
     return config
 
 
-def settings_of(run: ConfigDict) -> presets.Settings:
-    a = run.analysis
-    fields = {f: a[f] for f in presets.Settings.__dataclass_fields__ if f in a}
-    for f in ("transforms", "reference_steps", "slq_steps", "dense_steps", "f_top_ks",
-              "block_spectra_steps"):
-        if f in fields:
-            fields[f] = tuple(fields[f])
-    return presets.Settings(**fields)
+def analysis_config_of(run: ConfigDict) -> ConfigDict:
+    """The analysis config of a run (its ``analysis`` block less the driver fields), checked:
+    a ``ValueError`` naming the field."""
+    block = run.analysis.to_dict()
+    fields = {key: value for key, value in block.items()
+              if key not in ANALYSIS_DRIVER and key != "refine"}
+    return analysis_config_lib.validate(fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,42 +167,43 @@ def smoke(run: ConfigDict) -> ConfigDict:
         run.model.kwargs.width = 0.125
     elif run.model.name == "resnet18":
         run.model.kwargs = ConfigDict(dict(width=2))
-    elif run.model.name == "fc" and run.analysis.dense_steps:
+    elif run.model.name == "fc" and "dense_spectrum" in run.analysis.transforms:
         run.model.kwargs.hidden = (4, 4)  # a dense spectrum in seconds
     elif run.model.name == "fc" and max(run.model.kwargs.get("hidden", (0,)) or (0,)) > 64:
         run.model.kwargs.hidden = tuple(32 for _ in run.model.kwargs.hidden)
     a = run.analysis
     a.k = min(a.k or 10, 10)  # CIFAR-100 runs: 10, not 100, eigenpairs at smoke size
-    a.lanczos_steps = None  # the default, 6 x 2k: the next-k pairs sit in the bulk
+    a.eigenpairs.num_steps = None  # the default, 6 x 2k: the next-k pairs sit in the bulk
     run.data.num_analysis = 256
-    a.batch_size = 256
-    a.tol = 1e-2
-    a.num_minibatches = 2
-    a.reference_steps = list(SMOKE_REFERENCE_STEPS)
-    a.slq_probes, a.slq_lanczos_steps = 2, 10
-    a.steps = [0, 5, 10, 30]
+    a.operator.batch_size = 256
+    for section in (a.eigenpairs, a.ggn, a.block_spectra, a.adam):
+        section.tol = 1e-2
+    a.f_top.num_minibatches = 2
+    a.subspace_overlap.reference_steps = tuple(SMOKE_REFERENCE_STEPS)
+    a.slq.num_probes, a.slq.num_steps = 2, 10
+    a.steps = (0, 5, 10, 30)
     a.min_step = None if a.min_step is None else 10
     if run.model.name in ("convnet", "resnet18"):
         # XLA:CPU runs convolution gradients inside loops ~10-30x slower than outside
         # (jax-ml/jax#12868), and every HVP here is inside a loop: keep the solve tiny.
         run.data.num_analysis = 64
-        a.batch_size = 64
-        a.k, a.lanczos_steps = 2, 16
-        a.num_minibatches = 1
-        a.steps = [0, 30]
+        a.operator.batch_size = 64
+        a.k, a.eigenpairs.num_steps = 2, 16
+        a.f_top.num_minibatches = 1
+        a.steps = (0, 30)
     if run.model.name == "gpt":  # one block of width 16 on 16-byte contexts
         run.data.kwargs = ConfigDict(dict(context=16))
         run.model.kwargs = ConfigDict(dict(context=16, width=16, depth=1, heads=2))
         run.data.num_analysis = 64
-        a.batch_size = 64
+        a.operator.batch_size = 64
         a.k = 4
-        a.f_top_ks = [2, 4]
-        a.block_spectra_steps = [0, 30]
-        a.block_slq_probes, a.block_slq_steps, a.adam_k = 2, 8, 2
-        a.memory_budget = None
-        a.steps = [0, 10, 30]
-    a.slq_steps = [30] if a.slq_steps else []
-    a.dense_steps = [30] if a.dense_steps else []
+        a.f_top_curve.ks = (2, 4)
+        a.block_spectra.steps = (0, 30)
+        a.block_spectra.slq_probes, a.block_spectra.slq_steps, a.adam.k = 2, 8, 2
+        a.operator.memory_budget = None
+        a.steps = (0, 10, 30)
+    a.slq.steps = (30,) if a.slq.steps else ()
+    a.dense_spectrum.steps = (30,) if a.dense_spectrum.steps else ()
     return run
 
 
@@ -224,8 +223,8 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
     identity = experiment.config_to_json(train_config)
     identity = {k: v for k, v in identity.items() if k not in ("log_every",)}
     workdir = os.path.join(root, "runs", f"{name}-{_hash(identity)}")
-    settings = settings_of(run)
-    results = os.path.join(workdir, f"analysis-{_hash(analysis_identity(settings))}")
+    acfg = analysis_config_of(run)
+    results = os.path.join(workdir, f"analysis-{_hash(analysis_identity(acfg))}")
     start = time.perf_counter()
     logging.info("run %s: training in %s", name, workdir)
     train_mesh = mesh if mesh is None or mesh.is_fully_addressable else None
@@ -237,8 +236,8 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
         loaded = experiment.load_data(train_config)
         live = experiment.analyzer_for(
             train_config, loaded["num_outputs"], loaded["analysis"], results,
-            settings=settings, record_fields=dict(
-                k=settings.k or loaded["num_outputs"],
+            analysis_config=acfg, record_fields=dict(
+                k=acfg.k or loaded["num_outputs"],
                 config=experiment.config_to_json(train_config)), progress=False, mesh=mesh)
         callbacks.append(lambda step, state: live(step, state.params, state.model_state))
     experiment.train_from_config(train_config, workdir, progress=progress, mesh=train_mesh,
@@ -250,11 +249,11 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
         steps = [s for s in (steps or available) if s >= a.min_step]
     start = time.perf_counter()
     logging.info("run %s: analysing into %s", name, results)
-    experiment.analyze_run(workdir, results, settings=settings, steps=steps,
+    experiment.analyze_run(workdir, results, analysis_config=acfg, steps=steps,
                            num_analysis=run.data.num_analysis, test_metrics=a.test_metrics,
                            progress=progress, mesh=mesh)
     if a.get("refine"):
-        refine_checkpoints(train_config, workdir, results, settings=settings,
+        refine_checkpoints(train_config, workdir, results, analysis_config=acfg,
                            num_analysis=run.data.num_analysis, test_metrics=a.test_metrics,
                            progress=progress, mesh=mesh, **a.refine)
     return RunResult(workdir=workdir, results=results,
@@ -333,7 +332,7 @@ def with_seed(run: ConfigDict, seed: int) -> ConfigDict:
     subset, and the analysis's own randomness (start vectors, mini-batches)."""
     run = copy.deepcopy(run)
     run.seed = int(seed)
-    run.analysis.seed = int(seed)
+    run.analysis.operator.seed = int(seed)
     return run
 
 

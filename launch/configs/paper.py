@@ -21,10 +21,13 @@ from hessian_subspace.paper import reproduce
 ConfigDict = ml_collections.ConfigDict
 
 # Transforms needed for the FC-on-MNIST figures (one shared analysis).
-_FULL = ["loss", "gradient", "eigenpairs", "f_top", "overlap_g_hg", "c2", "layers",
-         "subspace_overlap"]
-_FTOP = ["loss", "gradient", "eigenpairs", "f_top"]
-_TABLE = ["loss", "gradient", "overlap_g_hg"]
+# The `analysis` block of a run is hessian_subspace.analysis.config.default_config() (one
+# section per transform, its fields the factory's arguments) plus `steps`, `min_step`,
+# `test_metrics`, `live` (hessian_subspace.paper.reproduce.analysis_block).
+_FULL = "loss,gradient,eigenpairs,f_top,overlap_g_hg,c2,layers,subspace_overlap"
+_FTOP = "loss,gradient,eigenpairs,f_top"
+_TABLE = "loss,gradient,overlap_g_hg"
+_FTOP_ANALYSIS = dict(transforms=_FTOP, subspace_overlap=dict(reference_steps=(0,)))
 
 
 def _fc_mnist(**overrides):
@@ -33,7 +36,8 @@ def _fc_mnist(**overrides):
         model=dict(name="fc", kwargs=dict(hidden=(100, 100), activation="relu")),
         optimizer=dict(name="sgd", learning_rate=0.1), batch_size=64, num_steps=1000,
         checkpoint_schedule="1:100,10:400,50",
-        analysis=dict(transforms=_FULL, reference_steps=[0, 10, 50, 100, 200, 400]))
+        analysis=dict(transforms=_FULL,
+                      subspace_overlap=dict(reference_steps=(0, 10, 50, 100, 200, 400))))
     return reproduce.make_run(**_deep_update(base, overrides))
 
 
@@ -44,7 +48,7 @@ def _convnet_cifar10(**overrides):
                                                 extra_dense=False)),
         optimizer=dict(name="sgd", learning_rate=0.1), batch_size=64, num_steps=1000,
         checkpoint_schedule="1:20,10:100,50",
-        analysis=dict(transforms=_FTOP, reference_steps=[0]))
+        analysis=_FTOP_ANALYSIS)
     return reproduce.make_run(**_deep_update(base, overrides))
 
 
@@ -146,25 +150,25 @@ EXPERIMENTS = {
         "Fig. 12 / App. D: f_top for lr 0.01, batch 256, no hidden layer, softplus, random "
         "labels, Adam.",
         {
-            "baseline": _fc_mnist(analysis=dict(transforms=_FTOP, reference_steps=[0]),
+            "baseline": _fc_mnist(analysis=_FTOP_ANALYSIS,
                                   checkpoint_schedule="1:10,10:100,50"),
             "lr001": _fc_mnist(optimizer=dict(learning_rate=0.01),
-                                analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                analysis=_FTOP_ANALYSIS,
                                 checkpoint_schedule="1:10,10:100,50"),
             "batch256": _fc_mnist(batch_size=256,
-                                  analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                  analysis=_FTOP_ANALYSIS,
                                   checkpoint_schedule="1:10,10:100,50"),
             "no_hidden": _fc_mnist(model=dict(name="softmax", kwargs={}),
-                                   analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                   analysis=_FTOP_ANALYSIS,
                                    checkpoint_schedule="1:10,10:100,50"),
             "softplus": _fc_mnist(model=dict(kwargs=dict(activation="softplus")),
-                                  analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                  analysis=_FTOP_ANALYSIS,
                                   checkpoint_schedule="1:10,10:100,50"),
             "random_labels": _fc_mnist(data=dict(label_transform="shuffle"),
-                                       analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                                       analysis=_FTOP_ANALYSIS,
                                        checkpoint_schedule="1:10,10:100,50"),
             "adam": _fc_mnist(optimizer=dict(name="adam", learning_rate=1e-3),
-                              analysis=dict(transforms=_FTOP, reference_steps=[0]),
+                              analysis=_FTOP_ANALYSIS,
                               checkpoint_schedule="1:10,10:100,50"),
         },
         labels={"baseline": "SGD lr 0.1, batch 64", "lr001": "lr 0.01",
@@ -186,14 +190,15 @@ EXPERIMENTS = {
             "fc32_mnist": _fc_mnist(
                 model=dict(kwargs=dict(hidden=(32, 32))), num_steps=37500,
                 checkpoint_schedule="37500",
-                analysis=dict(transforms=["loss", "gradient", "eigenpairs", "dense_spectrum"],
-                              dense_steps=[37500], steps=[37500], reference_steps=[])),
+                analysis=dict(transforms="loss,gradient,eigenpairs,dense_spectrum",
+                              dense_spectrum=dict(steps=(37500,)), steps=(37500,),
+                              subspace_overlap=dict(reference_steps=()))),
             "fc256_cifar100": _fc_mnist(
                 data=dict(name="cifar100"), model=dict(kwargs=dict(hidden=(256, 256))),
                 num_steps=5000, checkpoint_schedule="5000",
-                analysis=dict(transforms=["loss", "gradient", "eigenpairs", "slq"],
-                              slq_steps=[5000], slq_probes=20, slq_lanczos_steps=120,
-                              steps=[5000], reference_steps=[])),
+                analysis=dict(transforms="loss,gradient,eigenpairs,slq",
+                              slq=dict(steps=(5000,), num_probes=20, num_steps=120),
+                              steps=(5000,), subspace_overlap=dict(reference_steps=()))),
         },
         paper={"fc32_mnist_outliers": 10, "fc256_cifar100_outliers": 100}),
     "appB_even_odd": lambda: _experiment(
@@ -202,7 +207,7 @@ EXPERIMENTS = {
         {"fc_mnist_even_odd": _fc_mnist(
             data=dict(label_transform="even_odd"), num_steps=2000,
             checkpoint_schedule="1:10,10:100,250",
-            analysis=dict(transforms=_FTOP, k=10, reference_steps=[0]))},
+            analysis=dict(_FTOP_ANALYSIS, k=10))},
         paper={"outliers": 2}),
     "appB_random_labels": lambda: _experiment(
         "appB_random_labels", "labels",
@@ -212,7 +217,7 @@ EXPERIMENTS = {
         {"fc_mnist_random_labels": _fc_mnist(
             data=dict(label_transform="shuffle", num_train=5000), num_steps=30000,
             checkpoint_schedule="1:10,10:100,100:1000,1000", log_every=500,
-            analysis=dict(transforms=_FTOP, k=10, reference_steps=[0]))},
+            analysis=dict(_FTOP_ANALYSIS, k=10))},
         paper={"outliers": 10}),
 }
 
@@ -223,7 +228,7 @@ def _subspace_run(name, **optimizer):
         optimizer=dict(name=name, learning_rate=0.1, refresh_every=10,
                        curvature_examples=2000, curvature_batch_size=1000, **optimizer),
         checkpoint_schedule="1:10,10:100,50",
-        analysis=dict(transforms=_FTOP, reference_steps=[0]))
+        analysis=_FTOP_ANALYSIS)
 
 
 EXPERIMENTS.update({
@@ -257,12 +262,13 @@ def _transformer_lm():
         optimizer=dict(name="adam", learning_rate=3e-3), batch_size=32, num_steps=1000,
         checkpoint_schedule="1:10,10:100,100", eval_batch_size=256,
         analysis=dict(
-            transforms=["loss", "gradient", "eigenpairs", "f_top", "subspace_overlap",
-                        "f_top_curve", "block_spectra", "adam"],
-            k=30, f_top_ks=[10, 50], batch_size=128, reference_steps=[0, 100],
-            num_minibatches=2, block_spectra_steps=[0, 100, 1000], block_k=4,
-            block_slq_probes=4, block_slq_steps=30, adam_k=10, memory_budget=1e8,
-            steps=[0, 10, 50, 100, 200, 500, 1000]))
+            transforms="loss,gradient,eigenpairs,f_top,subspace_overlap,f_top_curve,"
+                       "block_spectra,adam",
+            k=30, operator=dict(batch_size=128, memory_budget=1e8),
+            f_top=dict(num_minibatches=2), f_top_curve=dict(ks=(10, 50)),
+            subspace_overlap=dict(reference_steps=(0, 100)),
+            block_spectra=dict(steps=(0, 100, 1000), k=4, slq_probes=4, slq_steps=30),
+            adam=dict(k=10), steps=(0, 10, 50, 100, 200, 500, 1000)))
 
 
 EXPERIMENTS["transformer_lm"] = lambda: _experiment(
@@ -280,8 +286,9 @@ def _gd_run(learning_rate: float):
         data=dict(num_train=5000), batch_size=5000, num_steps=2000,
         optimizer=dict(name="sgd", learning_rate=learning_rate),
         checkpoint_schedule="20", log_every=100,
-        analysis=dict(transforms=["loss", "gradient", "eigenpairs", "f_top", "overlap_g_hg"],
-                      reference_steps=[], live=True, num_minibatches=0, batch_size=5000))
+        analysis=dict(transforms="loss,gradient,eigenpairs,f_top,overlap_g_hg",
+                      subspace_overlap=dict(reference_steps=()), live=True,
+                      f_top=dict(num_minibatches=0), operator=dict(batch_size=5000)))
 
 
 EXPERIMENTS["edge_of_stability"] = lambda: _experiment(
