@@ -237,7 +237,8 @@ class OrbaxCheckpoints:
                                       f"{self.directory}")
             try:
                 if self.item is None and self.meta_item is None:
-                    return manager.restore(step, args=ocp.args.StandardRestore()), None, {}, {}
+                    args = ocp.args.StandardRestore(self._placed_target())
+                    return manager.restore(step, args=args), None, {}, {}
                 items = {self.item: ocp.args.StandardRestore(self._target())}
                 if self.state_item is not None:
                     items[self.state_item] = ocp.args.StandardRestore()
@@ -268,6 +269,18 @@ class OrbaxCheckpoints:
                                   f"{type(e).__name__}: {first}") from e
         finally:
             manager.close()
+
+    def _placed_target(self):
+        """For a single-item checkpoint that is the parameters, with ``like`` made of
+        ``ShapeDtypeStruct``s placed on devices (a mesh): the restore target, so that each
+        array lands on its sharding and every process reads only its shards (orbax's
+        multi-host path). None otherwise: restore what is there."""
+        leaves = jax.tree_util.tree_leaves(self.like)
+        if (not leaves or self.params_key is not None or self.select is not None
+                or not all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+                           for x in leaves)):
+            return None
+        return jax.tree_util.tree_map(_ocp().utils.to_shape_dtype_struct, self.like)
 
     def _target(self):
         """The abstract restore target of the item (None: restore what is there)."""

@@ -39,13 +39,20 @@ def parse_flags(argv: list[str]) -> list[str]:
                          "Pass --helpshort or --helpfull to see help on flags.\n")
         sys.exit(1)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
-        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        config = FLAGS["config"].value if "config" in FLAGS else None
-        bad = [o for o in overrides if config is not None and not _has_field(config, o)]
-        sys.stderr.write(
-            f"FATAL Flags parsing error: --{(bad or overrides or ['config'])[0]}: the config has "
-            f"no such field ({e}); see the config file for its fields.\n")
-        sys.exit(1)
+        bad_override(argv, FLAGS["config"].value if "config" in FLAGS else None, e)
+
+
+def bad_override(argv: list[str], config, error: Exception) -> None:
+    """Ends the program with one line naming the ``--config.FIELD`` override of no field of
+    ``config`` (exit status 1)."""
+    import sys
+
+    overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = [o for o in overrides if config is not None and not _has_field(config, o)]
+    sys.stderr.write(
+        f"FATAL Flags parsing error: --{(bad or overrides or ['config'])[0]}: the config has "
+        f"no such field ({error}); see the config file for its fields.\n")
+    sys.exit(1)
 
 
 def _has_field(config, dotted: str) -> bool:

@@ -50,10 +50,16 @@ from hessian_subspace.paper import experiment
 from launch import _runtime
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "analysis.py"),
-    "Analysis config (default launch/configs/analysis.py); --config.FIELD=VALUE overrides.",
-    lock_config=True)
+try:  # a default config file is read, with its overrides, when the flag is defined
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "analysis.py"),
+        "Analysis config (default launch/configs/analysis.py); --config.FIELD=VALUE overrides.",
+        lock_config=True)
+except (AttributeError, KeyError) as _error:  # an override of no field: one line, exit 1
+    from launch.configs import analysis as _default
+
+    _runtime.bad_override(sys.argv, _default.get_config(), _error)
 flags.DEFINE_string("workdir", None, "Training run directory of launch.train (holds "
                     "checkpoints/); or give --config.source.checkpoints for your own model.")
 flags.DEFINE_string("results", None, "Results directory (default: WORKDIR/analysis).")

@@ -36,6 +36,42 @@ class Process:
         self._log.close()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def device_env(devices: int, **extra) -> dict:
+    """The environment of a subprocess on ``devices`` simulated CPU devices (other XLA flags of
+    this process kept)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", **extra)
+
+
+def two_processes(cmd, log_prefix, *, devices=2, timeout=600, env=None):
+    """Runs ``cmd`` as processes 0 and 1 of a 2-process JAX run on localhost (each on
+    ``devices`` CPU devices); ``[(exit status, output)]`` of each."""
+    port = free_port()
+    procs = []
+    for pid in (0, 1):
+        full = cmd + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                      f"--process_id={pid}"]
+        log = open(f"{log_prefix}.{pid}.log", "w")
+        procs.append((subprocess.Popen(full, cwd=REPO, env=env or device_env(devices),
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    out = []
+    for proc, log in procs:
+        proc.wait(timeout=timeout)
+        log.close()
+        out.append((proc.returncode, open(log.name).read()))
+    return out
+
+
 @contextlib.contextmanager
 def count_compilations():
     """Counts XLA backend compilations inside the block: ``with count_compilations() as n: ...``

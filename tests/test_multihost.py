@@ -4,7 +4,6 @@ share of a data set; bad multi-host settings fail before anything starts."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,38 +14,18 @@ import pytest
 
 from hessian_subspace import analysis
 
-from _helpers import Process
+from _helpers import Process, device_env, free_port, two_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIG = os.path.join(REPO, "launch", "configs", "train.py")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu")
+    return device_env(devices)
 
 
 def _two_processes(cmd, log_prefix, timeout=600):
-    port = _free_port()
-    procs = []
-    for pid in (0, 1):
-        full = cmd + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                      f"--process_id={pid}"]
-        log = open(f"{log_prefix}.{pid}.log", "w")
-        procs.append((subprocess.Popen(full, cwd=REPO, env=_env(2), stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    out = []
-    for proc, log in procs:
-        proc.wait(timeout=timeout)
-        log.close()
-        out.append((proc.returncode, open(log.name).read()))
-    return out
+    return two_processes(cmd, log_prefix, devices=2, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +99,7 @@ _LOADER = textwrap.dedent(
 
 
 def test_each_process_loads_only_its_share(tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", _LOADER, f"localhost:{port}", str(pid)],
                               cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
@@ -153,7 +132,7 @@ def test_bad_multihost_settings_fail_before_anything_starts(run_dir, tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-2000:])
     assert not (tmp_path / "r").exists()
     # A coordinator nobody answers: a clear error naming the flag, after the timeout.
-    proc = subprocess.run(base + [f"--coordinator_address=localhost:{_free_port()}",
+    proc = subprocess.run(base + [f"--coordinator_address=localhost:{free_port()}",
                                   "--num_processes=2", "--process_id=1",
                                   "--distributed_timeout=5"],
                           cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=300)
@@ -181,7 +160,7 @@ def test_a_lost_peer_ends_the_run_with_one_line_and_no_failure_record(long_run_d
     base = [sys.executable, "-m", "launch.analyze", f"--workdir={long_run_dir}",
             "--batch_size=128", "--noprogress", "--num_analysis=301", "--mesh=data:4",
             f"--results={results}"]
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in (0, 1):
         log = open(tmp_path / f"p{pid}.log", "w")
@@ -220,7 +199,7 @@ def test_a_lost_peer_ends_the_run_with_one_line_and_no_failure_record(long_run_d
 def test_process_0_alone_is_one_line_naming_the_missing_process(run_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch.analyze", f"--workdir={run_dir}",
                            "--noprogress", f"--results={tmp_path / 'r'}",
-                           f"--coordinator_address=localhost:{_free_port()}",
+                           f"--coordinator_address=localhost:{free_port()}",
                            "--num_processes=3", "--process_id=0", "--distributed_timeout=3"],
                           cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from hessian_subspace import analysis
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 CI = os.path.join(os.path.dirname(README), ".ci", "run")
 
@@ -36,6 +38,25 @@ def test_readme_examples_run_as_pasted(capsys, tmp_path, monkeypatch):
     for r in rows:
         assert 0.0 <= float(r[2]) <= float(r[4]) <= 1.0  # f_top (top 3) <= f_top5 (top 5)
     assert len(os.listdir(tmp_path / "results" / "mine" / "records")) == 11
+    # The same analysis from the command line, as the README writes it: its model module is
+    # the example's lines up to the loss.
+    (tmp_path / "my_model.py").write_text(own[:own.index("\ntx = ")])
+    command = next(b for b in _blocks("sh") if "config.source" in b).split("\n# ")[0]
+    args = command.replace("\\\n", " ").split()[3:]  # after "python -m launch.analyze"
+    args = [a.replace("=ckpts", f"={tmp_path}/ckpts").replace("=results/", f"={tmp_path}/results/")
+            for a in args]
+    proc = subprocess.run([sys.executable, "-m", "launch.analyze", "--noprogress", *args],
+                          cwd=os.path.dirname(README), capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = {r["step"]: r for r in analysis.read_results(str(tmp_path / "results" / "offline"))}
+    cli = analysis.read_results(str(tmp_path / "results" / "cli"))
+    assert [r["step"] for r in cli] == sorted(offline) == [0, 50, 100, 150, 200]
+    for r in cli:  # the same numbers, within both records' own error bars
+        o = offline[r["step"]]
+        assert r["fingerprints"]["checkpoint"] == o["fingerprints"]["checkpoint"]
+        assert abs(r["f_top"] - o["f_top"]) <= r["f_top_bound"] + o["f_top_bound"] + 1e-6, (
+            r["f_top"], o["f_top"], r["f_top_bound"])
     exec(compile(library, "README.md", "exec"), {})
     out = capsys.readouterr().out
     match = re.search(r"f_top ([0-9.eE+-]+)", out)
