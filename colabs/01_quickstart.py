@@ -105,8 +105,10 @@ pipe = analysis.chain(
     analysis.overlap_g_hg(), analysis.subspace_overlap(k=10, reference_steps=(every,)),
     analysis.transform("f_top5", f_top5, requires=("gradient", "eigenpairs")))
 analyzer = analysis.Analyzer(pipe, loss_fn, data=train, batch_size=1000,
-                             results_dir="results_quickstart", every_steps=every,
-                             writers=[analysis.CSVWriter("results_quickstart/scalars.csv")])
+                             results=analysis.Results(
+                                 "results_quickstart",
+                                 writers=[analysis.CSVWriter("results_quickstart/scalars.csv")]),
+                             schedule=analysis.Schedule(every_steps=every))
 
 # %% [markdown]
 # ## Your training loop, one extra line

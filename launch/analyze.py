@@ -166,13 +166,16 @@ def analyze_own_model(config, source, results: str, *, mesh) -> list[dict]:
     chain = config_lib.build_chain(config, k=config.k or 1,
                                    metrics_fn=load_attribute("metrics", source.metrics))
     analyzer = analysis.Analyzer(
-        chain, loss_fn, data=data, results_dir=results, progress=FLAGS.progress,
+        chain, loss_fn, data=data,
         test_data=load_attribute("test_data", source.test_data, call=True),
-        output_fn=load_attribute("output_fn", source.output_fn),
-        output_loss=load_attribute("output_loss", source.output_loss),
-        record_fields=dict(k=config.k, source={f: source[f] for f in source}),
-        retry_failed=FLAGS.retry_failed, overwrite=FLAGS.overwrite, mesh=mesh,
-        param_sharding=param_sharding, **config_lib.analyzer_options(config))
+        results=analysis.Results(
+            results, overwrite=FLAGS.overwrite, retry_failed=FLAGS.retry_failed,
+            record_fields=dict(k=config.k, source={f: source[f] for f in source}),
+            progress=FLAGS.progress),
+        **config_lib.analyzer_options(
+            config, output_fn=load_attribute("output_fn", source.output_fn),
+            output_loss=load_attribute("output_loss", source.output_loss), mesh=mesh,
+            param_sharding=param_sharding))
     checkpoints = analysis.orbax_checkpoints(source.checkpoints, like=like, item=source.item,
                                              params_key=source.params_key)
     return analyzer.run(checkpoints, steps=_ints(FLAGS.steps) if FLAGS.steps else None,

@@ -30,14 +30,15 @@ def config_of(**flat):
 
 def paper_analyzer(model, ds, results_dir, settings=None, k=3, **kwargs):
     """The paper's chain on a linen model, as ``paper.experiment.analyzer_for`` builds it
-    (``settings``: an analysis config)."""
+    (``settings``: an analysis config; ``kwargs``: more of the analyzer's arguments)."""
     settings = settings or config_lib.default_config()
+    options = config_lib.analyzer_options(settings, output_fn=tasks.inference_outputs(model),
+                                          output_loss=tasks.output_loss(CE))
     return analysis.Analyzer(
         config_lib.build_chain(settings, k=k, metrics_fn=tasks.inference_metrics(model, CE)),
-        tasks.inference_loss(model, CE), data=ds, results_dir=results_dir,
-        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss(CE),
-        record_fields=dict(k=k), progress=False,
-        **dict(config_lib.analyzer_options(settings), **kwargs))
+        tasks.inference_loss(model, CE), data=ds,
+        results=analysis.Results(results_dir, record_fields=dict(k=k), progress=False),
+        **dict(options, **kwargs))
 
 
 def _float64_problem(model, ds, params):

@@ -43,8 +43,8 @@ def test_acceptance_script_live_and_offline_with_the_users_loss(tmp_path):
         return optax.apply_updates(params, updates), opt_state
 
     analyzer = analysis.Analyzer(pipe, loss_fn, data=analysis_set, batch_size=64,
-                                 results_dir=str(tmp_path / "mine"), every_steps=20,
-                                 progress=False)
+                                 results=analysis.Results(str(tmp_path / "mine"), progress=False),
+                                 schedule=analysis.Schedule(every_steps=20))
     mngr = ocp.CheckpointManager(str(tmp_path / "ckpts"))
     saved = {}
     for step in range(61):  # live, inside the user's own loop
@@ -61,7 +61,7 @@ def test_acceptance_script_live_and_offline_with_the_users_loss(tmp_path):
     assert [r["step"] for r in live] == [0, 20, 40, 60]
     # Offline, over the checkpoints the user saved with orbax's CheckpointManager.
     analysis.Analyzer(pipe, loss_fn, data=analysis_set, batch_size=64,
-                      results_dir=str(tmp_path / "offline"), progress=False
+                      results=analysis.Results(str(tmp_path / "offline"), progress=False)
                       ).run(analysis.orbax_checkpoints(str(tmp_path / "ckpts"), like=params))
     records = analysis.read_results(str(tmp_path / "offline"))
     assert [r["step"] for r in records] == [0, 20, 40, 60]
@@ -82,7 +82,7 @@ def test_acceptance_script_live_and_offline_with_the_users_loss(tmp_path):
         _, g = hs.dataset_value_and_grad(loss, p60, analysis_set, batch_size=64)
         direct = float(hs.gradient_fraction(g, top.eigenvectors[:3]))
         rec = analysis.Analyzer(pipe, loss, data=analysis_set, batch_size=64,
-                                progress=False).process(60, p60)
+                                results=analysis.Results(progress=False)).process(60, p60)
         np.testing.assert_allclose(rec["f_top"], direct, atol=2e-5)
         np.testing.assert_allclose(rec["eigenvalues"], np.asarray(top.eigenvalues), rtol=2e-3)
         if weight_decay:
@@ -107,7 +107,8 @@ def test_non_finite_parameters_and_gradients_give_failure_records(tmp_path):
     # Inputs that make the loss (not the parameters) non-finite: caught during the analysis.
     inf_data = dict(ds, x=np.where(np.arange(90)[:, None] == 5, np.inf, ds["x"]))
     rec = analysis.Analyzer(analysis.chain(analysis.gradient()), tasks.cross_entropy_loss(model),
-                            data=inf_data, progress=False).process(0, params)
+                            data=inf_data, results=analysis.Results(progress=False)
+                            ).process(0, params)
     assert rec["status"] == "failed" and "gradient is not finite" in rec["reason"]
 
 
@@ -116,37 +117,45 @@ def test_invalid_settings_are_refused_before_anything_is_written(tmp_path):
     loss = tasks.inference_loss(model, CE)
     pipe = analysis.chain(analysis.gradient())
     results = tmp_path / "results"
-    for kwargs, match in ((dict(precision="fastest"), "precision"),
-                          (dict(dtype="float16"), "dtype"), (dict(batch_size=0), "batch_size"),
-                          (dict(curvature="fisher"), "curvature"),
-                          (dict(curvature="ggn"), "output_fn"), (dict(every_steps=0), "every"),
-                          (dict(block=""), "block"), (dict(data={"x": np.zeros((0, 3))}), "data")):
-        args = dict(data=ds, results_dir=str(results), progress=False)
-        args.update(kwargs)
+    for make, match in ((lambda: analysis.Operator(precision="fastest"), "precision"),
+                        (lambda: analysis.Operator(dtype="float16"), "dtype"),
+                        (lambda: dict(batch_size=0), "batch_size"),
+                        (lambda: analysis.Operator(curvature="fisher"), "curvature"),
+                        (lambda: analysis.Operator(curvature="ggn"), "output_fn"),
+                        (lambda: analysis.Schedule(every_steps=0), "every"),
+                        (lambda: analysis.Operator(block=""), "block"),
+                        (lambda: dict(data={"x": np.zeros((0, 3))}), "data")):
         with pytest.raises(ValueError, match=match):
+            spec = make()
+            args = dict(data=ds, results=analysis.Results(str(results), progress=False))
+            args.update(spec if isinstance(spec, dict) else
+                        {type(spec).__name__.lower(): spec})
             analysis.Analyzer(pipe, loss, **args)
+    with pytest.raises(TypeError, match="`operator` must be analysis.Operator"):
+        analysis.Analyzer(pipe, loss, data=ds, operator="ggn")
     with pytest.raises(ValueError, match="`config.k` must be an int >= 1"):
         config_of(k=-3)
     with pytest.raises(ValueError, match="unknown transforms"):
         config_of(transforms=("loss", "nope"))
     # A block that matches no parameter, and a loss that needs a state nobody gave: refused at
     # the first checkpoint, still before any file.
-    analyzer = analysis.Analyzer(pipe, loss, data=ds, results_dir=str(results), block="dense_7",
-                                 progress=False)
+    analyzer = analysis.Analyzer(pipe, loss, data=ds,
+                                 results=analysis.Results(str(results), progress=False),
+                                 operator=analysis.Operator(block="dense_7"))
     with pytest.raises(ValueError, match="matches no parameter"):
         analyzer.process(0, params, state)
     with pytest.raises(TypeError, match="takes a model state"):
         analyzer.process(0, params)
     assert not results.exists()
     # The corrected run starts cleanly; another setting in the same directory is refused.
-    analysis.Analyzer(pipe, loss, data=ds, results_dir=str(results), progress=False).process(
-        0, params, state)
+    analysis.Analyzer(pipe, loss, data=ds, results=analysis.Results(str(results), progress=False)
+                      ).process(0, params, state)
     with pytest.raises(analysis.StaleResultsError, match="other settings.*batch_size"):
-        analysis.Analyzer(pipe, loss, data=ds, results_dir=str(results), batch_size=7,
-                          progress=False)
+        analysis.Analyzer(pipe, loss, data=ds, batch_size=7,
+                          results=analysis.Results(str(results), progress=False))
     with pytest.raises(ValueError, match="other settings.*transforms"):
         analysis.Analyzer(analysis.chain(analysis.gradient(), analysis.eigenpairs(k=2)), loss,
-                          data=ds, results_dir=str(results), progress=False)
+                          data=ds, results=analysis.Results(str(results), progress=False))
 
 
 def test_one_compilation_per_transform_and_shape(tmp_path):
@@ -169,12 +178,14 @@ def test_outputs_too_large_for_a_record_and_clashing_keys_fail_that_checkpoint(c
     model, ds, params, _ = tiny_problem()
     loss = tasks.cross_entropy_loss(model)
     big = analysis.transform("big", lambda ctx: {"big": np.zeros(200_000)})
-    rec = analysis.Analyzer(big, loss, data=ds, progress=False).process(0, params)
+    rec = analysis.Analyzer(big, loss, data=ds, results=analysis.Results(progress=False)
+                            ).process(0, params)
     assert rec["status"] == "failed" and "holds 200000 numbers" in rec["reason"]
     assert "Stored" in rec["reason"]
     clash = analysis.transform("clash", lambda ctx: {"grad_norm": 1.0})
     analyzer = analysis.Analyzer(analysis.chain(analysis.gradient(), clash), loss, data=ds,
-                                 progress=False, every_steps=1)
+                                 results=analysis.Results(progress=False),
+                                 schedule=analysis.Schedule(every_steps=1))
     with caplog.at_level("WARNING"):
         rec = analyzer(0, params)  # the live hook: a failure record, the loop goes on
     assert rec["status"] == "failed"
@@ -184,7 +195,7 @@ def test_outputs_too_large_for_a_record_and_clashing_keys_fail_that_checkpoint(c
     with pytest.raises(ValueError, match="writes the record key 'grad_norm'.*'gradient'"):
         analysis.chain(analysis.gradient(), declared)
     stored = analysis.transform("keep", lambda ctx: {"arrays": analysis.Stored(v=np.ones(3))})
-    analyzer = analysis.Analyzer(stored, loss, data=ds, progress=False)
+    analyzer = analysis.Analyzer(stored, loss, data=ds, results=analysis.Results(progress=False))
     rec = analyzer.process(0, params)
     assert "arrays" not in rec
     np.testing.assert_array_equal(analyzer.store.stored("arrays", 0)["v"], np.ones(3))

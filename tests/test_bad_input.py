@@ -72,16 +72,17 @@ def _classifier():
     return model, params
 
 
-def _analyzer(data, **kw):
+def _analyzer(data, test_data=None, dtype="float32"):
     from hessian_subspace import analysis
     from hessian_subspace.training import tasks
 
     model, _ = _classifier()
     return analysis.Analyzer(
         [analysis.loss(), analysis.gradient()],
-        tasks.inference_loss(model, "classification"), data=data,
-        output_fn=tasks.inference_outputs(model),
-        output_loss=tasks.output_loss("classification"), **kw)
+        tasks.inference_loss(model, "classification"), data=data, test_data=test_data,
+        results=analysis.Results(progress=False),
+        operator=analysis.Operator(dtype=dtype, output_fn=tasks.inference_outputs(model),
+                                   output_loss=tasks.output_loss("classification")))
 
 
 _X = np.random.default_rng(1).normal(size=(12, 5)).astype(np.float32)
@@ -223,7 +224,7 @@ def test_zero_gradient_fails_the_checkpoint_with_its_reason(tmp_path):
     loss = lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 4)  # noqa: E731
     analyzer = analysis.Analyzer(
         [analysis.gradient(), analysis.eigenpairs(2), analysis.f_top(1, num_minibatches=0)],
-        loss, data={"x": _X}, results_dir=str(tmp_path))
+        loss, data={"x": _X}, results=str(tmp_path))
     record = analyzer.process(0, {"w": jnp.zeros(5)})
     assert record["status"] == "failed"
     assert "gradient is exactly zero" in record["reason"] and "f_top" in record["reason"]
@@ -244,11 +245,11 @@ def test_the_analyzer_warns_on_float64_parameters_analysed_in_float32():
 
     _, params = _classifier()
     params64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
-    analyzer = _analyzer({"x": _X, "y": _Y}, progress=False)
+    analyzer = _analyzer({"x": _X, "y": _Y})
     with pytest.warns(UserWarning, match=r"`params` holds float64 arrays but the analysis runs "
-                                         r"in float32 \(Analyzer\(dtype='float32'\)\)"):
+                                         r"in float32 \(analysis.Operator\(dtype='float32'\)\)"):
         analyzer.process(0, params64, {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         analyzer.process(1, params64, {})  # once per analyzer
-        _analyzer({"x": _X, "y": _Y}, progress=False, dtype="float64").process(0, params64, {})
+        _analyzer({"x": _X, "y": _Y}, dtype="float64").process(0, params64, {})

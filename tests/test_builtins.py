@@ -68,7 +68,8 @@ def test_spectra_builtins_against_dense_float64(tmp_path):
     pipe = analysis.chain(analysis.at_steps(analysis.slq(num_probes=4, num_steps=p), (3,)),
                           analysis.at_steps(analysis.dense_spectrum(), 3))
     analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
-                                 results_dir=str(tmp_path), dtype="float64", progress=False)
+                                 results=analysis.Results(str(tmp_path), progress=False),
+                                 operator=analysis.Operator(dtype="float64"))
     assert "slq" not in analyzer.process(2, params, state)  # not a step of theirs
     rec = analyzer.process(3, params, state)
     _, _, h, w, _ = dense_reference(model, ds, params)
@@ -97,7 +98,8 @@ def test_toy_model_two_classes_sigma_zero_gradient_lies_in_the_predicted_top_sub
     analyzer = analysis.Analyzer(
         analysis.chain(analysis.gradient(), analysis.eigenpairs(k=4, tol=1e-4),
                        analysis.f_top(k=2, num_minibatches=0)),
-        tasks.cross_entropy_loss(model), data={"x": ds["x"], "y": ds["y"]}, progress=False)
+        tasks.cross_entropy_loss(model), data={"x": ds["x"], "y": ds["y"]},
+        results=analysis.Results(progress=False))
     mu1, mu2 = ds["means"]
     predicted = np.stack([np.outer(mu1, [1, -1]).ravel(), np.outer(mu2, [1, -1]).ravel()])
     predicted /= np.linalg.norm(predicted, axis=1, keepdims=True)
@@ -217,9 +219,10 @@ def test_eigenpairs_of_blocks_and_of_the_ggn_beside_the_full_hessian(tmp_path):
         analysis.transform("block_top", lambda ctx: float(ctx["last_layer"].eigenvalues[0]),
                            requires=("last_layer",)))
     analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
-                                 output_fn=tasks.inference_outputs(model),
-                                 output_loss=tasks.output_loss(CE), dtype="float64",
-                                 results_dir=str(tmp_path), progress=False)
+                                 results=analysis.Results(str(tmp_path), progress=False),
+                                 operator=analysis.Operator(
+                                     output_fn=tasks.inference_outputs(model),
+                                     output_loss=tasks.output_loss(CE), dtype="float64"))
     rec = analyzer.process(0, params, state)
     g, h, ggn = dense_curvatures(model, ds, params)
     slices = {n: (a, b) for n, a, b in hs.leaf_slices(params)}
@@ -242,8 +245,8 @@ def test_loss_and_accuracy_on_the_analysis_and_test_sets():
                                  split="test")
     test = {"x": test["x"][:37], "y": test["y"][:37]}  # ragged against batch_size=16
     analyzer = analysis.Analyzer(analysis.loss(tasks.inference_metrics(model, CE)),
-                                 tasks.inference_loss(model, CE), data=ds, test_data=test,
-                                 batch_size=16, progress=False)
+                                 tasks.inference_loss(model, CE), data=ds, batch_size=16,
+                                 test_data=test, results=analysis.Results(progress=False))
     rec = analyzer.process(0, params, state)
     for prefix, split in (("train", ds), ("test", test)):
         logits = model.apply({"params": params}, split["x"])
@@ -253,6 +256,6 @@ def test_loss_and_accuracy_on_the_analysis_and_test_sets():
             jnp.argmax(logits, -1) == split["y"])), rtol=1e-6)
     # Without a metrics function: the analyzer's loss alone, under the same names.
     plain = analysis.Analyzer(analysis.loss(), tasks.inference_loss(model, CE), data=ds,
-                              progress=False).process(0, params, state)
+                              results=analysis.Results(progress=False)).process(0, params, state)
     assert set(plain) >= {"train_loss"} and "train_accuracy" not in plain
     np.testing.assert_allclose(plain["train_loss"], rec["train_loss"], rtol=1e-5)

@@ -156,7 +156,8 @@ def test_nothing_to_analyse_is_an_error_naming_the_path(tmp_path):
     def loss_fn(p, b):
         return -jnp.mean(jax.nn.log_softmax(b["x"] @ p["w"])[jnp.arange(60), b["y"]])
 
-    analyzer = analysis.Analyzer(analysis.gradient(), loss_fn, data=ds, progress=False)
+    analyzer = analysis.Analyzer(analysis.gradient(), loss_fn, data=ds,
+                                 results=analysis.Results(progress=False))
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match=f"{missing} .it does not exist. holds none"):
         analyzer.run(analysis.orbax_checkpoints(str(missing)))
@@ -166,8 +167,9 @@ def test_nothing_to_analyse_is_an_error_naming_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="in-memory checkpoints holds none"):
         analyzer.run({})
     with pytest.raises(ValueError, match="none of the 2 checkpoints .* is scheduled"):
-        analysis.Analyzer(analysis.gradient(), loss_fn, data=ds, progress=False,
-                          every_steps=10).run({3: params, 5: params})
+        analysis.Analyzer(analysis.gradient(), loss_fn, data=ds,
+                          results=analysis.Results(progress=False),
+                          schedule=analysis.Schedule(every_steps=10)).run({3: params, 5: params})
     code, out = _run("launch.analyze", f"--workdir={missing}", f"--results={tmp_path}/r")
     assert code == 1 and f"no finalised checkpoint in {missing}/checkpoints" in out, out
     _no_traceback(out)
@@ -180,7 +182,7 @@ def test_watching_an_empty_directory_says_what_it_waits_for(tmp_path, caplog):
         return -jnp.mean(jax.nn.log_softmax(b["x"] @ p["w"])[jnp.arange(60), b["y"]])
 
     analyzer = analysis.Analyzer(analysis.gradient(), loss_fn, data={"x": ds["x"], "y": ds["y"]},
-                                 progress=False)
+                                 results=analysis.Results(progress=False))
     with caplog.at_level("INFO"):
         with pytest.raises(TimeoutError, match="waiting for step 5"):
             analyzer.run(analysis.orbax_checkpoints(str(tmp_path / "later")), watch=True,
@@ -198,15 +200,15 @@ def test_every_checkpoint_failing_is_one_error_listing_them(tmp_path):
         return -jnp.mean(jax.nn.log_softmax(b["x"] @ p["w"])[jnp.arange(60), b["y"]])
 
     bad = {t: {"w": jnp.full((4, 3), jnp.nan)} for t in (0, 1, 2)}
-    analyzer = analysis.Analyzer(analysis.gradient(), loss_fn, data=ds, progress=False,
-                                 results_dir=str(tmp_path / "r"))
+    analyzer = analysis.Analyzer(analysis.gradient(), loss_fn, data=ds,
+                                 results=analysis.Results(str(tmp_path / "r"), progress=False))
     with pytest.raises(analysis.FailedStepsError,
                        match=r"3 of the 3 checkpoints .*\n  step 0: 12 non-finite values "
                              r"in the parameters.*\n  step 1: .*\n  step 2: ") as e:
         analyzer.run(bad)
     assert sorted(e.value.failures) == [0, 1, 2] and len(e.value.records) == 3
-    again = analysis.Analyzer(analysis.gradient(), loss_fn, data=ds, progress=False,
-                              results_dir=str(tmp_path / "r"))
+    again = analysis.Analyzer(analysis.gradient(), loss_fn, data=ds,
+                              results=analysis.Results(str(tmp_path / "r"), progress=False))
     records = again.run(bad, allow_failures=True)  # a long sweep that keeps going
     assert [r["status"] for r in records] == ["failed"] * 3
 

@@ -137,7 +137,8 @@ def records():
     out = {}
     for name, make in FRAMEWORKS.items():
         params, loss_fn = make()
-        analyzer = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50, progress=False)
+        analyzer = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50,
+                                     results=analysis.Results(progress=False))
         out[name] = (params, loss_fn, [analyzer.process(0, params),
                                        analyzer.process(5, _moved(params))])
     return out
@@ -182,7 +183,8 @@ def test_nnx_batchnorm_statistics_are_the_per_checkpoint_state(tmp_path):
         return _ce(nnx.merge(graphdef, params, state)(batch["x"]), batch["y"])
 
     shifted = jax.tree_util.tree_map(lambda x: x + 0.5, stats)
-    analyzer = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50, progress=False)
+    analyzer = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50,
+                                 results=analysis.Results(progress=False))
     a = analyzer.process(0, params, stats)
     b = analyzer.process(1, params, shifted)  # same parameters, other statistics
     assert abs(a["train_loss"] - b["train_loss"]) > 1e-3
@@ -203,8 +205,9 @@ def test_nnx_batchnorm_statistics_are_the_per_checkpoint_state(tmp_path):
     restored, restored_stats = source.load(0)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(params)
     assert jax.tree_util.tree_structure(restored_stats) == jax.tree_util.tree_structure(stats)
-    (rec,) = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50, progress=False,
-                               on_steps=(0,)).run(source)
+    (rec,) = analysis.Analyzer(_chain(), loss_fn, data=DATA, batch_size=50,
+                               results=analysis.Results(progress=False),
+                               schedule=analysis.Schedule(on_steps=(0,))).run(source)
     # float32: the restored arrays compile to their own program (the cached linearisation's
     # fusion may differ), so round-off, not bits.
     np.testing.assert_allclose(rec["f_top"], b["f_top"], rtol=1e-5)

@@ -192,10 +192,11 @@ def _analyzer(model, data, settings, tmp_path):
     """The paper's chain for ``settings`` on the fixture's model, as the old Pipeline ran it."""
     return analysis.Analyzer(
         config_lib.build_chain(settings, k=3,
-                            metrics_fn=tasks.inference_metrics(model, "classification")),
+                               metrics_fn=tasks.inference_metrics(model, "classification")),
         tasks.inference_loss(model, "classification"), data=data,
-        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss("classification"),
-        results_dir=str(tmp_path), progress=False, **config_lib.analyzer_options(settings))
+        results=analysis.Results(str(tmp_path), progress=False),
+        **config_lib.analyzer_options(settings, output_fn=tasks.inference_outputs(model),
+                                      output_loss=tasks.output_loss("classification")))
 
 
 @pytest.mark.parametrize("name", sorted(ANALYSES))

@@ -68,9 +68,11 @@ def _chain():
                           analysis.subspace_overlap(k=2, reference_steps=(0, 4)))
 
 
-def _analyzer(ds, results, loss_fn=None, chain=None, **kwargs):
-    return analysis.Analyzer(chain or _chain(), loss_fn or make_loss(1e-3), data=ds,
-                             batch_size=60, results_dir=str(results), progress=False, **kwargs)
+def _analyzer(ds, results, loss_fn=None, chain=None, every_steps=None, overwrite=False):
+    return analysis.Analyzer(
+        chain or _chain(), loss_fn or make_loss(1e-3), data=ds, batch_size=60,
+        results=analysis.Results(str(results), overwrite=overwrite, progress=False),
+        schedule=analysis.Schedule(every_steps=every_steps))
 
 
 def _mtimes(results):

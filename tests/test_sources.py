@@ -79,7 +79,7 @@ def test_a_users_own_orbax_directory_single_item_and_composite(tmp_path):
         m.close()
     like = trajectory[0]
     reference = analysis.Analyzer(_chain(), loss_fn, data=analysis_set, batch_size=50,
-                                  progress=False)
+                                  results=analysis.Results(progress=False))
     reference.run({t: trajectory[t] for t in steps})
     for name, source in (
             ("single", analysis.orbax_checkpoints(str(tmp_path / "single"), like=like)),
@@ -89,8 +89,8 @@ def test_a_users_own_orbax_directory_single_item_and_composite(tmp_path):
                 str(tmp_path / "composite"), item="state",
                 select=lambda tree: (tree["params"], None)))):
         analyzer = analysis.Analyzer(_chain(), loss_fn, data=analysis_set, batch_size=50,
-                                     results_dir=str(tmp_path / f"results_{name}"),
-                                     progress=False)
+                                     results=analysis.Results(str(tmp_path / f"results_{name}"),
+                                                              progress=False))
         written = analyzer.run(source)
         assert [r["step"] for r in written] == list(steps)
         records = analysis.read_results(str(tmp_path / f"results_{name}"))
@@ -139,7 +139,7 @@ def test_an_interrupted_analysis_resumes_to_the_uninterrupted_records(tmp_path):
 
     def analyzer(name):
         return analysis.Analyzer(_chain(), loss_fn, data=analysis_set, batch_size=50,
-                                 results_dir=str(tmp_path / name), progress=False)
+                                 results=analysis.Results(str(tmp_path / name), progress=False))
 
     analyzer("whole").run(source)
     with pytest.raises(_Interrupt):

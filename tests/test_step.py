@@ -24,7 +24,8 @@ def test_the_step_without_files_gives_the_analyzers_records():
     loss = user_loss(1e-3)
     later = jax.tree_util.tree_map(lambda x: x * 1.1 + 0.01, params)
     pipe = _chain()
-    analyzer = analysis.Analyzer(pipe, loss, data=data, batch_size=64, progress=False)
+    analyzer = analysis.Analyzer(pipe, loss, data=data, batch_size=64,
+                                 results=analysis.Results(progress=False))
     want = [analyzer.process(0, params), analyzer.process(5, later)]
     assert analyzer.store.directory is None
 

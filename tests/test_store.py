@@ -38,9 +38,9 @@ def _chain():
                           analysis.at_steps(analysis.slq(num_probes=2, num_steps=8), (6,)))
 
 
-def _analyzer(directory, ds, loss_fn, **kwargs):
-    return analysis.Analyzer(_chain(), loss_fn, data=ds, results_dir=str(directory),
-                             progress=False, **kwargs)
+def _analyzer(directory, ds, loss_fn):
+    return analysis.Analyzer(_chain(), loss_fn, data=ds,
+                             results=analysis.Results(str(directory), progress=False))
 
 
 def _comparable(records):
@@ -126,10 +126,12 @@ def test_memory_store_and_csv_and_tensorboard_writers(tmp_path):
     csv_path = tmp_path / "scalars.csv"
     logged = []
     tb = writers.TensorBoardWriter(str(tmp_path / "tb"))
-    analyzer = analysis.Analyzer(
-        _chain(), loss_fn, data=ds, progress=False,
-        writers=[writers.CSVWriter(str(csv_path)), lambda step, s: logged.append((step, s)), tb],
-        every_steps=3)
+    analyzer = analysis.Analyzer(_chain(), loss_fn, data=ds,
+                                 results=analysis.Results(
+                                     writers=[writers.CSVWriter(str(csv_path)),
+                                              lambda step, s: logged.append((step, s)), tb],
+                                     progress=False),
+                                 schedule=analysis.Schedule(every_steps=3))
     for t, p in trajectory.items():
         analyzer(t, p)
     assert [r["step"] for r in analyzer.records] == list(STEPS)  # in memory, no files
@@ -162,7 +164,7 @@ def test_memory_store_and_csv_and_tensorboard_writers(tmp_path):
     np.testing.assert_allclose([values[s] for s in STEPS],
                                [r["f_top"] for r in analyzer.records], rtol=1e-6)
     with pytest.raises(TypeError, match="writer"):
-        analysis.Analyzer(_chain(), loss_fn, data=ds, writers=[42])
+        analysis.Analyzer(_chain(), loss_fn, data=ds, results=analysis.Results(writers=[42]))
 
 
 def test_store_refuses_mismatched_records_and_keeps_quarantined_copies(tmp_path):

@@ -88,8 +88,10 @@ def _problem():
 def test_every_builtin_writes_exactly_the_keys_it_declares():
     ds, params, loss_fn, outputs, output_loss = _problem()
     chain = analysis.chain(*(make() for make in BUILTINS.values()))
-    analyzer = analysis.Analyzer(chain, loss_fn, data=ds, batch_size=45, output_fn=outputs,
-                                 output_loss=output_loss, progress=False)
+    analyzer = analysis.Analyzer(chain, loss_fn, data=ds, batch_size=45,
+                                 results=analysis.Results(progress=False),
+                                 operator=analysis.Operator(output_fn=outputs,
+                                                            output_loss=output_loss))
     opt = optax.adam(1e-2)
     state = opt.init(params)
     _, state = opt.update(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
@@ -159,7 +161,7 @@ def test_chain_refuses_declared_record_key_clashes():
     with pytest.raises(ValueError, match=r"`record_fields`: 'grad_norm' is a record key "
                                          r"transform 'gradient' writes"):
         analysis.Analyzer(analysis.gradient(), loss_fn, data=ds,
-                          record_fields={"grad_norm": 1})
+                          results=analysis.Results(record_fields={"grad_norm": 1}))
 
 
 def test_key_clash_of_keys_and_families():
@@ -179,15 +181,18 @@ def test_a_non_finite_output_fails_the_record_and_an_infinite_bound_does_not(tmp
         return loss_fn(p, batch) + jax.lax.stop_gradient(jnp.inf)
 
     analyzer = analysis.Analyzer(analysis.chain(analysis.loss(), analysis.gradient()), inf_loss,
-                                 data=ds, results_dir=str(tmp_path / "a"), progress=False)
+                                 data=ds,
+                                 results=analysis.Results(str(tmp_path / "a"), progress=False))
     record = analyzer.process(0, params)
     assert record["status"] == "failed"
     assert "non-finite values" in record["reason"] and "train_loss" in record["reason"]
     nan = analysis.transform("nan", lambda ctx: {"x": {"y": np.array([1.0, np.nan])}})
-    record = analysis.Analyzer(nan, loss_fn, data=ds, progress=False).process(0, params)
+    record = analysis.Analyzer(nan, loss_fn, data=ds, results=analysis.Results(progress=False)
+                               ).process(0, params)
     assert record["status"] == "failed" and "x/y" in record["reason"]
     bound = analysis.transform("bound", lambda ctx: {"top_bound": np.inf, "n": 1.0})
-    record = analysis.Analyzer(bound, loss_fn, data=ds, progress=False).process(0, params)
+    record = analysis.Analyzer(bound, loss_fn, data=ds, results=analysis.Results(progress=False)
+                               ).process(0, params)
     assert record["status"] == "ok" and record["top_bound"] is None  # no bound: null
 
 
@@ -209,7 +214,7 @@ def test_at_steps_and_every_run_a_transform_at_chosen_checkpoints(tmp_path):
                           (analysis.every(make("c"), 3, offset=1), {1, 4})):
         results = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
         analyzer = analysis.Analyzer(analysis.chain(gated), loss_fn, data=ds,
-                                     results_dir=str(results), progress=False)
+                                     results=analysis.Results(str(results), progress=False))
         records = analyzer.run(analysis.in_memory({s: params for s in range(6)}))
         ran = {r["step"]: r["runs"] for r in records if "runs" in r}
         assert set(ran) == chosen
@@ -278,13 +283,14 @@ def test_order_is_respected_and_missing_entries_name_the_transform(tmp_path):
         seen.append("second")
         return {"b": ctx["a"] + 1.0}  # reads what `first` put in the context
 
-    analyzer = analysis.Analyzer(analysis.chain(first, second), loss, data=ds, progress=False)
+    analyzer = analysis.Analyzer(analysis.chain(first, second), loss, data=ds,
+                                 results=analysis.Results(progress=False))
     record = analyzer.process(0, params)
     assert seen == ["first", "second"] and record["b"] == 2.0
     # A function that reads an entry nobody provides (and did not declare it): a clear error.
     sneaky = analysis.transform("sneaky", lambda ctx: ctx["eigenpairs"].eigenvalues[0])
-    analyzer = analysis.Analyzer(analysis.chain(sneaky), loss, data=ds, progress=False,
-                                 results_dir=str(tmp_path / "r"))
+    analyzer = analysis.Analyzer(analysis.chain(sneaky), loss, data=ds,
+                                 results=analysis.Results(str(tmp_path / "r"), progress=False))
     with pytest.raises(analysis.MissingEntry, match="transform 'sneaky' asked for 'eigenpairs'"):
         analyzer.process(0, params)
     assert not (tmp_path / "r").exists()  # nothing was written
@@ -299,7 +305,8 @@ def test_a_stateful_user_transform_and_single_value_outputs():
     pipe = analysis.chain(
         analysis.transform("calls", count, init=lambda ctx: np.asarray(0)),
         analysis.transform("param_norm", lambda ctx: float(jnp.linalg.norm(ctx["params"]["w1"]))))
-    analyzer = analysis.Analyzer(pipe, user_loss(0.0), data=analysis_set, progress=False)
+    analyzer = analysis.Analyzer(pipe, user_loss(0.0), data=analysis_set,
+                                 results=analysis.Results(progress=False))
     records = [analyzer.process(t, params) for t in (0, 5, 9)]
     assert [r["calls"] for r in records] == [1, 2, 3]
     np.testing.assert_allclose(records[0]["param_norm"], float(jnp.linalg.norm(params["w1"])))

@@ -26,7 +26,8 @@ def test_views_f_top_curve_block_spectra_and_adam_against_dense_float64():
         analysis.block_spectra(blocks, k=3, tol=1e-9, slq_probes=2, slq_steps=8),
         analysis.adam_preconditioned(4, tol=1e-9))
     analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
-                                 dtype="float64", progress=False)
+                                 results=analysis.Results(progress=False),
+                                 operator=analysis.Operator(dtype="float64"))
     rec = analyzer.process(3, params, state, extras={"optimizer": opt_state})
     _, g, h, w, v = dense_reference(model, ds, params)
     curve = np.cumsum((v[:12] @ g) ** 2 / (g @ g))
@@ -57,5 +58,5 @@ def test_views_f_top_curve_block_spectra_and_adam_against_dense_float64():
                                rtol=1e-6)
     assert rec["adam_count"] == 3
     with pytest.raises(ValueError, match="needs Adam's state"):
-        analysis.Analyzer(analysis.adam_preconditioned(2), tasks.inference_loss(model, CE),
-                          data=ds, progress=False).process(0, params, state)
+        analysis.Analyzer(analysis.adam_preconditioned(2), tasks.inference_loss(model, CE), data=ds,
+                          results=analysis.Results(progress=False)).process(0, params, state)

@@ -10,7 +10,7 @@ functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.spli
   in the order given; the built-ins are the paper's measurements; a user's metric is a plain
   function of the :class:`Context` (:func:`transform`).
 - The runner (:class:`Analyzer`): live from any training loop (``analyzer(step, params)``
-  with ``every_steps`` / ``on_steps``), offline over a checkpoint source (:meth:`Analyzer.run`
+  on a :class:`Schedule`), offline over a checkpoint source (:meth:`Analyzer.run`
   with :func:`orbax_checkpoints`), or following a live run (``watch=True``).
 - The store (:mod:`.store`): atomic JSON records and npz arrays, checked on every start;
   corrupt files are moved aside and recomputed; :func:`read_results` reads them back. Every
@@ -19,6 +19,12 @@ functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.spli
   :class:`StaleResultsError`, or ``overwrite=True``.
 - Drivers (:mod:`.drivers`): :meth:`Analyzer.run` over a source, finished or live; a run that
   analysed nothing raises, and failed checkpoints end it with :class:`FailedStepsError`.
+- Specs (:mod:`.specs`): the analyzer's options in four small checked groups,
+  :class:`Operator` (what is measured), :class:`Placement` (where), :class:`Schedule` (when)
+  and :class:`Results` (what becomes of the records).
+- Config (:mod:`.config`): the paper's analysis as one ``ml_collections`` config, a section
+  per built-in whose fields are its factory's arguments, and :func:`config.build_chain`;
+  ``launch/analyze.py`` reads it from the command line.
 - Writers (:mod:`.writers`): scalars to CSV, TensorBoard, or any clu metric writer.
 - Seeds (:mod:`.aggregate`): :func:`aggregate_runs` turns the records of several runs into
   per-step mean, std and min–max of every quantity.
@@ -29,7 +35,7 @@ Example::
 
     pipe = analysis.chain(analysis.loss(), analysis.gradient(), analysis.eigenpairs(k=20),
                           analysis.f_top(k=10), analysis.subspace_overlap(k=10))
-    analyzer = analysis.Analyzer(pipe, loss_fn, data=analysis_set, results_dir="results/run")
+    analyzer = analysis.Analyzer(pipe, loss_fn, data=analysis_set, results="results/run")
     analyzer.run(analysis.orbax_checkpoints("ckpts", like=params))
     records = analysis.read_results("results/run")
 """
@@ -40,6 +46,7 @@ from hessian_subspace.analysis import drivers as drivers
 from hessian_subspace.analysis import fingerprints as fingerprints
 from hessian_subspace.analysis import config as config
 from hessian_subspace.analysis import spectra as spectra
+from hessian_subspace.analysis import specs as specs
 from hessian_subspace.analysis import step as step
 from hessian_subspace.analysis import sources as sources
 from hessian_subspace.analysis import store as store
@@ -64,6 +71,10 @@ from hessian_subspace.analysis.sources import PeerLostError as PeerLostError
 from hessian_subspace.analysis.sources import in_memory as in_memory
 from hessian_subspace.analysis.sources import orbax_checkpoints as orbax_checkpoints
 from hessian_subspace.analysis.spectra import dense_spectrum as dense_spectrum
+from hessian_subspace.analysis.specs import Operator as Operator
+from hessian_subspace.analysis.specs import Placement as Placement
+from hessian_subspace.analysis.specs import Results as Results
+from hessian_subspace.analysis.specs import Schedule as Schedule
 from hessian_subspace.analysis.spectra import slq as slq
 from hessian_subspace.analysis.store import ResultStore as ResultStore
 from hessian_subspace.analysis.store import StaleResultsError as StaleResultsError

@@ -135,7 +135,8 @@ def warn_float64_analysed_in_float32(params: PyTree) -> bool:
     import warnings
 
     warnings.warn("`params` holds float64 arrays but the analysis runs in float32 "
-                  "(Analyzer(dtype='float32')); pass dtype='float64' to analyse them in float64 "
+                  "(analysis.Operator(dtype='float32')); pass operator=analysis.Operator("
+                  "dtype='float64') to analyse them in float64 "
                   "(under a scoped jax.enable_x64), or float32 parameters.", UserWarning,
                   stacklevel=4)
     return True

@@ -37,7 +37,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from hessian_subspace.analysis import builtins as b
-from hessian_subspace.analysis import spectra, views
+from hessian_subspace.analysis import specs, spectra, views
 from hessian_subspace.analysis.transforms import Chain, Transform, at_steps, chain
 
 ConfigDict = ml_collections.ConfigDict
@@ -66,8 +66,8 @@ NEEDS_OPTIMIZER = frozenset({"adam"})
 def default_config() -> ConfigDict:
     """The paper's analysis (see the module docstring); every field is documented here."""
     c = ConfigDict()
-    # Comma-separated names from TRANSFORMS; the chain runs them in TRANSFORMS' order (ggn
-    # after c2).
+    # Comma-separated names from TRANSFORMS; the chain runs them in build_chain's fixed order
+    # (the paper's: loss, gradient, eigenpairs, f_top, c2, ggn, overlap_g_hg, layers, ...).
     c.transforms = ",".join(DEFAULT_TRANSFORMS)
     c.k = placeholder(int)  # top-k size; None: the number of classes (model outputs)
     c.operator = ConfigDict(dict(
@@ -189,13 +189,20 @@ def hvp_cache_of(config: ConfigDict) -> bool | str:
     return choices[value]
 
 
-def analyzer_options(config: ConfigDict) -> dict:
+def analyzer_options(config: ConfigDict, *, output_fn: Callable | None = None,
+                     output_loss: Callable | None = None, mesh=None,
+                     param_sharding: Callable | None = None) -> dict:
     """The :class:`~hessian_subspace.analysis.Analyzer` keyword arguments of
-    ``config.operator``."""
+    ``config.operator`` (``batch_size``, ``seed``, ``operator``, ``placement``), with the
+    model's Gauss-Newton split and the device mesh given here."""
     o = config.operator
-    return dict(batch_size=o.batch_size, dtype=o.dtype, precision=o.precision, seed=o.seed,
-                curvature=o.curvature, block=block_of(config), memory_budget=o.memory_budget,
-                hvp_cache=hvp_cache_of(config))
+    return dict(
+        batch_size=o.batch_size, seed=o.seed,
+        operator=specs.Operator(curvature=o.curvature, output_fn=output_fn,
+                                output_loss=output_loss, block=block_of(config), dtype=o.dtype,
+                                precision=o.precision, hvp_cache=hvp_cache_of(config)),
+        placement=specs.Placement(mesh=mesh, param_sharding=param_sharding,
+                                  memory_budget=o.memory_budget))
 
 
 def num_pairs(config: ConfigDict, k: int) -> int:
@@ -206,9 +213,9 @@ def num_pairs(config: ConfigDict, k: int) -> int:
 
 def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | None = None,
                 blocks: dict | None = None) -> Chain:
-    """The chain of the paper's measurements that ``config.transforms`` names, in the order of
-    :data:`TRANSFORMS` (the GGN beside the Hessian after ``c2``). Every factory's error names
-    its config section (``config.eigenpairs: `tol` must be > 0 ...``).
+    """The chain of the paper's measurements that ``config.transforms`` names, in a fixed order
+    (that of :data:`TRANSFORMS`, except ``c2`` and ``ggn`` right after ``f_top``). Every
+    factory's error names its config section (``config.eigenpairs: `tol` must be > 0 ...``).
 
     Args:
       config: :func:`default_config`, as given or updated (a plain nested dict is merged

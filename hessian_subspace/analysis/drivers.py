@@ -88,7 +88,8 @@ def run(analyzer, source: Any, *, steps: Iterable[int] | None = None, watch: boo
         elif not any(analyzer.scheduled(s) for s in available):
             raise ValueError(
                 f"none of the {len(available)} checkpoints in {where} is scheduled "
-                f"(every_steps={analyzer.every_steps}, on_steps={sorted(analyzer.on_steps)}); "
+                f"(every_steps={analyzer.schedule.every_steps}, "
+                f"on_steps={sorted(analyzer.schedule.on_steps)}); "
                 "nothing would be analysed")
     if final_step is None:
         final_step = getattr(source, "final_step", None)

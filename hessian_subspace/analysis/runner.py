@@ -8,9 +8,10 @@ checkpoint. Dropout off (inference mode) is the loss's business: the Hessian mus
 deterministic operator.
 
 Three ways in: live, from any training loop (``analyzer(step, params[, state])``, scheduled by
-``every_steps`` / ``on_steps`` like clu's periodic actions); offline, over a checkpoint source
-(:meth:`Analyzer.run`, e.g. :func:`~hessian_subspace.analysis.orbax_checkpoints`); and
-following a live run's directory (``run(source, watch=True)``).
+a :class:`Schedule`: ``every_steps`` / ``on_steps`` like clu's periodic actions); offline,
+over a checkpoint source (:meth:`Analyzer.run`, e.g.
+:func:`~hessian_subspace.analysis.orbax_checkpoints`); and following a live run's directory
+(``run(source, watch=True)``).
 
 A record is reused only when it was computed from the same checkpoint content, loss, data and
 settings (its ``fingerprints``, :mod:`~hessian_subspace.analysis.fingerprints`); a record of
@@ -36,14 +37,14 @@ from hessian_subspace.analysis import checks
 from hessian_subspace.analysis import context as context_lib
 from hessian_subspace.analysis import fingerprints as fp
 from hessian_subspace.analysis import sources as sources_lib
+from hessian_subspace.analysis import specs
 from hessian_subspace.analysis import step as step_lib
 from hessian_subspace.analysis import store as store_lib
 from hessian_subspace.analysis import writers as writers_lib
 from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Transform, chain
 
 PyTree = Any
-CURVATURES = ("hessian", "ggn")
-_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+CURVATURES = specs.CURVATURES
 LAYOUT_VERSION = 3  # 3: fingerprints, reads and waiting_for in records; top1..topk overlaps
 
 
@@ -59,51 +60,18 @@ class Analyzer:
         ``{"x": ..., "y": ...}``). g and H are those of the mean loss over all of it.
       batch_size: examples per batch of every product over ``data`` (memory only: results do
         not depend on it beyond round-off).
-      results_dir: where records and arrays go (see :mod:`~hessian_subspace.analysis.store`);
-        None keeps them in memory (``analyzer.records``).
       test_data: an optional test set (loss and accuracy on it, by :func:`loss`).
-      output_fn: ``outputs(params, batch[, state]) -> (n, m)``, with ``output_loss(outputs,
-        batch) -> mean loss``: the split that defines the Gauss-Newton matrix (for
-        ``curvature="ggn"`` and :func:`ggn`).
-      output_loss: see ``output_fn``.
-      curvature: the operator every curvature transform measures, "hessian" or "ggn".
-      block: restrict the analysis to the diagonal block of these parameter leaves ("/"-joined
-        path prefixes such as "dense_1", or a sequence of them); the gradient is restricted too.
-      dtype: "float32" or "float64" (the analysis runs under a scoped ``jax.enable_x64``; global
-        JAX config is never changed).
-      precision: matmul precision of the curvature products (None: JAX's default); recorded.
+      results: where the records go: a directory, or :class:`Results` (directory, overwrite,
+        retry_failed, record_fields, writers, progress); None keeps them in memory
+        (``analyzer.records``).
+      operator: what every curvature transform measures, :class:`Operator` (curvature,
+        Gauss-Newton split, block, dtype, precision, HVP cache); default the Hessian in float32.
+      placement: where the work runs, :class:`Placement` (mesh, data axes, parameter sharding,
+        Krylov memory budget); default one device.
+      schedule: which steps ``analyzer(step, ...)`` and :meth:`run` analyse,
+        :class:`Schedule` (``every_steps``, ``on_steps``); default all.
       seed: PRNG seed of start vectors, probes and mini-batches (keys are folded with the step,
         so a resumed run draws the same numbers).
-      every_steps: with ``on_steps``, which steps ``analyzer(step, ...)`` and :meth:`run`
-        analyse: multiples of ``every_steps`` and the steps in ``on_steps`` (default: all).
-      on_steps: see ``every_steps``.
-      writers: scalar writers called after each record with ``(step, {name: value})``: any
-        ``write(step, scalars)`` callable, or an object with clu's ``write_scalars`` (e.g.
-        :class:`~hessian_subspace.analysis.CSVWriter`, :class:`TensorBoardWriter`).
-      record_fields: JSON-able fields copied into every record (e.g. the run's config).
-      retry_failed: checkpoints whose record says "failed" are analysed again (default); False
-        skips them like finished ones.
-      overwrite: a finished record of other inputs (another checkpoint content, loss, data or
-        settings than this analysis: see ``fingerprints`` in the module docstring) is moved to
-        ``replaced/`` in the results directory and computed again; by default it is refused
-        with a :class:`~hessian_subspace.analysis.StaleResultsError` naming the step and what
-        changed.
-      progress: log a line per checkpoint and show a progress bar in :meth:`run`.
-      mesh: a device mesh (:func:`hessian_subspace.sharding.parse_mesh`; None: the default
-        device). The analysis set is laid out over its ``data_axes``
-        (:func:`hessian_subspace.batch_data`: each device computes on its own examples), and
-        the Krylov bases are split over all its devices.
-      data_axes: the mesh axes that split examples.
-      param_sharding: where the parameters go on the mesh: a function ``params -> shardings``
-        (e.g. ``functools.partial(sharding.fsdp_shardings, mesh=mesh)``) or None: parameters
-        that already live on the mesh keep their sharding, others are replicated.
-      memory_budget: bytes per device for a Krylov basis; an eigensolve whose unrestarted basis
-        would not fit runs thick-restarted with the basis that fits (None: no limit).
-      hvp_cache: whether the solvers linearise the product once per solve and apply the stored
-        linear map at every step (True, False, or "auto": when it fits ``cache_budget``); see
-        :func:`hessian_subspace.dataset_hvp`. Recorded per operator in ``pipeline.json``.
-      cache_budget: bytes per device for that linearisation (default
-        :func:`hessian_subspace.linearization.default_cache_budget`).
 
     Example::
 
@@ -111,25 +79,19 @@ class Analyzer:
                                                     analysis.eigenpairs(k=20),
                                                     analysis.f_top(k=10)),
                                      loss_fn, data=analysis_set, batch_size=1000,
-                                     results_dir="results/run", every_steps=100)
+                                     results="results/run",
+                                     schedule=analysis.Schedule(every_steps=100))
         for step in range(num_steps):
             analyzer(step, params)          # inside your own training loop
             params, opt_state = train_step(params, opt_state, batch)
     """
 
     def __init__(self, transforms: Chain | Transform | Sequence, loss_fn: Callable, *,
-                 data: PyTree, batch_size: int = 1000, results_dir: str | os.PathLike | None = None,
-                 test_data: PyTree = None, output_fn: Callable | None = None,
-                 output_loss: Callable | None = None, curvature: str = "hessian",
-                 block: str | Sequence[str] | None = None, dtype: str = "float32",
-                 precision: str | None = None, seed: int = 0, every_steps: int | None = None,
-                 on_steps: Iterable[int] = (), writers: Sequence[Any] = (),
-                 record_fields: Mapping[str, Any] | None = None, retry_failed: bool = True,
-                 overwrite: bool = False,
-                 progress: bool = True, mesh=None, data_axes: Sequence[str] | str = ("data",),
-                 param_sharding: Callable | None = None, memory_budget: float | None = None,
-                 hvp_cache: bool | str = "auto", cache_budget: float | None = None):
-        # Everything is checked before anything is written.
+                 data: PyTree, batch_size: int = 1000, test_data: PyTree = None,
+                 results: specs.Results | str | os.PathLike | None = None,
+                 operator: specs.Operator | None = None, placement: specs.Placement | None = None,
+                 schedule: specs.Schedule | None = None, seed: int = 0):
+        # Everything is checked before anything is written (the specs on construction).
         if isinstance(transforms, Transform):
             transforms = chain(transforms)
         elif not isinstance(transforms, Chain):
@@ -142,53 +104,23 @@ class Analyzer:
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
         self.batch_size = _tree.check_int("batch_size", batch_size, 1)
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"`dtype` must be 'float32' or 'float64', got {dtype!r}")
-        self.dtype = dtype
-        self._jdtype = jnp.float64 if dtype == "float64" else jnp.float32
-        if precision is not None and precision not in _PRECISIONS:
-            raise ValueError(f"`precision` must be one of {_PRECISIONS} or None, got "
-                             f"{precision!r}")
-        self.precision = precision
-        if curvature not in CURVATURES:
-            raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
-        if (output_fn is None) != (output_loss is None):
-            raise ValueError("give both `output_fn` and `output_loss`, or neither")
-        for label, fn in (("output_fn", output_fn), ("output_loss", output_loss)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"`{label}` must be callable, got {type(fn).__name__}")
-        if curvature == "ggn" and output_fn is None:
-            raise ValueError("curvature='ggn' needs `output_fn` and `output_loss` (the model "
-                             "outputs and the loss of the outputs)")
-        self.curvature, self.output_fn, self.output_loss = curvature, output_fn, output_loss
-        self.block = checks.check_block(block)
         self.seed = _tree.check_int("seed", seed)
-        self.every_steps = None if every_steps is None else _tree.check_int(
-            "every_steps", every_steps, 1)
-        self.on_steps = frozenset(int(s) for s in on_steps)
-        self.writers = tuple(writers_lib.as_writer(w) for w in writers)
-        self.record_fields = checks.check_record_fields(record_fields, self.chain)
-        self.retry_failed, self.progress = bool(retry_failed), bool(progress)
-        self.overwrite = bool(overwrite)
-        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-            raise TypeError(f"`mesh` must be a jax.sharding.Mesh (see "
-                            f"hessian_subspace.sharding.parse_mesh), got {type(mesh).__name__}")
-        self.mesh = mesh
-        self.data_axes = (sharding_lib.data_axes(mesh, data_axes) if mesh is not None
-                          else tuple([data_axes] if isinstance(data_axes, str) else data_axes))
-        if param_sharding is not None and not callable(param_sharding):
-            raise TypeError("`param_sharding` must be a function params -> shardings")
-        self.param_sharding = param_sharding
-        if memory_budget is not None and not float(memory_budget) > 0:
-            raise ValueError(f"`memory_budget` must be > 0 bytes, got {memory_budget!r}")
-        self.memory_budget = None if memory_budget is None else float(memory_budget)
-        if hvp_cache not in ("auto", True, False):
-            raise ValueError(f"`hvp_cache` must be True, False or 'auto', got {hvp_cache!r}")
-        if cache_budget is not None and (isinstance(cache_budget, bool)
-                                         or not float(cache_budget) > 0):
-            raise ValueError(f"`cache_budget` must be > 0 bytes, got {cache_budget!r}")
-        self.hvp_cache = hvp_cache
-        self.cache_budget = None if cache_budget is None else float(cache_budget)
+        op = self.operator = specs.as_spec("operator", operator, specs.Operator)
+        where = self.placement = specs.as_spec("placement", placement, specs.Placement)
+        self.schedule = specs.as_spec("schedule", schedule, specs.Schedule)
+        out = self.results = specs.as_results(results)
+        # The specs' fields, read by the steps below.
+        self.curvature, self.output_fn, self.output_loss = (op.curvature, op.output_fn,
+                                                            op.output_loss)
+        self.block, self.dtype, self.precision = op.block, op.dtype, op.precision
+        self.hvp_cache, self.cache_budget = op.hvp_cache, op.cache_budget
+        self._jdtype = jnp.float64 if self.dtype == "float64" else jnp.float32
+        self.mesh, self.data_axes = where.mesh, where.data_axes
+        self.param_sharding, self.memory_budget = where.param_sharding, where.memory_budget
+        self.writers = out.writers
+        self.record_fields = checks.check_record_fields(out.record_fields, self.chain)
+        self.retry_failed, self.progress, self.overwrite = (out.retry_failed, out.progress,
+                                                            out.overwrite)
         self.data = self._host("data", data)
         self.test_data = None if test_data is None else self._host("test_data", test_data)
         with self._scope():
@@ -199,8 +131,8 @@ class Analyzer:
             data=self.settings["data"]["sha256"],
             settings=store_lib.settings_fingerprint(self.settings), algorithm=fp.ALGORITHM)
         # In a multi-process analysis every process computes every record; process 0 writes.
-        self.store = (store_lib.MemoryStore() if results_dir is None
-                      else store_lib.ResultStore(results_dir,
+        self.store = (store_lib.MemoryStore() if out.directory is None
+                      else store_lib.ResultStore(out.directory,
                                                  writer=jax.process_index() == 0))
         # Refuses a directory of other settings before anything in it is changed.
         for problem in self.store.open(self.settings, overwrite=self.overwrite):
@@ -275,11 +207,8 @@ class Analyzer:
         return self.store.records()
 
     def scheduled(self, step: int) -> bool:
-        """Whether ``step`` is one the analyzer analyses (``every_steps`` / ``on_steps``)."""
-        if self.every_steps is None and not self.on_steps:
-            return True
-        return (self.every_steps is not None and step % self.every_steps == 0) \
-            or step in self.on_steps
+        """Whether ``step`` is one the analyzer analyses (its :class:`Schedule`)."""
+        return self.schedule.due(step)
 
     def done(self, step: int) -> bool:
         """Whether ``step`` has a record that is not analysed again by default: "ok" (reused

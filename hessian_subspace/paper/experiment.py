@@ -213,7 +213,8 @@ def read_run_config(workdir: str, *, wait_seconds: float = 0.0, poll_seconds: fl
 def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, results_dir: str, *,
                  analysis_config: ConfigDict | None = None, test_set: dict | None = None,
                  record_fields: dict | None = None, progress: bool = True, mesh=None,
-                 overwrite: bool = False, model=None) -> analysis.Analyzer:
+                 overwrite: bool = False, retry_failed: bool = True,
+                 model=None) -> analysis.Analyzer:
     """The analyzer of a run of the paper's models: :func:`analysis.config.build_chain` of
     ``analysis_config`` (default :func:`analysis.config.default_config`) on the
     inference-mode loss, metrics and outputs of the config's model (``model``: that model,
@@ -230,13 +231,16 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
     xy = lambda ds: None if ds is None else {"x": ds["x"], "y": ds["y"]}  # noqa: E731
     return analysis.Analyzer(
         chain, tasks.inference_loss(model, config.task), data=xy(analysis_set),
-        results_dir=results_dir, test_data=xy(test_set),
-        output_fn=tasks.inference_outputs(model), output_loss=tasks.output_loss(config.task),
-        record_fields=dict(k=k, config=config_to_json(config)) if record_fields is None
-        else record_fields, progress=progress, mesh=mesh, overwrite=overwrite,
-        param_sharding=None if mesh is None else functools.partial(
-            sharding.fsdp_shardings, mesh=mesh),
-        **analysis_config_lib.analyzer_options(acfg))
+        test_data=xy(test_set),
+        results=analysis.Results(
+            results_dir, overwrite=overwrite, retry_failed=retry_failed, progress=progress,
+            record_fields=dict(k=k, config=config_to_json(config)) if record_fields is None
+            else record_fields),
+        **analysis_config_lib.analyzer_options(
+            acfg, output_fn=tasks.inference_outputs(model),
+            output_loss=tasks.output_loss(config.task), mesh=mesh,
+            param_sharding=None if mesh is None else functools.partial(
+                sharding.fsdp_shardings, mesh=mesh)))
 
 
 def restore_like(model, example_x, mesh=None) -> tuple[Any, Any]:
@@ -293,8 +297,8 @@ def analyze_run(workdir: str, results_dir: str, *, analysis_config: ConfigDict |
                             analysis_config=acfg,
                             test_set=data["test"] if test_metrics else None,
                             record_fields=dict(k=k, config=config_json),
-                            progress=progress, mesh=mesh, overwrite=overwrite, model=model)
-    analyzer.retry_failed = retry_failed
+                            progress=progress, mesh=mesh, overwrite=overwrite,
+                            retry_failed=retry_failed, model=model)
     source = ckpt_lib.run_checkpoints(
         os.path.join(workdir, train_lib.CHECKPOINT_DIR), like=like, state_like=state_like,
         final_step=config.get("num_steps"),
