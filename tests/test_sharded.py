@@ -41,8 +41,9 @@ _SCRIPT = textwrap.dedent(
                           analysis.eigenpairs(k=6, tol=1e-5), analysis.f_top(k=3),
                           analysis.overlap_g_hg(), analysis.c2(), analysis.layers())
     analyzer = analysis.Analyzer(pipe, tasks.cross_entropy_loss(model), data=data,
-                                 batch_size=batch_size, mesh=mesh, param_sharding=fsdp,
-                                 progress=False)
+                                 batch_size=batch_size,
+                                 placement=analysis.Placement(mesh=mesh, param_sharding=fsdp),
+                                 results=analysis.Results(progress=False))
     records = [analyzer.process(t, jax.tree_util.tree_map(lambda x, t=t: x * (1 + 0.2 * t),
                                                          params)) for t in range(2)]
 
