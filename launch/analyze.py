@@ -199,6 +199,10 @@ def main(argv):
                              "not both")
     if source.checkpoints is not None and FLAGS.results is None:
         raise app.UsageError("--results is required with --config.source.checkpoints")
+    if source.checkpoints is not None and (FLAGS.num_analysis is not None or FLAGS.test_metrics):
+        raise app.UsageError("--num_analysis and --test_metrics are for a run of launch.train "
+                             "(--workdir); your model's analysis set and test set are "
+                             "--config.source.data and --config.source.test_data")
     try:
         config = analysis_config()
     except (TypeError, ValueError) as e:

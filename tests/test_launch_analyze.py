@@ -157,6 +157,12 @@ def test_own_model_settings_missing_are_named(user_checkpoints, tmp_path):
     code, out = _run(*_own_model_args(user_checkpoints, tmp_path / "r",
                                       "--config.source.loss=user_model:nope"), timeout=120)
     assert code == 1 and "--config.source.loss=user_model:nope" in out, out[-3000:]
+    code, out = _run(*_own_model_args(user_checkpoints, tmp_path / "r", "--test_metrics"),
+                     timeout=120)
+    assert code == 1 and "--config.source.test_data" in out, out[-3000:]
+    code, out = _run(*_own_model_args(user_checkpoints, tmp_path / "r", "--workdir=runs/x"),
+                     timeout=120)
+    assert code == 1 and "not both" in out, out[-3000:]
     assert not os.path.exists(tmp_path / "r")
 
 
