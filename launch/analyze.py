@@ -98,7 +98,7 @@ flags.DEFINE_bool("also_ggn", None, "Adds 'ggn' to --config.transforms.")
 flags.DEFINE_list("block", None, f"{_ALIAS}operator.block.")
 flags.DEFINE_bool("next_bound", None, f"{_ALIAS}eigenpairs.next_bound.")
 flags.DEFINE_bool("tracker", None, f"{_ALIAS}eigenpairs.tracker.")
-flags.DEFINE_float("memory_budget", None, f"{_ALIAS}operator.memory_budget.")
+flags.DEFINE_float("memory_budget", None, f"{_ALIAS}eigenpairs.memory_budget.")
 flags.DEFINE_enum("hvp_cache", None, ["auto", "true", "false"], f"{_ALIAS}operator.hvp_cache.")
 ALIAS_FLAGS = ("transforms", "k", "lanczos_steps", "tol", "block_size", "dtype", "precision",
                "batch_size", "reference_steps", "warm_start", "slq_steps", "dense_steps",

@@ -102,7 +102,7 @@ def test_non_finite_parameters_and_gradients_give_failure_records(tmp_path):
     rec = analyzer.process(3, bad, state)
     assert rec["status"] == "failed" and "non-finite" in rec["reason"]
     assert analyzer.store.record(3)["status"] == "failed"
-    assert analyzer.store.stored("bases", 3) is None
+    assert analyzer.store.state(3) is None
     assert analyzer.process(4, params, state)["status"] == "ok"
     # Inputs that make the loss (not the parameters) non-finite: caught during the analysis.
     inf_data = dict(ds, x=np.where(np.arange(90)[:, None] == 5, np.inf, ds["x"]))

@@ -49,7 +49,7 @@ def test_every_builtin_matches_a_dense_float64_computation(tmp_path):
         assert len(rec["f_top_minibatch"]) == 2
         assert rec["precision"]["lanczos"] == "float64" and rec["versions"]["jax"]
         bases[step] = v
-        stored = analyzer.store.stored("bases", step)["eigenvectors"]
+        stored = analyzer.store.state(step)["eigenpairs/eigenvectors"]
         assert stored.shape == (6, h.shape[0])
     over = rec1["subspace_overlap"]["0"]
     for d in range(1, 7):  # the paper's chain: d = 1 ... 2k
@@ -107,7 +107,7 @@ def test_toy_model_two_classes_sigma_zero_gradient_lies_in_the_predicted_top_sub
         if t in (0, 20, 59):
             rec = analyzer.process(t, params)
             assert abs(rec["f_top"] - 1.0) < 1e-5, (t, rec["f_top"])
-            top = analyzer.store.stored("bases", t)["eigenvectors"][:2]
+            top = analyzer.store.state(t)["eigenpairs/eigenvectors"][:2]
             np.testing.assert_allclose(hs.subspace_overlap(top, predicted), 1.0, atol=1e-5)
             assert max(abs(x) for x in rec["eigenvalues"][2:]) < 1e-5 * rec["eigenvalues"][0]
         idx = batches.batch_indices(200, 20, t, 0)
@@ -156,7 +156,7 @@ def test_block_analysis_and_ggn_alongside_match_dense_blocks(tmp_path):
     np.testing.assert_allclose(rec["eigenvalues"][:3], w[:3], rtol=1e-9)
     np.testing.assert_allclose(rec["f_top"], np.sum((v[:3] @ gs) ** 2) / (gs @ gs), rtol=1e-6)
     assert set(rec["top_eigenvector_layer_mass"]) == {"dense_1/bias", "dense_1/kernel"}
-    assert analyzer.store.stored("bases", 0)["eigenvectors"].shape == (6, 18)
+    assert analyzer.store.state(0)["eigenpairs/eigenvectors"].shape == (6, 18)
     assert len(rec["f_top_minibatch"]) == 2
     wg, vg = eig_desc(ggn[np.ix_(idx, idx)])
     np.testing.assert_allclose(rec["ggn_eigenvalues"], wg[:3], rtol=1e-8)
@@ -235,8 +235,8 @@ def test_eigenpairs_of_blocks_and_of_the_ggn_beside_the_full_hessian(tmp_path):
                                eig_desc(ggn[np.ix_(first, first)])[0][:3], rtol=1e-8)
     assert rec["block_top"] == rec["last_layer_eigenvalues"][0]
     store = analyzer.store
-    assert store.stored("last_layer_bases", 0)["eigenvectors"].shape == (3, last.size)
-    assert store.stored("ggn_first_layer_bases", 0)["eigenvectors"].shape == (3, first.size)
+    assert store.state(0)["last_layer/eigenvectors"].shape == (3, last.size)
+    assert store.state(0)["ggn_first_layer/eigenvectors"].shape == (3, first.size)
 
 
 def test_loss_and_accuracy_on_the_analysis_and_test_sets():

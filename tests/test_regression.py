@@ -230,7 +230,7 @@ def test_the_rebuilt_pipeline_reproduces_the_old_records(name, tmp_path):
         old_spectra = np.load(os.path.join(FIXTURE, "spectra_default_f32_step12.npz"))
         for key in ("slq_nodes", "slq_weights", "dense_eigenvalues"):
             np.testing.assert_allclose(spectra[key], old_spectra[key], rtol=2e-5, atol=1e-6)
-        basis = store.stored("bases", 12)["eigenvectors"]
+        basis = store.state(12)["eigenpairs/eigenvectors"]
         old_basis = np.load(os.path.join(FIXTURE, "bases_default_f32_step12.npz"))["eigenvectors"]
         np.testing.assert_allclose(np.abs(basis @ old_basis.T), np.eye(6), atol=1e-4)
 

@@ -254,9 +254,10 @@ def test_a_corrupt_pipeline_json_is_rebuilt_from_matching_records_only(tmp_path,
     assert analyzer.run(source) == [] and _mtimes(results) == before
 
 
-def test_records_waiting_for_a_reference_are_completed_once_it_exists(tmp_path):
+def test_records_lacking_a_reference_are_completed_once_it_is_analysed(tmp_path):
     """Two analyses split the steps of one directory: the later steps, computed first, lack
-    the overlap with the reference steps; once those exist, they are computed again."""
+    the overlap with the reference steps; once those are analysed, the records after them
+    started from another state than the one now before them, and are computed again."""
     ds = _problem()
     trajectory = _train(ds, 0.3)
     source = analysis.in_memory(trajectory)
@@ -264,36 +265,54 @@ def test_records_waiting_for_a_reference_are_completed_once_it_exists(tmp_path):
     late = _analyzer(ds, results).run(source, steps=[8, 12])
     for r in late:
         assert "0" not in r["subspace_overlap"] and "4" not in r["subspace_overlap"]
-        assert {(w["step"], w["folder"]) for w in r["waiting_for"]} >= {(0, "bases"),
-                                                                          (4, "bases")}
+    assert late[0]["state_from"] == dict(step=None, content=None, values=True)
+    assert late[1]["state_from"]["step"] == 8
     _analyzer(ds, results).run(source, steps=[0, 4])
     completed = _analyzer(ds, results).run(source)
     assert [r["step"] for r in completed] == [8, 12]
+    store = analysis.ResultStore(str(results))
     for r in completed:
-        assert {"0", "4"} <= set(r["subspace_overlap"]) and "waiting_for" not in r
-        assert {(x["step"], x["folder"]) for x in r["reads"] if x["values"]} >= {
-            (0, "bases"), (4, "bases")}
+        assert {"0", "4"} <= set(r["subspace_overlap"])
+        before = {8: 4, 12: 8}[r["step"]]
+        assert r["state_from"] == dict(step=before, content=store.content("state", before),
+                                       values=True)
     fresh = _analyzer(ds, tmp_path / "fresh").run(source)
     for a, b in zip(analysis.read_results(str(results)), fresh, strict=True):
         assert set(a["subspace_overlap"]) == set(b["subspace_overlap"])
     assert _analyzer(ds, results).run(source) == []  # complete now: all reused
 
 
-def test_a_record_is_recomputed_when_a_basis_it_read_changed(tmp_path):
+def test_a_record_is_recomputed_when_the_state_it_started_from_changed(tmp_path):
     ds = _problem()
     trajectory = _train(ds, 0.3)
     results = tmp_path / "r"
     records = _analyzer(ds, results).run(analysis.in_memory(trajectory))
     warm = records[1]
-    assert warm["warm_start_step"] == 0
-    assert [(x["step"], x["values"]) for x in warm["reads"]] == [(0, False), (0, True)]
+    assert warm["warm_start_step"] == 0 and warm["state_from"]["step"] == 0
     # Step 4's checkpoint changes: with overwrite, step 4 is recomputed, and so are the later
-    # steps whose overlaps read step 4's basis (their own checkpoints did not change).
+    # steps, whose overlaps started from step 4's state (their own checkpoints did not change).
     changed = dict(trajectory)
     changed[4] = jax.tree_util.tree_map(lambda x: x * 1.01, trajectory[4])
     redone = _analyzer(ds, results, overwrite=True).run(analysis.in_memory(changed))
     assert [r["step"] for r in redone] == [4, 8, 12]
     assert _analyzer(ds, results).run(analysis.in_memory(changed)) == []
+
+
+def test_a_warm_start_alone_does_not_make_records_outdated(tmp_path):
+    """eigenpairs' state is a start vector only (`state_affects_values=False`): a chain
+    without subspace_overlap keeps its later records when an earlier step changes."""
+    ds = _problem()
+    trajectory = _train(ds, 0.3)
+    pipe = analysis.chain(analysis.gradient(), analysis.eigenpairs(k=4, tol=1e-5),
+                          analysis.f_top(k=2, num_minibatches=0))
+    results = tmp_path / "r"
+    records = _analyzer(ds, results, chain=pipe).run(analysis.in_memory(trajectory))
+    assert records[1]["state_from"]["values"] is False
+    changed = dict(trajectory)
+    changed[4] = jax.tree_util.tree_map(lambda x: x * 1.01, trajectory[4])
+    redone = _analyzer(ds, results, chain=pipe, overwrite=True).run(
+        analysis.in_memory(changed))
+    assert [r["step"] for r in redone] == [4]
 
 
 def test_fingerprints_of_the_store_and_of_the_old_layout(tmp_path):
@@ -303,11 +322,10 @@ def test_fingerprints_of_the_store_and_of_the_old_layout(tmp_path):
     _analyzer(ds, results).run(source)
     store = analysis.ResultStore(str(results))
     rec = store.record(4)
-    assert rec["files"]["bases"]["content"] == store_lib.fp.arrays_content(
-        store.stored("bases", 4))
-    # A directory of the previous layout (records without fingerprints) is refused by name.
+    assert rec["files"]["state"]["content"] == store_lib.fp.arrays_content(store.state(4))
+    # A directory of the previous layout (bases/ and reads) is refused by name.
     settings = json.loads((results / "pipeline.json").read_text())
-    settings["layout"] = 2
+    settings["layout"] = 3
     (results / "pipeline.json").write_text(json.dumps(settings))
     with pytest.raises(analysis.StaleResultsError, match="differ in layout"):
         _analyzer(ds, results)

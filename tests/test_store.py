@@ -1,5 +1,6 @@
-"""The result store survives its own files: corrupt records, bases and spectra are reported by
-path, moved aside and recomputed; results.jsonl follows records/; scalar writers."""
+"""The result store survives its own files: corrupt records, state arrays and spectra are
+reported by path, moved aside and recomputed; the transforms' state is stored by name, each
+distinct array once; results.jsonl follows records/; scalar writers."""
 
 import json
 import os
@@ -60,10 +61,36 @@ def test_layout_and_files_listed_with_checksums(analysed):
     assert store.check() == []
     assert store.steps("ok") == list(STEPS)
     rec = store.record(6)
-    assert set(rec["files"]) == {"bases", "spectra", "state"}
+    assert set(rec["files"]) == {"spectra", "state"}
     for entry in rec["files"].values():
         assert os.path.getsize(results / entry["path"]) == entry["bytes"]
     assert set(store.stored("spectra", 6)) == {"slq_nodes", "slq_weights"}
+    # The state after each step, by name: eigenpairs' basis, subspace_overlap's previous basis
+    # (the same array) and its reference basis of step 0 (the same at every later step).
+    names = {"eigenpairs/" + f for f in ("step", "eigenvectors", "eigenvalues", "residuals")}
+    names |= {f"subspace_overlap/{which}/{f}" for which in ("previous", "references/0")
+              for f in ("step", "eigenvectors", "eigenvalues", "residuals")}
+    for step in STEPS:
+        state = store.state(step)
+        assert set(state) == names, step
+        np.testing.assert_array_equal(state["eigenpairs/eigenvectors"],
+                                      state["subspace_overlap/previous/eigenvectors"])
+        np.testing.assert_array_equal(state["subspace_overlap/references/0/eigenvectors"],
+                                      store.state(0)["eigenpairs/eigenvectors"])
+        assert state["eigenpairs/step"] == step and state["eigenpairs/eigenvectors"].shape == (
+            4, 18)
+        manifest = json.load(open(results / rec["files"]["state"]["path"]))
+        assert all(e["path"].startswith("state/arrays/") for e in manifest.values())
+        assert store.content("state", step) == store_lib.fp.arrays_content(state)
+    # Each distinct array is one file: one basis per step, not one per name and step.
+    blobs = os.listdir(results / "state" / "arrays")
+    manifests = [json.load(open(results / store.record(t)["files"]["state"]["path"]))
+                 for t in STEPS]
+    assert len(blobs) == len({e["path"] for m in manifests for e in m.values()})
+    bases = {m["eigenpairs/eigenvectors"]["path"] for m in manifests}
+    assert len(bases) == len(STEPS) and all(
+        m["subspace_overlap/references/0/eigenvectors"] == manifests[0][
+            "eigenpairs/eigenvectors"] for m in manifests)
     lines = [json.loads(x) for x in open(results / "results.jsonl")]
     assert [r["step"] for r in lines] == list(STEPS)
     settings = json.load(open(results / "pipeline.json"))
@@ -75,10 +102,11 @@ def test_layout_and_files_listed_with_checksums(analysed):
 def test_a_corrupt_file_is_named_moved_aside_and_its_step_recomputed(analysed, caplog, what):
     results, ds, loss_fn, trajectory = analysed
     reference = _comparable(analysis.read_results(str(results)))
+    manifest = json.load(open(results / "state" / "step_00000006.json"))
     path = {"record": results / "records" / "step_00000006.json",
-            "basis": results / "bases" / "step_00000006.npz",
+            "basis": results / manifest["eigenpairs/eigenvectors"]["path"],
             "spectrum": results / "spectra" / "step_00000006.npz",
-            "state": results / "state" / "step_00000006.npz"}[what]
+            "state": results / "state" / "step_00000006.json"}[what]
     with open(path, "r+b") as f:  # truncate, as a crash of another writer would
         f.truncate(os.path.getsize(path) // 2)
     mtimes = {s: os.stat(results / "records" / f"step_{s:08d}.json").st_mtime_ns
@@ -98,15 +126,19 @@ def test_a_corrupt_file_is_named_moved_aside_and_its_step_recomputed(analysed, c
 
 def test_an_unreadable_reference_basis_fails_the_step_that_needs_it(analysed):
     results, ds, loss_fn, trajectory = analysed
+    reference = _comparable(analysis.read_results(str(results)))
     analyzer = _analyzer(results, ds, loss_fn)
-    basis = results / "bases" / "step_00000000.npz"
-    basis.write_bytes(b"garbage, not a zip file")  # after the store was checked
-    rec = analyzer.process(9, trajectory[9])
+    manifest = json.load(open(results / "state" / "step_00000006.json"))
+    basis = results / manifest["subspace_overlap/references/0/eigenvectors"]["path"]
+    basis.write_bytes(b"garbage, not an npy file")  # after the store was checked
+    rec = analyzer.process(9, trajectory[9])  # starts from step 6's state, which holds it
     assert rec["status"] == "failed" and str(basis) in rec["reason"]
-    # Next start: step 0's record lost its file, so 0 is recomputed and then 9 retried.
+    assert "quarantine" in os.listdir(results) and not basis.exists()
+    # Next start: every state that holds the lost array is unreadable, so its step is
+    # recomputed (step 0's basis is in all of them), and 9 is retried; the same numbers.
     written = _analyzer(results, ds, loss_fn).run(trajectory)
-    assert [r["step"] for r in written] == [0, 9]
-    assert all(r["status"] == "ok" for r in analysis.read_results(str(results)))
+    assert [r["step"] for r in written] == [0, 3, 6, 9]
+    assert _comparable(analysis.read_results(str(results))) == reference
 
 
 def test_results_jsonl_is_rebuilt_when_it_disagrees_with_the_records(analysed):

@@ -47,6 +47,7 @@ from hessian_subspace.analysis import fingerprints as fingerprints
 from hessian_subspace.analysis import config as config
 from hessian_subspace.analysis import spectra as spectra
 from hessian_subspace.analysis import specs as specs
+from hessian_subspace.analysis import state as state
 from hessian_subspace.analysis import step as step
 from hessian_subspace.analysis import sources as sources
 from hessian_subspace.analysis import store as store

@@ -10,7 +10,7 @@ factory                       requires                record keys (context entri
 :func:`loss`                  —                       ``train_loss``, ``train_accuracy``, ``test_*``
 :func:`gradient`              —                       ``grad_norm`` (``gradient``)
 :func:`eigenpairs`            —                       ``eigenvalues``, ``residuals``, ``converged``
-                                                      … (``eigenpairs``; basis in ``bases/``)
+                                                      … (``eigenpairs``; basis in its state)
 :func:`f_top`                 gradient, eigenpairs    ``f_top``, ``f_next``, bounds, mini-batches
 :func:`overlap_g_hg`          gradient                ``overlap_g_hg``
 :func:`c2`                    gradient, eigenpairs    ``c2``
@@ -37,7 +37,7 @@ from jax import flatten_util
 
 import hessian_subspace as hs
 from hessian_subspace import _tree, curvature, krylov, metrics
-from hessian_subspace.analysis.transforms import Stored, Transform
+from hessian_subspace.analysis.transforms import Transform
 
 PyTree = Any
 
@@ -155,12 +155,6 @@ def warm_start_vector(key: jax.Array, previous_basis: jax.Array | None, like: Py
     return unravel(warm)
 
 
-def bases_folder(name: str) -> str:
-    """Where :func:`eigenpairs` named ``name`` stores its bases: ``bases`` for the default
-    name, ``NAME_bases`` otherwise."""
-    return "bases" if name == "eigenpairs" else f"{name}_bases"
-
-
 def _dtype_of(tree: PyTree):
     return jnp.result_type(*jax.tree_util.tree_leaves(tree))
 
@@ -173,15 +167,16 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                block_size: int = 1, warm_start: bool = True, tracker: bool = False,
                tracker_blocks: int = 4, curvature_name: str | None = None,
                block: Any = "default", max_basis: int | None = None,
-               name: str = "eigenpairs") -> Transform:
+               memory_budget: float | None = None, name: str = "eigenpairs") -> Transform:
     """The top-k eigenpairs of the curvature operator (:func:`hessian_subspace.top_eigenpairs`),
     with explicit residuals and converged flags.
 
     Context ``eigenpairs`` (an :class:`hessian_subspace.Eigenpairs`: ``eigenvectors`` are rows
     in ``ravel_pytree`` order); record ``eigenvalues``, ``residuals``, ``converged``,
     ``all_converged``, ``lanczos_hvps``, ``warm_start`` (and ``tracker_hvps``,
-    ``tracker_converged``); the basis (float32), eigenvalues and residuals are stored in
-    ``bases/`` for comparisons across steps (:func:`subspace_overlap`).
+    ``tracker_converged``). Its state is the last basis (float32), eigenvalues and residuals
+    with their ``step``: the warm start of the next checkpoint, and what the store keeps of
+    every checkpoint (``store.state(t)["eigenpairs/eigenvectors"]``).
 
     The paper measures the top k and the "next k": ask for 2k here, and give k to
     :func:`f_top` and :func:`subspace_overlap`.
@@ -192,16 +187,18 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
       num_steps: Krylov cap (default: the solver's, max(6k, k + 40)).
       block_size: Lanczos block size (> 1 resolves repeated eigenvalues).
       warm_start: start from a random combination of the previous checkpoint's eigenvectors
-        (its state: the previous step, whose basis is read back from ``bases/``).
+        (its state).
       tracker: first try :func:`hessian_subspace.track_eigenpairs` from the previous basis
         (``tracker_blocks`` blocks), Lanczos when it does not converge.
       curvature_name: "hessian" or "ggn" (None: the analyzer's operator).
       block: leaf-path prefixes of a diagonal block (default: the analyzer's).
       max_basis: cap on the Krylov basis (vectors): thick-restarted Lanczos
-        (:func:`hessian_subspace.top_eigenpairs`). Default: none, unless the analyzer's
-        ``memory_budget`` (bytes per device) is smaller than the unrestarted basis, in which
-        case the basis is capped to fit it (recorded as ``max_basis``).
-      name: the transform's name and context entry (other names store in ``NAME_bases/``).
+        (:func:`hessian_subspace.top_eigenpairs`). Default: none, unless ``memory_budget``
+        is smaller than the unrestarted basis.
+      memory_budget: bytes per device for the Krylov basis (its vectors are split over the
+        devices the operator's vectors are); when the unrestarted basis is bigger, the basis
+        is capped to fit (thick restart, recorded as ``max_basis``). None: no cap.
+      name: the transform's name and context entry.
     """
     k = _tree.check_int("k", k, 1)
     if not float(tol) > 0:
@@ -214,19 +211,23 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
         raise ValueError("`tracker` needs `warm_start`")
     if max_basis is not None:
         max_basis = _tree.check_int("max_basis", max_basis, k + 2)
-    folder = bases_folder(name)
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not float(memory_budget) > 0:
+            raise ValueError(f"`memory_budget` must be > 0 bytes, got {memory_budget!r}")
+        memory_budget = float(memory_budget)
 
     def init(ctx):
-        return {"previous": np.asarray(-1)}
+        return {"step": np.asarray(-1)}
 
     def update(ctx, state):
         op = ctx.operator(curvature_name, block=block) if (curvature_name or block != "default") \
             else ctx["operator"]
         key = ctx.rng(0)
-        previous = int(state["previous"]) if warm_start else -1
         # The start vector only: the eigenpairs do not depend on it beyond the tolerance.
-        prev = ctx.stored(folder, previous, values=False) if previous >= 0 else None
-        prev_basis = None if prev is None else prev["eigenvectors"]
+        previous = int(state["step"])
+        prev_basis = state.get("eigenvectors") if warm_start and previous >= 0 else None
+        if prev_basis is not None and prev_basis.shape[1:] != (op.dim,):
+            prev_basis = None  # another operator's (a changed block): start cold
         if k > op.dim - 1:
             raise ValueError(
                 f"{name}: k = {k} eigenpairs asked of a curvature operator of dimension "
@@ -246,7 +247,7 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                 eig = tracked
         if eig is None:
             v0 = warm_start_vector(key, prev_basis, op.like)
-            cap = _basis_cap(ctx, op, num, num_steps, block_size, max_basis)
+            cap = _basis_cap(op, num, num_steps, block_size, max_basis, memory_budget)
             steps = _cap(num_steps, num, op.dim) if cap is None else num_steps
             eig = hs.top_eigenpairs(op, v0, num, num_steps=steps, tol=tol, block_size=block_size,
                                     key=key, max_basis=cap)
@@ -262,18 +263,27 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
             _key(name, "lanczos_hvps"): int(eig.num_matvecs),
             _key(name, "warm_start"): prev_basis is not None,
             _key(name, "warm_start_step"): previous if prev_basis is not None else None,
-            folder: Stored(eigenvectors=np.asarray(eig.eigenvectors, np.float32),
-                           eigenvalues=values, residuals=np.asarray(eig.residuals)),
         })
-        return out, {"previous": np.asarray(ctx.step)}
+        return out, basis_state(ctx.step, eig)
 
     return Transform(name=name, update=update, init=init, provides=(name,),
                      context_only=(name,),
                      config=dict(k=k, tol=tol, num_steps=num_steps, block_size=block_size,
                                  warm_start=warm_start, tracker=tracker,
                                  tracker_blocks=tracker_blocks, curvature=curvature_name,
-                                 block=block),
-                     records=tuple(_key(name, f) for f in EIGENPAIRS_KEYS), sizes={name: k})
+                                 block=block, max_basis=max_basis,
+                                 memory_budget=memory_budget),
+                     records=tuple(_key(name, f) for f in EIGENPAIRS_KEYS), sizes={name: k},
+                     state_affects_values=False)
+
+
+def basis_state(step: int, eig: hs.Eigenpairs) -> dict[str, np.ndarray]:
+    """A computed basis as state (host arrays): ``step``, ``eigenvectors`` (float32 rows: each
+    moves by at most :data:`BASIS_ROUNDING`), ``eigenvalues`` (float64), ``residuals``."""
+    return dict(step=np.asarray(int(step)),
+                eigenvectors=_tree.to_host(jnp.asarray(eig.eigenvectors, jnp.float32)),
+                eigenvalues=np.asarray(eig.eigenvalues, np.float64),
+                residuals=np.asarray(eig.residuals))
 
 
 # The record keys of `eigenpairs` (prefixed with NAME_ for another name).
@@ -282,17 +292,15 @@ EIGENPAIRS_KEYS = ("eigenvalues", "residuals", "converged", "all_converged", "la
                    "max_basis")
 
 
-def _basis_cap(ctx, op, num: int, num_steps: int | None, block_size: int,
-               max_basis: int | None) -> int | None:
-    """The basis cap: ``max_basis``, or what fits the analyzer's memory budget when the
+def _basis_cap(op, num: int, num_steps: int | None, block_size: int, max_basis: int | None,
+               budget: float | None) -> int | None:
+    """The basis cap: ``max_basis``, or what fits ``budget`` bytes per device when the
     unrestarted basis would not (None: no restart)."""
     if max_basis is not None:
         return min(max_basis, op.dim)
-    budget = ctx["memory_budget"] if "memory_budget" in ctx else None
     if budget is None:
         return None
-    mesh = ctx["mesh"] if "mesh" in ctx else None
-    devices = 1 if mesh is None else mesh.size
+    devices = _vector_devices(op)
     itemsize = np.dtype(_dtype_of(op.like)).itemsize
     per_vector = itemsize * op.dim / devices
     full = _cap(num_steps, num, op.dim) or krylov.default_num_steps(num, op.dim, block_size)
@@ -305,6 +313,16 @@ def _basis_cap(ctx, op, num: int, num_steps: int | None, block_size: int,
             f"parameters over {devices} devices; {num} eigenpairs need at least "
             f"{num + 2 * block_size}")
     return fits
+
+
+def _vector_devices(op) -> int:
+    """Over how many devices the operator's flat vectors (and so the Krylov basis) are split."""
+    sharding = getattr(op, "vector_sharding", None)
+    axes = None if sharding is None else sharding.spec[0]
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes]))
 
 
 def _nonzero_gradient(g: jax.Array, what: str) -> None:
@@ -508,9 +526,12 @@ def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100
     the previous analysed checkpoint is compared too, under its own step, and
     ``subspace_overlap["previous"] = {"step": t}`` says which one it is (one copy).
 
-    The reference bases are the ones :func:`eigenpairs` stored at those steps. A reference
-    step before this one that has no basis yet (another analysis has not reached it) is listed
-    in the record's ``waiting_for``; the record is computed again once that basis exists.
+    The reference bases are this transform's state: when a checkpoint at a reference step
+    is analysed, its basis (float32, with its eigenvalues and residuals) is kept, and so is
+    the last checkpoint's for ``previous``. They are held in host memory and stored once each
+    (about ``(len(reference_steps) + 1) * 2k * p * 4`` bytes at most, p parameters). A
+    reference step that was not analysed before this one has no entry; when it is analysed
+    later, the records after it are computed again (their state changed).
 
     Args:
       k: size of the top subspace (for ``next``).
@@ -518,40 +539,45 @@ def subspace_overlap(k: int, *, reference_steps: Sequence[int] = (0, 10, 50, 100
       previous: also compare with the previous analysed checkpoint.
       dims: subspace dimensions d (default 1 … k; the paper's Fig. 3 uses up to 2k). Each
         needs d eigenvectors: the chain refuses more than ``eigenpairs`` computes.
-      of: the eigenpairs entry (its stored bases).
+      of: the eigenpairs entry.
       name: the transform's name.
     """
     k = _tree.check_int("k", k, 1)
-    if reference_steps is not None:
-        reference_steps = _tree.check_steps("reference_steps", reference_steps)
+    reference_steps = _tree.check_steps("reference_steps", reference_steps)
     dims = tuple(range(1, k + 1)) if dims is None else tuple(
         _tree.check_int("dims entries", d, 1) for d in dims)
     if not dims:
         raise ValueError("`dims` must name at least one subspace dimension")
-    folder = bases_folder(of)
+    kept_steps = frozenset(reference_steps)
 
     def init(ctx):
-        return {"previous": np.asarray(-1)}
+        return {"previous": {"step": np.asarray(-1)}, "references": {}}
 
     def update(ctx, state):
         eig = ctx[of]
-        current = np.asarray(eig.eigenvectors, np.float32)
+        here = basis_state(ctx.step, eig)
         bounds = error_bounds(eig.residuals, eig.eigenvalues)
-        prev = int(state["previous"]) if previous else -1
-        refs = sorted({t for t in reference_steps if t < ctx.step} |
-                      ({prev} if 0 <= prev < ctx.step else set()))
+        refs = {int(t): ref for t, ref in state.get("references", {}).items()
+                if int(t) < ctx.step}
+        last = state["previous"]
+        prev = int(last["step"]) if previous and "eigenvectors" in last else -1
+        if 0 <= prev < ctx.step:
+            refs.setdefault(prev, last)
         out = {}
-        for t in refs:
-            ref = ctx.stored(folder, t)
-            if ref is None:
-                continue
-            out[str(t)] = _overlaps(current, ref["eigenvectors"], k, dims)
+        for t in sorted(refs):
+            ref = refs[t]
+            out[str(t)] = _overlaps(here["eigenvectors"], ref["eigenvectors"], k, dims)
             if ref["residuals"].shape[0] >= 2:
                 ref_bounds = error_bounds(ref["residuals"], ref["eigenvalues"])
                 out[str(t)].update(_overlap_bounds(bounds, ref_bounds, k, dims))
         if str(prev) in out:
             out["previous"] = {"step": prev}
-        return {"subspace_overlap": out}, {"previous": np.asarray(ctx.step)}
+        kept = {str(t): ref for t, ref in refs.items() if t in kept_steps}
+        if ctx.step in kept_steps:
+            kept[str(ctx.step)] = here
+        return {"subspace_overlap": out}, {
+            "previous": here if previous else {"step": np.asarray(ctx.step)},
+            "references": kept}
 
     return Transform(name=name, update=update, init=init, requires=(of,),
                      provides=("subspace_overlap",),

@@ -77,7 +77,6 @@ def default_config() -> ConfigDict:
         precision=placeholder(str),  # HVP matmul precision (None: JAX's default)
         batch_size=1000,  # examples per HVP / gradient batch
         hvp_cache="auto",  # "auto", "true", "false": linearise the product once per solve
-        memory_budget=placeholder(float),  # bytes per device for a Krylov basis
         seed=0,  # PRNG seed of start vectors, probes and mini-batches
     ))
     c.eigenpairs = ConfigDict(dict(
@@ -90,6 +89,7 @@ def default_config() -> ConfigDict:
         tracker=False,
         tracker_blocks=4,
         next_bound=False,  # one more Ritz pair (2k + 1): error bars on next-k quantities
+        memory_budget=placeholder(float),  # bytes per device for the Krylov basis (restart)
     ))
     c.f_top = ConfigDict(dict(num_minibatches=4, minibatch_size=64))
     c.ggn = ConfigDict(dict(tol=1e-3, num_steps=placeholder(int), block_size=1))
@@ -110,7 +110,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "curvature": ("operator.curvature",), "block": ("operator.block",),
     "dtype": ("operator.dtype",), "precision": ("operator.precision",),
     "batch_size": ("operator.batch_size",), "hvp_cache": ("operator.hvp_cache",),
-    "memory_budget": ("operator.memory_budget",), "seed": ("operator.seed",),
+    "memory_budget": ("eigenpairs.memory_budget",), "seed": ("operator.seed",),
     "tol": ("eigenpairs.tol", "ggn.tol", "block_spectra.tol", "adam.tol"),
     "lanczos_steps": ("eigenpairs.num_steps", "ggn.num_steps"),
     "block_size": ("eigenpairs.block_size", "ggn.block_size"),
@@ -201,8 +201,7 @@ def analyzer_options(config: ConfigDict, *, output_fn: Callable | None = None,
         operator=specs.Operator(curvature=o.curvature, output_fn=output_fn,
                                 output_loss=output_loss, block=block_of(config), dtype=o.dtype,
                                 precision=o.precision, hvp_cache=hvp_cache_of(config)),
-        placement=specs.Placement(mesh=mesh, param_sharding=param_sharding,
-                                  memory_budget=o.memory_budget))
+        placement=specs.Placement(mesh=mesh, param_sharding=param_sharding))
 
 
 def num_pairs(config: ConfigDict, k: int) -> int:
@@ -242,7 +241,8 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
         ("gradient", b.gradient),
         ("eigenpairs", lambda: b.eigenpairs(
             num_pairs(c, k), tol=e.tol, num_steps=e.num_steps, block_size=e.block_size,
-            warm_start=e.warm_start, tracker=e.tracker, tracker_blocks=e.tracker_blocks)),
+            warm_start=e.warm_start, tracker=e.tracker, tracker_blocks=e.tracker_blocks,
+            memory_budget=e.memory_budget)),
         ("f_top", lambda: b.f_top(k, num_minibatches=c.f_top.num_minibatches,
                                   minibatch_size=c.f_top.minibatch_size)),
         ("c2", lambda: b.c2(2 * k)),

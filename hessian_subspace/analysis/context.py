@@ -5,12 +5,15 @@ entries: ``step``, ``params`` (cast to the analysis dtype), ``state`` (frozen mo
 None), ``loss_fn`` (the user's loss with the state bound: ``loss_fn(params, batch)``), ``data``
 and ``test_data`` (the fixed analysis and test sets), ``batch_size``, ``operator`` (the
 curvature operator the analysis measures: the Hessian of the mean loss over ``data`` unless the
-analyzer says otherwise), ``dtype``, ``precision``, and ``output_fn``/``output_loss`` (the
-Gauss-Newton split, None unless given). Each transform's outputs are added under their keys.
+analyzer says otherwise), ``dtype``, ``precision``, ``seed``, ``extras`` (the rest of the
+checkpoint, e.g. the optimizer state) and ``output_fn``/``output_loss`` (the Gauss-Newton split,
+None unless given). Each transform's outputs are added under their keys.
 
-Besides entries it offers what needs the runner: other curvature operators
-(:meth:`Context.operator`), arrays stored at earlier checkpoints (:meth:`Context.stored`), a
-PRNG key per checkpoint (:meth:`Context.rng`), and an HVP counter for the record.
+It holds this checkpoint's values and the analysis' fixed inputs only: what a transform
+carries from one checkpoint to the next is its own state (``update(ctx, state)``), and its
+settings are its factory's arguments. Besides entries it offers other curvature operators at
+this checkpoint (:meth:`Context.operator`), a PRNG key per checkpoint (:meth:`Context.rng`),
+and an HVP counter for the record.
 """
 
 from __future__ import annotations
@@ -35,25 +38,13 @@ class Context(Mapping):
     """What a checkpoint's transforms read (see the module docstring)."""
 
     def __init__(self, step: int, entries: dict[str, Any], *, seed: int,
-                 make_operator: Callable[..., Any], read_stored: Callable[[str, int], Any],
-                 stored_steps: Callable[[str], list[int]], bind: Callable[[Callable], Any],
-                 stored_content: Callable[[str, int], str | None] = lambda folder, step: None):
+                 make_operator: Callable[..., Any], bind: Callable[[Callable], Any]):
         self.step = int(step)
         self._entries = dict(entries, step=self.step)
         self._seed = int(seed)
         self._make_operator = make_operator
-        self._read_stored = read_stored
-        self._stored_steps = stored_steps
-        self._stored_content = stored_content
         self._bind = bind
-        # Arrays of other checkpoints this one read: the record lists them (``reads``: step,
-        # folder, content fingerprint; ``values: False`` for a start vector only) and the ones
-        # it asked for that did not exist yet (``waiting_for``), so that the store can tell
-        # when the record must be computed again.
-        self.reads: list[dict] = []
-        self.waiting_for: list[dict] = []
         self._operators: dict[tuple, Any] = {}
-        self._pending: dict[str, dict] = {}
         self.hvps = 0
         self.current: str | None = None  # the transform running now (for error messages)
 
@@ -79,11 +70,6 @@ class Context(Mapping):
     def add(self, outputs: Mapping[str, Any]) -> None:
         """Adds a transform's outputs (the runner calls it after each transform)."""
         self._entries.update(outputs)
-
-    def hold_stored(self, folder: str, arrays: dict) -> None:
-        """This checkpoint's arrays of ``folder``, before they are written: what
-        :meth:`stored` returns for this step (the runner calls it)."""
-        self._pending[folder] = arrays
 
     # ---- services --------------------------------------------------------------------------
 
@@ -116,33 +102,6 @@ class Context(Mapping):
         (:func:`hessian_subspace.curvature.bind_state`), or ``fn`` itself as a pytree when there
         is no state. Jitted functions taking it compile once for every checkpoint."""
         return self._bind(fn)
-
-    def stored(self, folder: str, step: int, *, values: bool = True) -> dict | None:
-        """The arrays a transform stored in ``folder`` at ``step`` (this checkpoint's own, once
-        an earlier transform stored them), or None.
-
-        Reading another checkpoint's arrays makes this record depend on them: it is listed in
-        the record (``reads``), and the record is computed again when those arrays change
-        (their step recomputed) or, if they did not exist yet, once they do
-        (``waiting_for``). ``values=False`` says the outputs do not depend on them beyond the
-        solver's tolerance (a warm start): listed, never a reason to recompute.
-        """
-        step = int(step)
-        if step == self.step and folder in self._pending:
-            return self._pending[folder]
-        arrays = self._read_stored(folder, step)
-        entry = dict(step=step, folder=folder, by=self.current)
-        if arrays is None:
-            if values:
-                self.waiting_for.append(entry)
-        else:
-            self.reads.append(dict(entry, content=self._stored_content(folder, step),
-                                   values=bool(values)))
-        return arrays
-
-    def stored_steps(self, folder: str) -> list[int]:
-        """Steps before this one with arrays in ``folder`` (successful checkpoints only)."""
-        return [s for s in self._stored_steps(folder) if s < self.step]
 
     def count_hvps(self, n: int) -> None:
         """Adds ``n`` curvature-vector products to this checkpoint's ``hvps``."""

@@ -38,6 +38,7 @@ from hessian_subspace.analysis import context as context_lib
 from hessian_subspace.analysis import fingerprints as fp
 from hessian_subspace.analysis import sources as sources_lib
 from hessian_subspace.analysis import specs
+from hessian_subspace.analysis import state as state_lib
 from hessian_subspace.analysis import step as step_lib
 from hessian_subspace.analysis import store as store_lib
 from hessian_subspace.analysis import writers as writers_lib
@@ -45,7 +46,9 @@ from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Transform
 
 PyTree = Any
 CURVATURES = specs.CURVATURES
-LAYOUT_VERSION = 3  # 3: fingerprints, reads and waiting_for in records; top1..topk overlaps
+# 3: fingerprints in records; top1..topk overlaps. 4: transform state by name (state/),
+# records say which state they started from (state_from); no bases/ folder.
+LAYOUT_VERSION = 4
 
 
 class Analyzer:
@@ -116,7 +119,7 @@ class Analyzer:
         self.hvp_cache, self.cache_budget = op.hvp_cache, op.cache_budget
         self._jdtype = jnp.float64 if self.dtype == "float64" else jnp.float32
         self.mesh, self.data_axes = where.mesh, where.data_axes
-        self.param_sharding, self.memory_budget = where.param_sharding, where.memory_budget
+        self.param_sharding = where.param_sharding
         self.writers = out.writers
         self.record_fields = checks.check_record_fields(out.record_fields, self.chain)
         self.retry_failed, self.progress, self.overwrite = (out.retry_failed, out.progress,
@@ -197,7 +200,7 @@ class Analyzer:
                           precision=self.precision, seed=self.seed, curvature=self.curvature,
                           block=list(self.block) if self.block else None,
                           loss_fn=_name(self.loss_fn), output_fn=_name(self.output_fn),
-                          memory_budget=self.memory_budget, hvp_cache=self.hvp_cache,
+                          hvp_cache=self.hvp_cache,
                           cache_budget=self.cache_budget),
             data=fp.data_content(data))
 
@@ -352,18 +355,15 @@ class Analyzer:
                              fingerprints)
         try:
             with self._scope():
-                record, stored, new_state = self._compute(step, params, state, extras)
+                record, stored, new_state, leaves = self._compute(step, params, state, extras)
         except (FloatingPointError, store_lib.CorruptFile, hs.UndefinedMetricError,
                 checks.TransformContractError) as e:
             return self.fail(step, f"non-finite values during the analysis: {e}"
                              if isinstance(e, FloatingPointError) else str(e), fingerprints)
         record["fingerprints"] = fingerprints
         record["seconds"] = round(time.perf_counter() - start, 3)
-        leaves = jax.tree_util.tree_leaves(new_state)
-        if leaves:
-            stored[store_lib.STATE] = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
         self.store.write_settings(self.settings)
-        record = self.store.write_step(step, record, stored)
+        record = self.store.write_step(step, record, stored, state=leaves)
         self._state = (step, new_state)
         self._write_scalars(step, record)
         if self.progress:
@@ -404,24 +404,29 @@ class Analyzer:
             return op if block is None else hs.restrict(op, list(block))
         return make
 
-    def _chain_state(self, step: int, ctx) -> dict:
-        """The chain's state after the last successful checkpoint before ``step``."""
+    def _chain_state(self, step: int, templates: dict) -> tuple[dict, dict]:
+        """The chain's state after the last successful checkpoint before ``step`` (loaded by
+        name from the store, or kept from the checkpoint just analysed), and what the record
+        says it started from (``state_from``: that step and its state's content)."""
         before = [s for s in self.store.steps("ok") if s < step]
+        values = any(t.init is not None and t.state_affects_values
+                     for t in self.chain.transforms)
         if not before:
-            return self.chain.init(ctx)
+            return templates, dict(step=None, content=None, values=values)
         last = before[-1]
+        source = dict(step=last, content=self.store.content(store_lib.STATE, last),
+                      values=values)
         if self._state is not None and self._state[0] == last:
-            return self._state[1]
-        template = self.chain.init(ctx)
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        if not leaves:
-            return template
-        saved = self.store.stored(store_lib.STATE, last)
-        if saved is None or len(saved) != len(leaves):
-            logging.warning("no transform state stored for step %d; starting step %d from "
-                            "the initial state", last, step)
-            return template
-        return treedef.unflatten([saved[f"leaf_{i}"] for i in range(len(leaves))])
+            return self._state[1], source
+        if not state_lib.named(templates):
+            return templates, source
+        saved = self.store.state(last)
+        if saved is None:
+            raise store_lib.CorruptFile(
+                self.store.record_path(last) if self.store.directory else f"step {last}",
+                f"the record of step {last} lists no transform state, which step {step} "
+                "starts from")
+        return state_lib.rebuild(saved, templates), source
 
     def _compute(self, step: int, params: PyTree, state: PyTree, extras=None):
         params = self._place(params)
@@ -436,17 +441,15 @@ class Analyzer:
         entries = dict(
             params=params, state=state, loss_fn=bound_loss, data=self.data,
             test_data=self.test_data, batches=self.batches, test_batches=self.test_batches,
-            batch_size=self.batch_size, operator=operator, mesh=self.mesh,
-            memory_budget=self.memory_budget, extras=dict(extras or {}),
+            batch_size=self.batch_size, operator=operator, extras=dict(extras or {}),
             dtype=self.dtype, precision=self.precision, seed=self.seed,
             output_fn=None if self.output_fn is None else bind(self.output_fn),
             output_loss=None if self.output_loss is None else curvature.as_loss_pytree(
                 self.output_loss))
         ctx = context_lib.Context(step, entries, seed=self.seed, make_operator=make_operator,
-                                  read_stored=self.store.stored,
-                                  stored_steps=self.store.stored_steps, bind=bind,
-                                  stored_content=self.store.content)
-        states = self._chain_state(step, ctx)
+                                  bind=bind)
+        templates = self.chain.init(ctx)
+        states, source = self._chain_state(step, templates)
         record: dict[str, Any] = dict(
             step=step, status="ok", dtype=self.dtype, processes=jax.process_count(),
             precision=dict(hvp_matmul=self.precision or "default", lanczos=self.dtype,
@@ -458,7 +461,9 @@ class Analyzer:
                                    num_params=operator.dim)
         result = step_lib.apply(self.chain, ctx, states, taken=record)
         record.update(result.record)
-        return record, result.stored, result.state
+        record["state_from"] = source
+        leaves = state_lib.named(result.state, templates)
+        return record, result.stored, result.state, leaves
 
     # ---- streams ---------------------------------------------------------------------------
 

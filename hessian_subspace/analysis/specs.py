@@ -110,14 +110,14 @@ class Placement:
       param_sharding: where the parameters go on the mesh: a function ``params -> shardings``
         (e.g. ``functools.partial(sharding.fsdp_shardings, mesh=mesh)``) or None: parameters
         that already live on the mesh keep their sharding, others are replicated.
-      memory_budget: bytes per device for a Krylov basis; an eigensolve whose unrestarted basis
-        would not fit runs thick-restarted with the basis that fits (None: no limit).
+
+    The Krylov memory budget is the eigensolve's own setting:
+    ``analysis.eigenpairs(k, memory_budget=...)`` (bytes per device).
     """
 
     mesh: jax.sharding.Mesh | None = None
     data_axes: Sequence[str] | str = ("data",)
     param_sharding: Callable | None = None
-    memory_budget: float | None = None
 
     def __post_init__(self):
         if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
@@ -129,10 +129,6 @@ class Placement:
              else tuple([axes] if isinstance(axes, str) else axes))
         if self.param_sharding is not None and not callable(self.param_sharding):
             raise TypeError("`param_sharding` must be a function params -> shardings")
-        if self.memory_budget is not None and not float(self.memory_budget) > 0:
-            raise ValueError(f"`memory_budget` must be > 0 bytes, got {self.memory_budget!r}")
-        if self.memory_budget is not None:
-            _set(self, "memory_budget", float(self.memory_budget))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,23 +11,23 @@ its bookkeeping (step, status, fingerprints ...) and hands the result to the sto
 
     ctx = analysis.step.context(0, params, loss_fn, data, batch_size=256)
     out = analysis.step.apply(pipe, ctx, pipe.init(ctx))
-    out.record["f_top"], out.stored["bases"], out.state
+    out.record["f_top"], out.stored, out.state["eigenpairs"]["eigenvectors"]
 
-Arrays of earlier checkpoints (``ctx.stored``: the previous basis of a warm start, reference
-bases of subspace overlaps) come from the ``stored`` mapping you pass, e.g. the previous step's
-``out.stored``.
+State carries everything a transform needs from earlier checkpoints (the previous basis of a
+warm start, the reference bases of subspace overlaps): pass the previous step's ``out.state``
+to the next step's ``apply``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
+import jax
 import numpy as np
 
 from hessian_subspace import _tree, blocks, curvature, layout
 from hessian_subspace.analysis import checks
 from hessian_subspace.analysis import context as context_lib
-from hessian_subspace.analysis import store as store_lib
 from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Stored
 
 PyTree = Any
@@ -36,7 +36,7 @@ PyTree = Any
 class StepResult(NamedTuple):
     """What one checkpoint produced (:func:`apply`)."""
 
-    record: dict[str, Any]  # the transforms' record entries, then hvps, reads, waiting_for.
+    record: dict[str, Any]  # the transforms' record entries, then hvps.
     stored: dict[str, dict[str, np.ndarray]]  # folder -> arrays (the `Stored` outputs).
     state: dict[str, PyTree]  # transform name -> its state after this checkpoint.
 
@@ -81,7 +81,6 @@ def apply(chain: Chain, ctx: context_lib.Context, state: Mapping[str, PyTree], *
                         f"transform {t.name!r} stores {sorted(clash)} in {key!r}, which an "
                         "earlier transform stored already")
                 arrays.update({k: _tree.to_host(v) for k, v in value.items()})
-                ctx.hold_stored(key, arrays)
                 continue
             if key in t.context_only:
                 continue
@@ -91,24 +90,19 @@ def apply(chain: Chain, ctx: context_lib.Context, state: Mapping[str, PyTree], *
                     "rename one of them (and declare the keys a transform writes with "
                     "records=..., so that chain() refuses a clash before any work)")
             try:
-                record[key] = store_lib.recordable(t.name, key, value)
+                record[key] = recordable(t.name, key, value)
             except ValueError as e:
                 raise checks.TransformContractError(str(e)) from None
             checks.check_finite_output(t.name, key, record[key])
         ctx.add({k: v for k, v in outputs.items() if not isinstance(v, Stored)})
     ctx.current = None
     record["hvps"] = ctx.hvps
-    if ctx.reads:
-        record["reads"] = ctx.reads
-    if ctx.waiting_for:
-        record["waiting_for"] = ctx.waiting_for
     return StepResult(record=record, stored=stored, state=new_state)
 
 
 def context(step: int, params: PyTree, loss_fn: Callable, data: PyTree, *,
             batch_size: int = 1000, state: PyTree = None, test_data: PyTree = None,
-            seed: int = 0, extras: Mapping[str, Any] | None = None,
-            stored: Mapping[tuple[str, int], dict] | None = None) -> context_lib.Context:
+            seed: int = 0, extras: Mapping[str, Any] | None = None) -> context_lib.Context:
     """A checkpoint's context with no analyzer and no results directory: the Hessian of the mean
     of ``loss_fn`` over ``data`` at ``params`` (float32 or whatever ``params`` are; no mesh).
 
@@ -121,14 +115,12 @@ def context(step: int, params: PyTree, loss_fn: Callable, data: PyTree, *,
       state: frozen model state (None: none).
       test_data: a test set for :func:`~hessian_subspace.analysis.loss`.
       seed: the seed of ``ctx.rng``.
-      extras: anything else the transforms read as ``ctx["extras"]``.
-      stored: arrays of earlier checkpoints, ``{(folder, step): arrays}`` (for warm starts and
-        subspace overlaps; e.g. ``{("bases", 0): out0.stored["bases"]}``).
+      extras: the rest of the checkpoint the transforms may read as ``ctx["extras"]`` (e.g.
+        the optimizer state).
     """
     step = checks.check_step(step)
     batch_size = _tree.check_int("batch_size", batch_size, 1)
     checks.check_state_arg(loss_fn, state)
-    stored = dict(stored or {})
     bind = context_lib.default_bind(state)
     bound_loss = bind(loss_fn)
     batches = layout.batch_data(data, batch_size=batch_size)
@@ -146,11 +138,38 @@ def context(step: int, params: PyTree, loss_fn: Callable, data: PyTree, *,
 
     entries = dict(params=params, state=state, loss_fn=bound_loss, data=data,
                    test_data=test_data, batches=batches, test_batches=test_batches,
-                   batch_size=batch_size, operator=make_operator(), mesh=None,
-                   memory_budget=None, extras=dict(extras or {}),
+                   batch_size=batch_size, operator=make_operator(), extras=dict(extras or {}),
                    dtype=str(np.dtype(_tree.resolve_dtype(None, params))),
                    precision=None, seed=seed, output_fn=None, output_loss=None)
-    return context_lib.Context(
-        step, entries, seed=seed, make_operator=make_operator, bind=bind,
-        read_stored=lambda folder, s: stored.get((folder, int(s))),
-        stored_steps=lambda folder: sorted(s for f, s in stored if f == folder))
+    return context_lib.Context(step, entries, seed=seed, make_operator=make_operator, bind=bind)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs of transforms as they go into records.
+
+MAX_RECORDED = 100_000
+
+
+def recordable(transform: str, key: str, value: Any) -> Any:
+    """An output as it goes into the record (numbers, short arrays, dicts of them)."""
+    size = sum(np.size(x) for x in jax.tree_util.tree_leaves(value)
+               if hasattr(x, "shape") or isinstance(x, (list, tuple)))
+    if size > MAX_RECORDED:
+        raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
+                         "return it as analysis.Stored(...) or list it in `context_only`")
+    return host_values(value)
+
+
+def host_values(value: Any) -> Any:
+    """Device arrays in ``value`` as host arrays; dicts keep their key order (which
+    ``tree_map`` would sort: the order of layers in a record is the parameters' order)."""
+    if isinstance(value, jax.Array):
+        return _tree.to_host(value)
+    if isinstance(value, dict):
+        return type(value)((k, host_values(v)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(host_values(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_values(v) for v in value)
+    return jax.tree_util.tree_map(
+        lambda x: _tree.to_host(x) if isinstance(x, jax.Array) else x, value)

@@ -8,12 +8,16 @@ Layout (every file written atomically: temporary file, fsync, rename; nothing pi
     records/step_00000123.json   one record per checkpoint: every recorded output, status "ok"
                                  or "failed" with the reason, ``fingerprints`` of what it was
                                  computed from (checkpoint content, loss, data, settings:
-                                 :mod:`.fingerprints`), ``reads`` / ``waiting_for`` (arrays of
-                                 other steps it used or asked for), and ``files``: the path,
+                                 :mod:`.fingerprints`), ``state_from`` (the step whose
+                                 transform state it started from, and that state's content
+                                 fingerprint), and ``files``: the path,
                                  size, SHA-256 and content fingerprint of each array file below
-    bases/step_00000123.npz      arrays a transform stored (``Stored`` outputs), one folder
-    spectra/step_00000123.npz    per output key
-    state/step_00000123.npz      the transforms' state after the checkpoint (for resuming)
+    spectra/step_00000123.npz    arrays a transform stored (``Stored`` outputs), one folder
+                                 per output key
+    state/step_00000123.json     the transforms' state after the checkpoint, by name
+                                 (:mod:`.state`): each array's file, size and SHA-256
+    state/arrays/<content>.npy   those arrays, one file per distinct content (a reference
+                                 basis kept by every later state is stored once)
     results.jsonl                all records in step order (appended; rewritten on repair)
     quarantine/                  unreadable files, moved aside (never deleted)
     replaced/                    records set aside by ``overwrite=True`` (never deleted)
@@ -24,11 +28,14 @@ against its size and checksum; a record or file that fails is reported by path, 
 ``quarantine/``, and its step is computed again; temporary files of killed writes are removed.
 ``results.jsonl`` is rebuilt whenever it disagrees with ``records/``. A record is reused only
 when its fingerprints match the analysis asking for it (:meth:`ResultStore.stale_reasons`) and
-the arrays of other steps it read are still those (:meth:`ResultStore.outdated_reasons`).
+the state it started from is still that of the analysed checkpoint before it
+(:meth:`ResultStore.outdated_reasons`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -36,14 +43,14 @@ import shutil
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
-from hessian_subspace import _io, _tree
+from hessian_subspace import _io
 from hessian_subspace.analysis import fingerprints as fp
 
 RECORDS, QUARANTINE, STATE, REPLACED = "records", "quarantine", "state", "replaced"
+ARRAYS = os.path.join(STATE, "arrays")  # the state's arrays, named by their content
 JSONL, SETTINGS = "results.jsonl", "pipeline.json"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.(json|npz)$")
 # What a record's fingerprints name, in the words of the error messages.
@@ -131,6 +138,7 @@ class ResultStore(_Records):
         self._session: dict[tuple[str, int], dict] = {}
         self._jsonl_stale = True  # until checked against the records
         self._jsonl_steps: set[int] = set()  # steps whose record results.jsonl holds
+        self._verified: set[str] = set()  # state arrays checked against their SHA-256
 
     # ---- paths -----------------------------------------------------------------------------
 
@@ -172,11 +180,6 @@ class ResultStore(_Records):
                     logging.warning("unreadable record %s (%s); skipped", path, e)
         return self._index
 
-    def stored_steps(self, folder: str) -> list[int]:
-        """Steps whose successful record lists a file in ``folder``."""
-        return sorted(s for s, r in self.index.items()
-                      if r.get("status") == "ok" and folder in r.get("files", {}))
-
     def stored(self, folder: str, step: int) -> dict[str, np.ndarray] | None:
         """The arrays stored in ``folder`` at ``step`` (None if there are none).
 
@@ -195,6 +198,33 @@ class ResultStore(_Records):
         except Exception as e:  # noqa: BLE001 - np.load raises many types for bad files
             self.quarantine(path, f"{type(e).__name__}: {e}")
             raise CorruptFile(path, f"{type(e).__name__}: {e}") from e
+
+    def state(self, step: int) -> dict[str, np.ndarray] | None:
+        """The transforms' state after ``step`` as named arrays (:func:`.state.named`; rebuild
+        the pytrees with :func:`.state.rebuild`), or None if its record lists none. E.g.
+        ``store.state(t)["eigenpairs/eigenvectors"]`` is the basis computed at step t.
+
+        Raises:
+          CorruptFile: the state's list or one of its arrays cannot be read; the file is moved
+            to ``quarantine/`` (and at the next :meth:`check` its step is recomputed).
+        """
+        if (STATE, int(step)) in self._session:
+            return self._session[(STATE, int(step))]
+        record = self.index.get(int(step))
+        if record is None or STATE not in record.get("files", {}):
+            return None
+        path = os.path.join(self.directory, record["files"][STATE]["path"])
+        out = {}
+        try:
+            for name, entry in _read_manifest(path).items():
+                path = os.path.join(self.directory, entry["path"])
+                with open(path, "rb") as f:
+                    out[name] = np.load(f, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - np.load raises many types for bad files
+            self.quarantine(path, f"{type(e).__name__}: {e}")
+            self._verified.discard(path)
+            raise CorruptFile(path, f"{type(e).__name__}: {e}") from e
+        return out
 
     # ---- checking --------------------------------------------------------------------------
 
@@ -255,7 +285,7 @@ class ResultStore(_Records):
                 problems.append(f"{path}: unreadable record ({type(e).__name__}: {e})")
                 self.quarantine(path, problems[-1].split(": ", 1)[1])
                 continue
-            bad = self._bad_file(record)
+            bad = self._bad_file(record) or self._bad_state(record)
             if bad:
                 problems.append(bad)
                 for entry in record.get("files", {}).values():
@@ -298,6 +328,29 @@ class ResultStore(_Records):
                 return f"{path} does not match its record's SHA-256"
         return None
 
+    def _bad_state(self, record: dict) -> str | None:
+        """What is wrong with the arrays of a record's state (None: nothing). A bad array is
+        moved to ``quarantine/`` here; good ones stay (other steps' states share them)."""
+        entry = record.get("files", {}).get(STATE)
+        if entry is None or "bytes" not in entry:
+            return None
+        manifest = os.path.join(self.directory, entry["path"])
+        try:
+            arrays = _read_manifest(manifest)
+        except (OSError, ValueError) as e:
+            return f"{manifest} is unreadable ({type(e).__name__}: {e})"
+        for item in arrays.values():
+            path = os.path.join(self.directory, item["path"])
+            if path in self._verified:
+                continue
+            if not os.path.exists(path):
+                return f"{path} (state) is missing"
+            if os.path.getsize(path) != item["bytes"] or _io.sha256(path) != item["sha256"]:
+                self.quarantine(path, "does not match its size or SHA-256")
+                return f"{path} (state) does not match its size or SHA-256"
+            self._verified.add(path)
+        return None
+
     def _jsonl_text(self) -> str:
         return "".join(json.dumps(r) + "\n" for r in self.records())
 
@@ -332,11 +385,15 @@ class ResultStore(_Records):
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def write_step(self, step: int, record: dict, stored: dict[str, dict]) -> dict:
-        """Writes a checkpoint's array files, then its record (listing them), then
-        ``results.jsonl``. Returns the record as written."""
+    def write_step(self, step: int, record: dict, stored: dict[str, dict],
+                   state: dict[str, Any] | None = None) -> dict:
+        """Writes a checkpoint's array files and its transforms' ``state`` (named arrays,
+        :func:`.state.named`), then its record (listing them), then ``results.jsonl``.
+        Returns the record as written."""
         record = dict(record, step=int(step))
         files = {}
+        if state:
+            files[STATE] = self._write_state(step, state)
         for folder, arrays in stored.items():
             path = self.file_path(folder, step)
             content = fp.arrays_content(arrays)  # the same on every process
@@ -358,6 +415,32 @@ class ResultStore(_Records):
         self.index[int(step)] = record
         self._append_jsonl(step, record)
         return record
+
+    def _write_state(self, step: int, arrays: dict[str, Any]) -> dict:
+        """Writes each array of a state once (by content) and the list naming them."""
+        path = os.path.join(self.directory, STATE, step_name(step, "json"))
+        content = fp.arrays_content(arrays)  # the same on every process
+        if not self.writer:
+            self._session[(STATE, int(step))] = {k: np.asarray(v) for k, v in arrays.items()}
+            return dict(path=os.path.relpath(path, self.directory), content=content)
+        manifest = {name: self._write_array(arrays[name]) for name in sorted(arrays)}
+        _io.write_json(path, manifest)
+        return dict(path=os.path.relpath(path, self.directory), bytes=os.path.getsize(path),
+                    sha256=_io.sha256(path), content=content)
+
+    def _write_array(self, value: Any) -> dict:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(value), allow_pickle=False)
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        path = os.path.join(self.directory, ARRAYS, f"{digest}.npy")
+        if path not in self._verified:
+            if os.path.exists(path) and _io.sha256(path) != digest:
+                self.quarantine(path, "does not match its name (its SHA-256)", "written anew")
+            if not os.path.exists(path):
+                _io.atomic_write(path, lambda f: f.write(data))
+            self._verified.add(path)
+        return dict(path=os.path.relpath(path, self.directory), bytes=len(data), sha256=digest)
 
     def read_settings(self) -> dict | None:
         """``pipeline.json`` (None if there is none, or if it is unreadable: then it is moved to
@@ -459,18 +542,34 @@ class ResultStore(_Records):
                 if have.get(key) != fingerprints.get(key)]
 
     def outdated_reasons(self, record: dict) -> list[str]:
-        """Why a record that matches its inputs must still be computed again: arrays of
-        another step it read have changed since (that step was recomputed), or arrays it
-        asked for exist now."""
-        out = []
-        for read in record.get("reads", []):
-            if read.get("values", True) and read.get("content") != self.content(
-                    read["folder"], read["step"]):
-                out.append(f"step {read['step']}'s {read['folder']} changed since")
-        for wait in record.get("waiting_for", []):
-            if self.content(wait["folder"], wait["step"]) is not None:
-                out.append(f"step {wait['step']}'s {wait['folder']} exists now")
-        return out
+        """Why a record that matches its inputs must still be computed again: its outputs
+        depend on the transforms' state (``state_from.values``), and the analysed checkpoint
+        before it is now another one (a step analysed since, or one set aside), or that
+        checkpoint's state changed (it was recomputed)."""
+        source = record.get("state_from")
+        if not source or not source.get("values"):
+            return []
+        before = [s for s in self.steps("ok") if s < record["step"]]
+        last = before[-1] if before else None
+        if last != source.get("step"):
+            if last is None or (source.get("step") is not None and last < source["step"]):
+                return [f"it started from step {source.get('step')}'s state, which is no "
+                        "longer analysed"]
+            return [f"step {last} was analysed since: its state comes before this step's"]
+        if last is not None and self.content(STATE, last) != source.get("content"):
+            return [f"step {last}'s state changed since (that step was computed again)"]
+        return []
+
+
+def _read_manifest(path: str) -> dict[str, dict]:
+    """A state's list of arrays: name -> ``{"path", "bytes", "sha256"}`` (checked)."""
+    with open(path) as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str)
+            and os.path.dirname(e["path"]) == ARRAYS for e in manifest.values()):
+        raise ValueError("not a list of state arrays")
+    return manifest
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -487,10 +586,6 @@ class MemoryStore(_Records):
         self.index: dict[int, dict] = {}
         self._files: dict[tuple[str, int], dict] = {}
 
-    def stored_steps(self, folder: str) -> list[int]:
-        return sorted(s for (f, s) in self._files if f == folder
-                      and self.index.get(s, {}).get("status") == "ok")
-
     content = ResultStore.content
     stale_reasons = ResultStore.stale_reasons
     outdated_reasons = ResultStore.outdated_reasons
@@ -503,13 +598,17 @@ class MemoryStore(_Records):
     def stored(self, folder: str, step: int) -> dict | None:
         return self._files.get((folder, int(step)))
 
+    def state(self, step: int) -> dict | None:
+        return self._files.get((STATE, int(step)))
+
     def check(self) -> list[str]:
         return []
 
-    def write_step(self, step: int, record: dict, stored: dict[str, dict]) -> dict:
+    def write_step(self, step: int, record: dict, stored: dict[str, dict],
+                   state: dict[str, Any] | None = None) -> dict:
         record = dict(record, step=int(step))
         files = {}
-        for folder, arrays in stored.items():
+        for folder, arrays in dict(stored, **({STATE: state} if state else {})).items():
             self._files[(folder, int(step))] = {k: np.asarray(v) for k, v in arrays.items()}
             files[folder] = dict(content=fp.arrays_content(arrays))
         if files:
@@ -529,33 +628,3 @@ def read_results(directory: str | os.PathLike) -> list[dict]:
     """Every readable record of a results directory, in step order (for plots and notebooks;
     reads only: unreadable records are skipped with a warning)."""
     return ResultStore(directory).records()
-
-
-# Outputs of transforms as they go into records.
-
-MAX_RECORDED = 100_000
-
-
-def recordable(transform: str, key: str, value: Any) -> Any:
-    """An output as it goes into the record (numbers, short arrays, dicts of them)."""
-    size = sum(np.size(x) for x in jax.tree_util.tree_leaves(value)
-               if hasattr(x, "shape") or isinstance(x, (list, tuple)))
-    if size > MAX_RECORDED:
-        raise ValueError(f"output {key!r} of transform {transform!r} holds {size} numbers; "
-                         "return it as analysis.Stored(...) or list it in `context_only`")
-    return host_values(value)
-
-
-def host_values(value: Any) -> Any:
-    """Device arrays in ``value`` as host arrays; dicts keep their key order (which
-    ``tree_map`` would sort: the order of layers in a record is the parameters' order)."""
-    if isinstance(value, jax.Array):
-        return _tree.to_host(value)
-    if isinstance(value, dict):
-        return type(value)((k, host_values(v)) for k, v in value.items())
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(host_values(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(host_values(v) for v in value)
-    return jax.tree_util.tree_map(
-        lambda x: _tree.to_host(x) if isinstance(x, jax.Array) else x, value)

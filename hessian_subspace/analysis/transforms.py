@@ -4,14 +4,18 @@ A :class:`Transform` is a small value, in the spirit of optax's ``GradientTransf
 clu's metrics: a name, the context entries it **requires**, the entries it **provides**, an
 optional ``init(ctx) -> state`` for state carried from one checkpoint to the next, and
 ``update(ctx, state) -> (outputs, state)``. Transforms own no I/O and call no other transform;
-they read what earlier transforms put in the :class:`~hessian_subspace.analysis.Context`.
+they read what earlier transforms put in the :class:`~hessian_subspace.analysis.Context`
+(this checkpoint's values only). What a transform needs from earlier checkpoints is in its
+own state — ``eigenpairs`` keeps its last basis (a warm start), ``subspace_overlap`` the bases
+of its reference steps — which the analyzer's store persists under names after every
+checkpoint (:mod:`.state`), so a resumed run loads it and goes on.
 
 What happens to an output (a dict entry) is decided by its value and the transform's fields:
 
 - a :class:`Stored` value (a dict of arrays) is written by the runner to
   ``FOLDER/step_<step>.npz`` (the step zero-padded to 8 digits) with FOLDER the output's key
-  (transforms may add arrays to the same folder); later checkpoints read it back with
-  ``ctx.stored(FOLDER, step)``;
+  (transforms may add arrays to the same folder): arrays published for the user
+  (``store.stored(FOLDER, step)``), never read back by a transform;
 - a key listed in ``context_only`` goes to the context only (large arrays, solver results);
 - everything else goes to the context **and** into the checkpoint's record under its key
   (numbers, small arrays, nested dicts of them).
@@ -45,19 +49,20 @@ PyTree = Any
 # Keys the analyzer itself writes into every record (transforms may not output them).
 RESERVED_KEYS = ("step", "status", "reason", "dtype", "processes", "precision", "versions",
                  "hessian", "curvature", "block", "hvps", "seconds", "fingerprints", "files",
-                 "reads", "waiting_for")
+                 "state_from")
 
 # What the analyzer puts in every context before the first transform runs.
 BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batches",
                 "test_batches", "batch_size", "operator", "dtype", "precision", "seed",
-                "output_fn", "output_loss", "mesh", "memory_budget", "extras")
+                "output_fn", "output_loss", "extras")
 
 
 class Stored(dict):
     """Arrays for the runner to store in ``FOLDER/step_<step>.npz`` (FOLDER: the output key).
 
-    A plain dict of numpy/JAX arrays; ``ctx.stored(FOLDER, step)`` returns it (as numpy) at
-    later checkpoints.
+    A plain dict of numpy/JAX arrays, published for the user (``store.stored(FOLDER,
+    step)`` returns it as numpy). What a transform needs at later checkpoints goes in its
+    state instead.
     """
 
 
@@ -77,6 +82,9 @@ class Transform(NamedTuple):
     records: tuple[str, ...] | None = None
     sizes: Mapping[str, int] | None = None  # provided entry -> number of vectors it holds.
     needs: Mapping[str, int] | None = None  # required entry -> number of vectors used.
+    # False: the state only speeds the work up (a warm start) and the outputs do not depend
+    # on it beyond the solver's tolerance; a record is then not recomputed when it changes.
+    state_affects_values: bool = True
 
     def describe(self) -> dict:
         """Name, requirements and configuration (JSON): what ``pipeline.json`` records."""
@@ -141,7 +149,8 @@ def _check_names(label: str, names: Any) -> tuple[str, ...]:
 def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
               provides: Iterable[str] | None = None, init: Callable[[Any], PyTree] | None = None,
               context_only: Iterable[str] = (), records: Iterable[str] | None = None,
-              needs: Mapping[str, int] | None = None) -> Transform:
+              needs: Mapping[str, int] | None = None,
+              state_affects_values: bool = True) -> Transform:
     """A transform from a plain function of the context.
 
     Args:
@@ -152,14 +161,19 @@ def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
       requires: context entries ``fn`` reads, checked by :func:`chain` before any work.
       provides: context entries it adds, for later transforms' requirements (default:
         ``(name,)``). Outputs not listed are still recorded.
-      init: ``init(ctx) -> state`` for a stateful transform (state carried across
-        checkpoints, persisted by the runner so that a resumed run continues it).
+      init: ``init(ctx) -> state`` for a stateful transform: state carried across
+        checkpoints, persisted by the store under its key paths after every checkpoint so
+        that a resumed run continues it. A state that changes structure across checkpoints
+        must be nested dicts of arrays with string keys.
       context_only: output keys kept out of the record.
       records: the record keys ``fn`` writes, so that :func:`chain` refuses a clash with
         another transform before any work (None: undeclared; a clash then fails the first
         checkpoint's record).
       needs: ``{entry: n}``: how many vectors of a required entry ``fn`` uses (e.g.
         ``{"eigenpairs": 5}``), checked by :func:`chain` against what the provider computes.
+      state_affects_values: False when the state is only a starting point (the outputs do
+        not depend on it beyond a solver's tolerance): a record is then not computed again
+        when the state it started from changes.
 
     Returns:
       A :class:`Transform`.
@@ -202,7 +216,8 @@ def transform(name: str, fn: Callable, *, requires: Iterable[str] = (),
 
     return Transform(name=name, update=update, requires=requires, provides=provides,
                      init=init, context_only=context_only, config=dict(fn=fn),
-                     records=records, needs=needs)
+                     records=records, needs=needs,
+                     state_affects_values=bool(state_affects_values))
 
 
 def check_needs(needs: Mapping[str, int] | None) -> dict[str, int] | None:

@@ -200,7 +200,7 @@ def smoke(run: ConfigDict) -> ConfigDict:
         a.f_top_curve.ks = (2, 4)
         a.block_spectra.steps = (0, 30)
         a.block_spectra.slq_probes, a.block_spectra.slq_steps, a.adam.k = 2, 8, 2
-        a.operator.memory_budget = None
+        a.eigenpairs.memory_budget = None
         a.steps = (0, 10, 30)
     a.slq.steps = (30,) if a.slq.steps else ()
     a.dense_spectrum.steps = (30,) if a.dense_spectrum.steps else ()

@@ -293,10 +293,10 @@ def _fig6(config, results, out_dir):
         if not hit:
             continue
         step = hit["step"]
-        basis = store.stored("bases", step)
-        if basis is None:
+        state = store.state(step)
+        if state is None:
             continue
-        vectors[step] = basis["eigenvectors"][0]
+        vectors[step] = state["eigenpairs/eigenvectors"][0]
         slices = hit["value"]
         numbers[str(step)] = store.record(step).get("top_eigenvector_layer_mass")
     if not vectors:

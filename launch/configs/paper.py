@@ -264,7 +264,7 @@ def _transformer_lm():
         analysis=dict(
             transforms="loss,gradient,eigenpairs,f_top,subspace_overlap,f_top_curve,"
                        "block_spectra,adam",
-            k=30, operator=dict(batch_size=128, memory_budget=1e8),
+            k=30, operator=dict(batch_size=128), eigenpairs=dict(memory_budget=1e8),
             f_top=dict(num_minibatches=2), f_top_curve=dict(ks=(10, 50)),
             subspace_overlap=dict(reference_steps=(0, 100)),
             block_spectra=dict(steps=(0, 100, 1000), k=4, slq_probes=4, slq_steps=30),
