@@ -149,12 +149,12 @@ for r in analysis.read_results("results_quickstart"):
 
 # %% [markdown]
 # ## Per-layer eigenvectors
-# The stored basis holds the top eigenvectors as rows in `ravel_pytree` order; `as_pytrees`
+# The eigenpairs transform's state after a step, which the store keeps, is that step's basis: the top eigenvectors as rows in `ravel_pytree` order; `as_pytrees`
 # turns them back into parameter-shaped pytrees, one leading-axis entry per eigenvector.
 
 # %%
 last = analysis.read_results("results_quickstart")[-1]["step"]
-basis = analyzer.store.stored("bases", last)["eigenvectors"]
+basis = analyzer.store.state(last)["eigenpairs/eigenvectors"]
 trees = hs.as_pytrees(basis, params)
 print({name: leaf.shape for name, leaf in trees.items()})
 print("top eigenvector's mass by layer:",

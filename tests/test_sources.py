@@ -237,8 +237,11 @@ def test_corrupt_checkpoints_fail_and_are_retried_once_repaired(finished_run, tm
     shutil.rmtree(run / "checkpoints" / "3")
     shutil.copytree(finished_run / "checkpoints" / "3", run / "checkpoints" / "3")
     analyzer, _ = _run_analyzer(finished_run, tmp_path / "results")
-    (retried,) = analyzer.run(fixed, steps=[2, 3, 4])
+    retried, after = analyzer.run(fixed, steps=[2, 3, 4])
     assert retried["step"] == 3 and retried["status"] == "ok"
+    # Step 4 started from step 2's state (3 had failed); 3 comes before it now, so its
+    # overlap with the previous checkpoint is computed again, from step 3's state.
+    assert after["step"] == 4 and after["state_from"]["step"] == 3
     # A model whose parameter tree does not match the checkpoints: failure records.
     other = jax.eval_shape(lambda: {"dense_0": {"kernel": jnp.zeros((20, 7))}})
     mismatched = checkpoint.run_checkpoints(run / "checkpoints", like=other)

@@ -82,6 +82,7 @@ def test_layout_and_files_listed_with_checksums(analysed):
         manifest = json.load(open(results / rec["files"]["state"]["path"]))
         assert all(e["path"].startswith("state/arrays/") for e in manifest.values())
         assert store.content("state", step) == store_lib.fp.arrays_content(state)
+    assert set(store.state(6, "eigenpairs/")) == {n for n in names if n.startswith("eigenp")}
     # Each distinct array is one file: one basis per step, not one per name and step.
     blobs = os.listdir(results / "state" / "arrays")
     manifests = [json.load(open(results / store.record(t)["files"]["state"]["path"]))

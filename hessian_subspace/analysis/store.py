@@ -199,24 +199,26 @@ class ResultStore(_Records):
             self.quarantine(path, f"{type(e).__name__}: {e}")
             raise CorruptFile(path, f"{type(e).__name__}: {e}") from e
 
-    def state(self, step: int) -> dict[str, np.ndarray] | None:
+    def state(self, step: int, prefix: str = "") -> dict[str, np.ndarray] | None:
         """The transforms' state after ``step`` as named arrays (:func:`.state.named`; rebuild
-        the pytrees with :func:`.state.rebuild`), or None if its record lists none. E.g.
-        ``store.state(t)["eigenpairs/eigenvectors"]`` is the basis computed at step t.
+        the pytrees with :func:`.state.rebuild`), or None if its record lists none; with
+        ``prefix``, only the arrays whose names start with it (the others are not read).
+        E.g. ``store.state(t, "eigenpairs/")["eigenpairs/eigenvectors"]`` is the basis
+        computed at step t.
 
         Raises:
           CorruptFile: the state's list or one of its arrays cannot be read; the file is moved
             to ``quarantine/`` (and at the next :meth:`check` its step is recomputed).
         """
         if (STATE, int(step)) in self._session:
-            return self._session[(STATE, int(step))]
+            return _starting(self._session[(STATE, int(step))], prefix)
         record = self.index.get(int(step))
         if record is None or STATE not in record.get("files", {}):
             return None
         path = os.path.join(self.directory, record["files"][STATE]["path"])
         out = {}
         try:
-            for name, entry in _read_manifest(path).items():
+            for name, entry in _starting(_read_manifest(path), prefix).items():
                 path = os.path.join(self.directory, entry["path"])
                 with open(path, "rb") as f:
                     out[name] = np.load(f, allow_pickle=False)
@@ -561,6 +563,10 @@ class ResultStore(_Records):
         return []
 
 
+def _starting(named: dict, prefix: str) -> dict:
+    return {k: v for k, v in named.items() if k.startswith(prefix)}
+
+
 def _read_manifest(path: str) -> dict[str, dict]:
     """A state's list of arrays: name -> ``{"path", "bytes", "sha256"}`` (checked)."""
     with open(path) as f:
@@ -598,8 +604,9 @@ class MemoryStore(_Records):
     def stored(self, folder: str, step: int) -> dict | None:
         return self._files.get((folder, int(step)))
 
-    def state(self, step: int) -> dict | None:
-        return self._files.get((STATE, int(step)))
+    def state(self, step: int, prefix: str = "") -> dict | None:
+        state = self._files.get((STATE, int(step)))
+        return None if state is None else _starting(state, prefix)
 
     def check(self) -> list[str]:
         return []

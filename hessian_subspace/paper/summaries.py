@@ -293,8 +293,8 @@ def _fig6(config, results, out_dir):
         if not hit:
             continue
         step = hit["step"]
-        state = store.state(step)
-        if state is None:
+        state = store.state(step, "eigenpairs/eigenvectors")
+        if not state:
             continue
         vectors[step] = state["eigenpairs/eigenvectors"][0]
         slices = hit["value"]
