@@ -149,8 +149,9 @@ for r in analysis.read_results("results_quickstart"):
 
 # %% [markdown]
 # ## Per-layer eigenvectors
-# The eigenpairs transform's state after a step, which the store keeps, is that step's basis: the top eigenvectors as rows in `ravel_pytree` order; `as_pytrees`
-# turns them back into parameter-shaped pytrees, one leading-axis entry per eigenvector.
+# The eigenpairs transform's state after a step, which the store keeps, is that step's
+# basis: the top eigenvectors as rows in `ravel_pytree` order; `as_pytrees` turns them back
+# into parameter-shaped pytrees, one leading-axis entry per eigenvector.
 
 # %%
 last = analysis.read_results("results_quickstart")[-1]["step"]

@@ -102,3 +102,11 @@ def test_a_state_the_store_cannot_name_fails_the_checkpoint():
     record = analyzer.process(0, params)
     assert record["status"] == "failed" and "'grows'" in record["reason"]
     assert "nested dicts" in record["reason"]
+
+
+def test_a_stored_output_may_not_take_the_state_folder():
+    data, params = acceptance_problem()
+    clash = analysis.transform("clash", lambda ctx: {"state": analysis.Stored(v=np.ones(2))})
+    ctx = analysis.step.context(0, params, user_loss(0.0), data)
+    with pytest.raises(analysis.checks.TransformContractError, match="'state', a folder"):
+        analysis.step.apply(analysis.chain(clash), ctx, {"clash": None})

@@ -28,7 +28,7 @@ import numpy as np
 from hessian_subspace import _tree, blocks, curvature, layout
 from hessian_subspace.analysis import checks
 from hessian_subspace.analysis import context as context_lib
-from hessian_subspace.analysis.transforms import RESERVED_KEYS, Chain, Stored
+from hessian_subspace.analysis.transforms import RESERVED_FOLDERS, RESERVED_KEYS, Chain, Stored
 
 PyTree = Any
 
@@ -74,6 +74,11 @@ def apply(chain: Chain, ctx: context_lib.Context, state: Mapping[str, PyTree], *
                 "outputs")
         for key, value in outputs.items():
             if isinstance(value, Stored):
+                if key in RESERVED_FOLDERS:
+                    raise checks.TransformContractError(
+                        f"transform {t.name!r} stores arrays under {key!r}, a folder the "
+                        f"results directory keeps for itself ({', '.join(RESERVED_FOLDERS)}); "
+                        "choose another key")
                 arrays = stored.setdefault(key, {})
                 clash = set(arrays) & set(value)
                 if clash:

@@ -51,6 +51,9 @@ RESERVED_KEYS = ("step", "status", "reason", "dtype", "processes", "precision", 
                  "hessian", "curvature", "block", "hvps", "seconds", "fingerprints", "files",
                  "state_from")
 
+# Folders of a results directory that a `Stored` output may not be named.
+RESERVED_FOLDERS = ("records", "state", "quarantine", "replaced")
+
 # What the analyzer puts in every context before the first transform runs.
 BASE_ENTRIES = ("step", "params", "state", "loss_fn", "data", "test_data", "batches",
                 "test_batches", "batch_size", "operator", "dtype", "precision", "seed",

@@ -264,6 +264,56 @@ def _num_outputs(model, example_x) -> int:
     return int(out.shape[-1])
 
 
+def _resume(writer, state: TrainState, meta: dict, workdir: str) -> tuple[TrainState, bool]:
+    """The state of the last finalised checkpoint in ``writer`` (and True), or ``state`` (and
+    False) when there is none. A checkpoint of another run (``meta["identity"]``) is refused."""
+    done = writer.all_steps()
+    if not done:
+        return state, False
+    restored = writer.restore_train_state(done[-1], {
+        "params": state.params, "model_state": state.model_state,
+        "opt_state": state.opt_state})
+    old = restored["meta"].get("identity")
+    if "identity" in meta and old is not None and old != meta["identity"]:
+        writer.close()
+        raise ValueError(
+            f"{workdir} holds checkpoints of a different run (config differs); use a new "
+            "workdir or delete the old checkpoints.")
+    logging.info("Resuming from step %d in %s", done[-1], workdir)
+    return TrainState(step=jnp.asarray(done[-1], jnp.int32), params=restored["params"],
+                      opt_state=restored["opt_state"],
+                      model_state=restored["model_state"]), True
+
+
+class _PendingMetrics:
+    """Training metrics still on the device, fetched and logged together at a flush (one
+    transfer per log interval); a non-finite loss raises there."""
+
+    def __init__(self, log, writer):
+        self.log, self.writer = log, writer
+        self.pending: list[tuple[int, dict]] = []
+        self.last: dict = {}  # the last logged record
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = jax.device_get([m for _, m in self.pending])
+        records = []
+        for (s, _), m in zip(self.pending, values, strict=True):
+            m = {k: float(v) for k, v in m.items()}
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(
+                    f"non-finite training loss at step {s}; last checkpoint kept: "
+                    f"{self.writer.all_steps()[-1:]}")
+            records.append(dict(step=s, event="train", **m))
+        self.log.write(records)
+        self.last.update(records[-1])
+        self.pending.clear()
+
+
 def train(*, model, task: str, train_set: dict, test_set: dict | None,
           optimizer: optax.GradientTransformation, batch_size: int, num_steps: int, seed: int,
           workdir: str, schedule: CheckpointSchedule = CheckpointSchedule(),
@@ -327,23 +377,10 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
     os.makedirs(workdir, exist_ok=True)
     writer = ckpt_lib.CheckpointWriter(os.path.join(workdir, CHECKPOINT_DIR))
     state = init_train_state(model, optimizer, jax.random.key(seed), train_set["x"][:1])
-    done = writer.all_steps()
-    if done:
-        restored = writer.restore_train_state(done[-1], {
-            "params": state.params, "model_state": state.model_state,
-            "opt_state": state.opt_state})
-        old = restored["meta"].get("identity")
-        if "identity" in meta and old is not None and old != meta["identity"]:
-            writer.close()
-            raise ValueError(
-                f"{workdir} holds checkpoints of a different run (config differs); use a new "
-                "workdir or delete the old checkpoints.")
-        state = TrainState(step=jnp.asarray(done[-1], jnp.int32), params=restored["params"],
-                           opt_state=restored["opt_state"], model_state=restored["model_state"])
-        logging.info("Resuming from step %d in %s", done[-1], workdir)
+    state, resumed = _resume(writer, state, meta, workdir)
     state = place(state)
     start = int(state.step)
-    log = _JsonLines(os.path.join(workdir, TRAIN_LOG), keep_until_step=start if done else None)
+    log = _JsonLines(os.path.join(workdir, TRAIN_LOG), keep_until_step=start if resumed else None)
     step_fn = make_train_step(model, optimizer, task, seed)
 
     def checkpoint(state: TrainState, step: int) -> None:
@@ -361,24 +398,8 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
         for callback in callbacks:
             callback(step, state)
 
-    pending: list[tuple[int, dict]] = []
-    last: dict = {}
-
-    def flush():
-        if not pending:
-            return
-        values = jax.device_get([m for _, m in pending])
-        records = []
-        for (s, _), m in zip(pending, values, strict=True):
-            m = {k: float(v) for k, v in m.items()}
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(
-                    f"non-finite training loss at step {s}; last checkpoint kept: "
-                    f"{writer.all_steps()[-1:]}")
-            records.append(dict(step=s, event="train", **m))
-        log.write(records)
-        last.update(records[-1])
-        pending.clear()
+    pending = _PendingMetrics(log, writer)
+    last, flush = pending.last, pending.flush
 
     try:
         if start == 0:
@@ -393,7 +414,7 @@ def train(*, model, task: str, train_set: dict, test_set: dict | None,
                 state, metrics = step_fn(state, batch)
             else:
                 state, metrics = step_fn(state, batch, curvature_data=curvature_data)
-            pending.append((step, metrics))  # loss of θ_step on its mini-batch
+            pending.add(step, metrics)  # loss of θ_step on its mini-batch
             bar.update(1)
             if schedule.should_save(step + 1, num_steps):
                 flush()
