@@ -1,7 +1,8 @@
 """A record is reused only when it was computed from the same checkpoint content, loss, data
 and settings (its fingerprints); otherwise the run refuses with the step and what changed, or
-recomputes with ``overwrite=True``. Records that read another step's arrays are recomputed when
-those change, or once arrays they waited for exist."""
+recomputes with ``overwrite=True``. Records whose outputs depend on the transforms' state are
+recomputed when the state they started from is no longer the one before them (a step analysed
+since in between, or recomputed)."""
 
 import json
 import os

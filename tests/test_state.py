@@ -108,5 +108,14 @@ def test_a_stored_output_may_not_take_the_state_folder():
     data, params = acceptance_problem()
     clash = analysis.transform("clash", lambda ctx: {"state": analysis.Stored(v=np.ones(2))})
     ctx = analysis.step.context(0, params, user_loss(0.0), data)
-    with pytest.raises(analysis.checks.TransformContractError, match="'state', a folder"):
+    with pytest.raises(analysis.checks.TransformContractError,
+                       match="under 'state'.*directory keeps"):
         analysis.step.apply(analysis.chain(clash), ctx, {"clash": None})
+    inside = analysis.transform("inside", lambda ctx: {"state/arrays": analysis.Stored(v=1)})
+    with pytest.raises(analysis.checks.TransformContractError, match="not a plain folder name"):
+        analysis.step.apply(analysis.chain(inside), ctx, {"inside": None})
+    # A transform's name may not hold the separator of its state's names.
+    with pytest.raises(ValueError, match="'ov/a' holds '/'"):
+        analysis.chain(analysis.transform("ov/a", lambda ctx: 1.0))
+    with pytest.raises(ValueError, match="ResultStore.state"):
+        analysis.ResultStore("unused").stored("state", 0)

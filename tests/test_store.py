@@ -209,3 +209,38 @@ def test_store_refuses_mismatched_records_and_keeps_quarantined_copies(tmp_path)
     problems = store_lib.ResultStore(str(tmp_path)).check()
     assert len(problems) == 1 and "step_00000007.json" in problems[0]
     assert os.listdir(tmp_path / "quarantine" / "records")
+
+
+def test_overwrite_after_a_settings_change_keeps_the_new_state_readable(analysed, caplog):
+    """The old state's arrays go to replaced/; the new run writes its own (also where their
+    bytes equal an old array's), so the next start reuses every record."""
+    results, ds, loss_fn, trajectory = analysed
+
+    def other(overwrite):
+        return analysis.Analyzer(_chain(), loss_fn, data=ds, seed=1, results=analysis.Results(
+            str(results), overwrite=overwrite, progress=False))
+
+    assert len(other(True).run(trajectory)) == len(STEPS)
+    assert os.listdir(results / "replaced" / "state")
+    store = analysis.ResultStore(str(results))
+    assert store.check() == [] and not (results / "quarantine").exists()
+    assert other(False).run(trajectory) == []
+    np.testing.assert_array_equal(store.state(9)["eigenpairs/step"], 9)
+
+
+def test_overwrite_sets_aside_a_directory_of_the_previous_layout(tmp_path, caplog):
+    """Layout 3 kept the state as state/step_X.npz and bases in bases/: with overwrite, its
+    records go to replaced/ (not quarantine/: nothing in them is corrupt)."""
+    ds, loss_fn, trajectory = _problem()
+    results = tmp_path / "old"
+    old = store_lib.ResultStore(str(results))
+    old.write_settings({"layout": 3})
+    old.write_step(0, {"status": "ok"}, {"state": {"leaf_0": np.ones(2)},
+                                         "bases": {"eigenvectors": np.ones((2, 3))}})
+    with pytest.raises(analysis.StaleResultsError, match="differ in"):
+        _analyzer(results, ds, loss_fn)
+    analysis.Analyzer(_chain(), loss_fn, data=ds, results=analysis.Results(
+        str(results), overwrite=True, progress=False)).run(trajectory)
+    assert not (results / "quarantine").exists()
+    assert os.path.exists(results / "replaced" / "records")
+    assert analysis.ResultStore(str(results)).steps("ok") == list(STEPS)

@@ -74,11 +74,13 @@ def apply(chain: Chain, ctx: context_lib.Context, state: Mapping[str, PyTree], *
                 "outputs")
         for key, value in outputs.items():
             if isinstance(value, Stored):
-                if key in RESERVED_FOLDERS:
+                if key in RESERVED_FOLDERS or not key or key.startswith(".") or any(
+                        c in key for c in "/\\"):
                     raise checks.TransformContractError(
-                        f"transform {t.name!r} stores arrays under {key!r}, a folder the "
-                        f"results directory keeps for itself ({', '.join(RESERVED_FOLDERS)}); "
-                        "choose another key")
+                        f"transform {t.name!r} stores arrays under {key!r}, which is not a "
+                        "plain folder name (no path separator, no leading dot) or is a folder "
+                        f"the results directory keeps ({', '.join(RESERVED_FOLDERS)}); choose "
+                        "another key")
                 arrays = stored.setdefault(key, {})
                 clash = set(arrays) & set(value)
                 if clash:

@@ -187,6 +187,7 @@ class ResultStore(_Records):
           CorruptFile: the file cannot be read; it is moved to ``quarantine/`` (and at the next
             :meth:`check` its step is recomputed).
         """
+        _check_folder(folder)
         if (folder, int(step)) in self._session:
             return self._session[(folder, int(step))]
         record = self.index.get(int(step))
@@ -216,16 +217,23 @@ class ResultStore(_Records):
         if record is None or STATE not in record.get("files", {}):
             return None
         path = os.path.join(self.directory, record["files"][STATE]["path"])
+        expected = record["files"][STATE]
         out = {}
         try:
             for name, entry in _starting(_read_manifest(path), prefix).items():
-                path = os.path.join(self.directory, entry["path"])
+                path, expected = os.path.join(self.directory, entry["path"]), entry
                 with open(path, "rb") as f:
                     out[name] = np.load(f, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - np.load raises many types for bad files
-            self.quarantine(path, f"{type(e).__name__}: {e}")
-            self._verified.discard(path)
-            raise CorruptFile(path, f"{type(e).__name__}: {e}") from e
+            reason = f"{type(e).__name__}: {e}"
+            # Arrays are shared by the states of many steps: only a file that fails its size
+            # or SHA-256 is moved aside (a read error of a good file is raised, nothing moved).
+            if _bad_bytes(path, expected):
+                self.quarantine(path, reason)
+                self._verified.discard(path)
+            else:
+                reason += " (the file matches its SHA-256; left in place)"
+            raise CorruptFile(path, reason) from e
         return out
 
     # ---- checking --------------------------------------------------------------------------
@@ -279,6 +287,7 @@ class ResultStore(_Records):
         """
         problems: list[str] = []
         self._index = {}
+        self._verified = set()
         self._remove_dead_temporaries()
         for step, path in sorted(self._record_files().items()):
             try:
@@ -334,8 +343,8 @@ class ResultStore(_Records):
         """What is wrong with the arrays of a record's state (None: nothing). A bad array is
         moved to ``quarantine/`` here; good ones stay (other steps' states share them)."""
         entry = record.get("files", {}).get(STATE)
-        if entry is None or "bytes" not in entry:
-            return None
+        if entry is None or "bytes" not in entry or not entry["path"].endswith(".json"):
+            return None  # none, or a record of layout 3 (state/step_X.npz, checked as a file)
         manifest = os.path.join(self.directory, entry["path"])
         try:
             arrays = _read_manifest(manifest)
@@ -436,7 +445,7 @@ class ResultStore(_Records):
         data = buffer.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         path = os.path.join(self.directory, ARRAYS, f"{digest}.npy")
-        if path not in self._verified:
+        if path not in self._verified or not os.path.exists(path):
             if os.path.exists(path) and _io.sha256(path) != digest:
                 self.quarantine(path, "does not match its name (its SHA-256)", "written anew")
             if not os.path.exists(path):
@@ -521,6 +530,7 @@ class ResultStore(_Records):
                 for name in os.listdir(path):
                     self._move(os.path.join(path, name), REPLACED, reason, "replaced",
                                logging.info)
+        self._verified = set()  # the state's arrays are in replaced/ now
         self._sync_jsonl()
 
     def write_settings(self, settings: dict) -> None:
@@ -563,6 +573,22 @@ class ResultStore(_Records):
         return []
 
 
+def _check_folder(folder: str) -> None:
+    if folder in (RECORDS, STATE, QUARANTINE, REPLACED):
+        raise ValueError(f"{folder!r} is not a folder of published arrays"
+                         + ("; the transforms' state is ResultStore.state(step)"
+                            if folder == STATE else ""))
+
+
+def _bad_bytes(path: str, entry: dict) -> bool:
+    """Whether ``path`` is missing or differs from its listed size or SHA-256."""
+    try:
+        return (os.path.getsize(path) != entry.get("bytes")
+                or _io.sha256(path) != entry.get("sha256"))
+    except OSError:
+        return True
+
+
 def _starting(named: dict, prefix: str) -> dict:
     return {k: v for k, v in named.items() if k.startswith(prefix)}
 
@@ -602,6 +628,7 @@ class MemoryStore(_Records):
             del self._files[key]
 
     def stored(self, folder: str, step: int) -> dict | None:
+        _check_folder(folder)
         return self._files.get((folder, int(step)))
 
     def state(self, step: int, prefix: str = "") -> dict | None:

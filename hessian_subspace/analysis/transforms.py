@@ -375,6 +375,9 @@ def chain(*transforms: Transform | Chain | Callable) -> Chain:
         if t.name in seen:
             raise ValueError(f"two transforms are named {t.name!r}; names must be unique (pass "
                              "name=... to one of them)")
+        if "/" in t.name:
+            raise ValueError(f"transform name {t.name!r} holds '/', which separates the names "
+                             "of a transform's state; choose a name without it")
         seen.add(t.name)
         for req in t.requires:
             if req not in available:
