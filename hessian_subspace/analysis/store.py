@@ -354,11 +354,9 @@ class ResultStore(_Records):
             path = os.path.join(self.directory, item["path"])
             if path in self._verified:
                 continue
-            if not os.path.exists(path):
-                return f"{path} (state) is missing"
-            if os.path.getsize(path) != item["bytes"] or _io.sha256(path) != item["sha256"]:
-                self.quarantine(path, "does not match its size or SHA-256")
-                return f"{path} (state) does not match its size or SHA-256"
+            if _bad_bytes(path, item):
+                self.quarantine(path, "does not match its size or SHA-256")  # if it exists
+                return f"{path} (state) is missing or does not match its size or SHA-256"
             self._verified.add(path)
         return None
 
