@@ -9,6 +9,9 @@ functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.spli
 - Transforms (:mod:`.transforms`, :mod:`.builtins`): small values composed by :func:`chain`
   in the order given; the built-ins are the paper's measurements; a user's metric is a plain
   function of the :class:`Context` (:func:`transform`).
+- Beyond the paper: other views of the curvature (:mod:`.views`) and the loss along chosen
+  directions (:mod:`.directions`: :func:`loss_decrease`, the step's top and bulk parts;
+  :func:`loss_landscape`, slices and surfaces).
 - The runner (:class:`Analyzer`): live from any training loop (``analyzer(step, params)``
   on a :class:`Schedule`), offline over a checkpoint source (:meth:`Analyzer.run`
   with :func:`orbax_checkpoints`), or following a live run (``watch=True``).
@@ -45,6 +48,7 @@ from hessian_subspace.analysis import builtins as builtins
 from hessian_subspace.analysis import drivers as drivers
 from hessian_subspace.analysis import fingerprints as fingerprints
 from hessian_subspace.analysis import config as config
+from hessian_subspace.analysis import directions as directions
 from hessian_subspace.analysis import spectra as spectra
 from hessian_subspace.analysis import specs as specs
 from hessian_subspace.analysis import state as state
@@ -64,6 +68,8 @@ from hessian_subspace.analysis.builtins import loss as loss
 from hessian_subspace.analysis.builtins import overlap_g_hg as overlap_g_hg
 from hessian_subspace.analysis.builtins import subspace_overlap as subspace_overlap
 from hessian_subspace.analysis.context import Context as Context
+from hessian_subspace.analysis.directions import loss_decrease as loss_decrease
+from hessian_subspace.analysis.directions import loss_landscape as loss_landscape
 from hessian_subspace.analysis.context import MissingEntry as MissingEntry
 from hessian_subspace.analysis.drivers import FailedStepsError as FailedStepsError
 from hessian_subspace.analysis.runner import Analyzer as Analyzer

@@ -37,7 +37,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from hessian_subspace.analysis import builtins as b
-from hessian_subspace.analysis import specs, spectra, views
+from hessian_subspace.analysis import directions, specs, spectra, views
 from hessian_subspace.analysis.transforms import Chain, Transform, at_steps, chain
 
 ConfigDict = ml_collections.ConfigDict
@@ -57,6 +57,8 @@ TRANSFORMS = (
     "block_spectra",  # top eigenvalues and SLQ density of each parameter block
     "adam",  # the Hessian through Adam's preconditioner (optimizer state from the checkpoint)
     "ggn",  # beside the Hessian: the Gauss-Newton top-k and f_top in its subspace
+    "loss_decrease",  # ΔL of the optimizer's step and of its top-k and bulk parts
+    "loss_landscape",  # loss slices along top, bulk, random and gradient directions
 )
 DEFAULT_TRANSFORMS = TRANSFORMS[:8]
 # Transforms that read the optimizer state from the checkpoint.
@@ -101,6 +103,17 @@ def default_config() -> ConfigDict:
     c.f_top_curve = ConfigDict(dict(ks=()))  # () : k and 2k
     c.block_spectra = ConfigDict(dict(steps=(), k=4, tol=1e-3, slq_probes=4, slq_steps=30))
     c.adam = ConfigDict(dict(k=10, b2=0.999, eps=1e-8, tol=1e-3))
+    c.loss_decrease = ConfigDict(dict(
+        steps=(),
+        learning_rate=placeholder(float),  # η of the step -η g (the paper's runs: their own)
+        use_optimizer=True,  # also the run's optimizer's own step (build_chain's `optimizer`)
+    ))
+    c.loss_landscape = ConfigDict(dict(
+        steps=(), num_top=2, num_bulk=2, num_random=2, gradient=True, radius=1.0,
+        num_points=21, surface_points=11,
+        surfaces="top1:top2,top1:random1",  # pairs of direction names ("" : none)
+        normalization="unit",  # "unit" or "filter" (Li et al. 2018)
+    ))
     return c
 
 
@@ -211,7 +224,7 @@ def num_pairs(config: ConfigDict, k: int) -> int:
 
 
 def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | None = None,
-                blocks: dict | None = None) -> Chain:
+                blocks: dict | None = None, optimizer: Any = None) -> Chain:
     """The chain of the paper's measurements that ``config.transforms`` names, in a fixed order
     (that of :data:`TRANSFORMS`, except ``c2`` and ``ggn`` right after ``f_top``). Every
     factory's error names its config section (``config.eigenpairs: `tol` must be > 0 ...``).
@@ -222,6 +235,8 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
       k: size of the top subspace (``config.k`` or the number of classes).
       metrics_fn: for "loss": ``metrics(params, batch[, state])`` with loss and accuracy.
       blocks: for "block_spectra": ``{name: leaf prefix}`` (None: top-level keys).
+      optimizer: for "loss_decrease" (with ``loss_decrease.use_optimizer``): the run's optax
+        optimizer, whose own step is measured beside -η g.
     """
     c = as_config(config)
     todo = set(names(c))
@@ -265,6 +280,17 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
             c.block_spectra.steps)),
         ("adam", lambda: views.adam_preconditioned(c.adam.k, b2=c.adam.b2, eps=c.adam.eps,
                                                    tol=c.adam.tol)),
+        ("loss_decrease", lambda: _at(directions.loss_decrease(
+            k, learning_rate=c.loss_decrease.learning_rate,
+            optimizer=optimizer if c.loss_decrease.use_optimizer else None),
+            c.loss_decrease.steps)),
+        ("loss_landscape", lambda: _at(directions.loss_landscape(
+            k, num_top=c.loss_landscape.num_top, num_bulk=c.loss_landscape.num_bulk,
+            num_random=c.loss_landscape.num_random, gradient=c.loss_landscape.gradient,
+            radius=c.loss_landscape.radius, num_points=c.loss_landscape.num_points,
+            surface_points=c.loss_landscape.surface_points,
+            surfaces=surface_pairs(c.loss_landscape.surfaces),
+            normalization=c.loss_landscape.normalization), c.loss_landscape.steps)),
     ]
     parts = []
     for name, make in makers:
@@ -275,6 +301,20 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
                 section = name if name in c else "operator"
                 raise type(err)(f"config.{section}: {err}") from None
     return chain(*parts)
+
+
+def surface_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """``"top1:top2,top1:random1"`` as ``(("top1", "top2"), ("top1", "random1"))``."""
+    if not isinstance(text, str):
+        raise ValueError(f"`surfaces` must be a string like 'top1:top2,top1:random1', got "
+                         f"{text!r}")
+    pairs = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        pair = tuple(x.strip() for x in item.split(":"))
+        if len(pair) != 2:
+            raise ValueError(f"`surfaces`: {item!r} is not two names joined by ':'")
+        pairs.append(pair)
+    return tuple(pairs)
 
 
 def _at(t: Transform, steps) -> Transform:

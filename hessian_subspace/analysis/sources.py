@@ -20,7 +20,7 @@ below both the analysis and training; its names are re-exported here.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from hessian_subspace import _tree
 from hessian_subspace.checkpoints import (CheckpointError, OrbaxCheckpoints, PeerLostError,
@@ -29,8 +29,8 @@ from hessian_subspace.checkpoints import (CheckpointError, OrbaxCheckpoints, Pee
 PyTree = Any
 
 __all__ = ["CheckpointError", "InMemory", "OrbaxCheckpoints", "PeerLostError", "Source",
-           "as_source", "conform", "describe_location", "in_memory", "orbax_checkpoints",
-           "peer_failure"]
+           "WithExtras", "as_source", "conform", "describe_location", "in_memory",
+           "orbax_checkpoints", "peer_failure", "with_extras"]
 
 
 class Source(Protocol):
@@ -43,6 +43,38 @@ class Source(Protocol):
         """``(params, state)`` of one step, or ``(params, state, extras)`` with a dict of
         anything else the analysis may use (``ctx["extras"]``: e.g. the optimizer state);
         raises :class:`CheckpointError`."""
+
+
+# --------------------------------------------------------------------------------------------
+# More for the transforms than the checkpoint holds.
+
+
+class WithExtras:
+    """A source whose checkpoints carry more extras (see :func:`with_extras`)."""
+
+    def __init__(self, source: Source, extras: Callable[[int], Mapping[str, Any]]):
+        self.source, self.extras = source, extras
+
+    def steps(self) -> list[int]:
+        return self.source.steps()
+
+    def load(self, step: int) -> tuple[PyTree, PyTree | None, dict]:
+        params, state, *rest = self.source.load(step)
+        return params, state, {**(rest[0] if rest else {}), **self.extras(step)}
+
+    def describe(self) -> dict:
+        inner = getattr(self.source, "describe", lambda: {})()
+        return {**inner, "extras": getattr(self.extras, "__qualname__", repr(self.extras))}
+
+
+def with_extras(source: Source, extras: Callable[[int], Mapping[str, Any]]) -> WithExtras:
+    """``source`` with ``extras(step)`` added to every checkpoint's ``ctx["extras"]``: what a
+    transform needs that the checkpoint does not hold, e.g. the mini-batch the run takes next
+    (``{"next_batch": ...}``, for :func:`~hessian_subspace.analysis.loss_decrease`)."""
+    if not callable(extras):
+        raise TypeError(f"`extras` must be a function of the step, got "
+                        f"{type(extras).__name__}")
+    return WithExtras(source, extras)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +119,8 @@ def in_memory(checkpoints: Mapping[int, Any] | Iterable[tuple]) -> InMemory:
 
 def describe_location(source: Any) -> str:
     """Where a source reads from, for messages: its directory, or what it is."""
+    if isinstance(source, WithExtras):
+        return describe_location(source.source)
     directory = getattr(source, "directory", None)
     if directory:
         return f"the checkpoint directory {directory}" + (

@@ -28,6 +28,7 @@ from hessian_subspace.paper import data as data_lib
 from hessian_subspace.paper import models
 from hessian_subspace import checkpoints as ckpt_lib
 from hessian_subspace.training import loop as train_lib
+from hessian_subspace.training import batches as train_batches
 from hessian_subspace.training import tasks
 
 ConfigDict = ml_collections.ConfigDict
@@ -222,12 +223,14 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
     a ``mesh``, examples are split over its ``data`` axis and parameters FSDP-style over its
     ``model`` axis (:func:`hessian_subspace.sharding.fsdp_shardings`). ``overwrite``: records
     of other inputs in ``results_dir`` are computed again (moved aside) instead of refused."""
-    acfg = analysis_config_lib.as_config(analysis_config or analysis_config_lib.default_config())
+    acfg = with_run_settings(analysis_config_lib.as_config(
+        analysis_config or analysis_config_lib.default_config()), config)
     model = build_model(config, num_outputs) if model is None else model
     k = acfg.k or num_outputs
     blocks = (models.gpt_blocks(model.depth) if isinstance(model, models.GPT) else None)
     chain = analysis_config_lib.build_chain(
-        acfg, k=k, metrics_fn=tasks.inference_metrics(model, config.task), blocks=blocks)
+        acfg, k=k, metrics_fn=tasks.inference_metrics(model, config.task), blocks=blocks,
+        optimizer=step_optimizer(config, acfg))
     xy = lambda ds: None if ds is None else {"x": ds["x"], "y": ds["y"]}  # noqa: E731
     return analysis.Analyzer(
         chain, tasks.inference_loss(model, config.task), data=xy(analysis_set),
@@ -241,6 +244,43 @@ def analyzer_for(config: ConfigDict, num_outputs: int, analysis_set: dict, resul
             output_loss=tasks.output_loss(config.task), mesh=mesh,
             param_sharding=None if mesh is None else functools.partial(
                 sharding.fsdp_shardings, mesh=mesh)))
+
+
+def with_run_settings(acfg: ConfigDict, config: ConfigDict) -> ConfigDict:
+    """``acfg`` with what the run decides filled in: ``loss_decrease.learning_rate`` (None:
+    the run's η)."""
+    if ("loss_decrease" in analysis_config_lib.names(acfg)
+            and acfg.loss_decrease.learning_rate is None
+            and config.optimizer.get("learning_rate")):
+        acfg = ConfigDict(acfg.to_dict())
+        acfg.loss_decrease.learning_rate = float(config.optimizer.learning_rate)
+    return acfg
+
+
+def step_optimizer(config: ConfigDict, acfg: ConfigDict):
+    """The run's optimizer, for ``loss_decrease`` to take its own step (None when the analysis
+    does not ask for it, or for the subspace optimizers, whose step needs the Hessian)."""
+    if ("loss_decrease" not in analysis_config_lib.names(acfg)
+            or not acfg.loss_decrease.use_optimizer):
+        return None
+    if config.optimizer.name in SUBSPACE_OPTIMIZERS:
+        logging.warning("loss_decrease: the step of %r is not taken (it needs the Hessian); "
+                        "only -η g is measured", config.optimizer.name)
+        return None
+    return build_optimizer(config)
+
+
+def next_batches(config: ConfigDict, train_set: dict) -> Callable[[int], dict]:
+    """``step -> {"next_batch": ...}``: the mini-batch the run trains on after the checkpoint
+    at ``step`` (its order is a function of the step and seed,
+    :func:`hessian_subspace.training.batches.batch_indices`)."""
+    n, batch_size, seed = len(train_set["y"]), int(config.batch_size), int(config.seed)
+
+    def next_batch(step: int) -> dict:
+        idx = train_batches.batch_indices(n, batch_size, step, seed)
+        return {"next_batch": {"x": train_set["x"][idx], "y": train_set["y"][idx]}}
+
+    return next_batch
 
 
 def restore_like(model, example_x, mesh=None) -> tuple[Any, Any]:
@@ -281,7 +321,8 @@ def analyze_run(workdir: str, results_dir: str, *, analysis_config: ConfigDict |
     data = load_data(config)
     model = build_model(config, num_outputs)
     like, state_like = restore_like(model, data["analysis"]["x"][:1], mesh)
-    acfg = analysis_config_lib.validate(analysis_config or analysis_config_lib.default_config())
+    acfg = analysis_config_lib.validate(with_run_settings(analysis_config_lib.as_config(
+        analysis_config or analysis_config_lib.default_config()), config))
     todo = analysis_config_lib.names(acfg)
     num_params = models.param_count(like)
     k = acfg.k or num_outputs
@@ -299,9 +340,14 @@ def analyze_run(workdir: str, results_dir: str, *, analysis_config: ConfigDict |
                             record_fields=dict(k=k, config=config_json),
                             progress=progress, mesh=mesh, overwrite=overwrite,
                             retry_failed=retry_failed, model=model)
+    optimizer = step_optimizer(config, acfg)
     source = ckpt_lib.run_checkpoints(
         os.path.join(workdir, train_lib.CHECKPOINT_DIR), like=like, state_like=state_like,
         final_step=config.get("num_steps"),
-        optimizer=bool(analysis_config_lib.NEEDS_OPTIMIZER.intersection(todo)))
+        optimizer=bool(analysis_config_lib.NEEDS_OPTIMIZER.intersection(todo))
+        or (optimizer is not None and bool(jax.tree_util.tree_leaves(
+            jax.eval_shape(optimizer.init, like)))))
+    if "loss_decrease" in todo:
+        source = analysis.sources.with_extras(source, next_batches(config, data["train"]))
     return analyzer.run(source, steps=steps, watch=watch, poll_seconds=poll_seconds,
                         timeout_seconds=timeout_seconds, allow_failures=allow_failures)

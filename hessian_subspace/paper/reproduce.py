@@ -91,12 +91,14 @@ def _train_part(run: ConfigDict) -> ConfigDict:
 
 
 def analysis_config_of(run: ConfigDict) -> ConfigDict:
-    """The analysis config of a run (its ``analysis`` block less the driver fields), checked:
-    a ``ValueError`` naming the field."""
+    """The analysis config of a run (its ``analysis`` block less the driver fields, with what
+    the run decides filled in: :func:`experiment.with_run_settings`), checked: a
+    ``ValueError`` naming the field."""
     block = run.analysis.to_dict()
     fields = {key: value for key, value in block.items()
               if key not in ANALYSIS_DRIVER and key != "refine"}
-    return analysis_config_lib.validate(fields)
+    return analysis_config_lib.validate(experiment.with_run_settings(
+        analysis_config_lib.as_config(fields), run))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +241,13 @@ def run_one(run: ConfigDict, root: str, name: str, *, progress: bool = True,
             analysis_config=acfg, record_fields=dict(
                 k=acfg.k or loaded["num_outputs"],
                 config=experiment.config_to_json(train_config)), progress=False, mesh=mesh)
-        callbacks.append(lambda step, state: live(step, state.params, state.model_state))
+        if "loss_decrease" in analysis_config_lib.names(acfg):  # its step: state, next batch
+            nxt = experiment.next_batches(train_config, loaded["train"])
+            callbacks.append(lambda step, state: live(
+                step, state.params, state.model_state,
+                extras={"optimizer": state.opt_state, **nxt(step)}))
+        else:
+            callbacks.append(lambda step, state: live(step, state.params, state.model_state))
     experiment.train_from_config(train_config, workdir, progress=progress, mesh=train_mesh,
                                  callbacks=callbacks)
     train_seconds = time.perf_counter() - start

@@ -461,10 +461,83 @@ def _sharpness(config, results, out_dir):
     return figures, numbers
 
 
+def decrease_numbers(records) -> dict:
+    """What ``loss_decrease`` says over a run: per analysed step the three loss changes, and
+    over all steps (and the second half of the run) the bulk's share of the total decrease,
+    Σ bulk / Σ (top + bulk), how often the top part alone increased the loss, and the mean
+    fraction of the step's squared norm in the top subspace."""
+    kind = plots.directions.update_kind(records)
+    if kind is None:
+        return {}
+    entries = [(r["step"], r["loss_decrease"][kind]) for r in ok_records(records)
+               if isinstance((r.get("loss_decrease") or {}).get(kind), dict)]
+    last = entries[-1][0] if entries else 0
+
+    def over(part):
+        top = sum(e["top"] for _, e in part)
+        bulk = sum(e["bulk"] for _, e in part)
+        return dict(checkpoints=len(part), full=sum(e["full"] for _, e in part), top=top,
+                    bulk=bulk, bulk_share=bulk / (top + bulk) if top + bulk else None,
+                    top_increases_loss=sum(e["top"] > e["roundoff"] for _, e in part),
+                    top_fraction_mean=float(np.mean([e["top_fraction"] for _, e in part
+                                                     if e["top_fraction"] is not None]))
+                    if part else None)
+
+    return dict(update=kind, steps=[s for s, _ in entries],
+                full=[e["full"] for _, e in entries], top=[e["top"] for _, e in entries],
+                bulk=[e["bulk"] for _, e in entries],
+                bulk_share=[e["bulk_share"] for _, e in entries],
+                all_steps=over(entries),
+                second_half=over([x for x in entries if x[0] >= last / 2]))
+
+
+def _loss_decrease(config, results, out_dir):
+    """Where the loss decreases: the step's top-k and bulk parts over training, per run."""
+    runs, numbers = {}, {}
+    for name in run_order(config):
+        if name not in results:
+            continue
+        r = results[name]
+        label = config.labels.get(name, name)
+        desc = describe_run(r)
+        runs[label] = r["records"]
+        numbers[name] = dict(run=desc, **decrease_numbers(r["records"]))
+    if not runs:
+        return [], numbers
+    lines = [f"{config.labels.get(n, n)}: {describe_run(results[n])}" for n in results]
+    figures = save(plots.directions.loss_decrease(runs), out_dir, "loss_decrease",
+                   "Where the loss decreases: ΔL of one step u and of its top-k and bulk "
+                   "parts (exact, analysis set)\n" + "\n".join(lines))
+    return figures, numbers
+
+
+def _landscape(config, results, out_dir):
+    """Loss slices and surfaces along top, bulk, random and gradient directions."""
+    figures, numbers = [], {}
+    for name in run_order(config):
+        if name not in results:
+            continue
+        r = results[name]
+        ok = [x for x in ok_records(r["records"]) if isinstance(x.get("loss_landscape"), dict)]
+        store = store_lib.ResultStore(r["results"])
+        surfaces = {x["step"]: store.stored("loss_landscape_surfaces", x["step"]) or {}
+                    for x in ok}
+        if not ok:
+            continue
+        figures += save(plots.directions.landscape(ok, surfaces), out_dir,
+                        f"loss_landscape_{name}", describe_run(r))
+        numbers[name] = {str(x["step"]): {
+            d: dict(curvature=s["curvature"], curvature_fd=s["curvature_fd"],
+                    change_at_radius=max(s["change"][0], s["change"][-1]))
+            for d, s in x["loss_landscape"]["slices"].items()} for x in ok}
+    return figures, numbers
+
+
 KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
     "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
     "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
     "optim": _optim, "transformer": _transformer, "sharpness": _sharpness,
+    "loss_decrease": _loss_decrease, "landscape": _landscape,
 }
 
 

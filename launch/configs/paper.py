@@ -307,3 +307,56 @@ def get_config(arg: str | None = None) -> ConfigDict:
     if arg not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {arg!r}; choose from {sorted(EXPERIMENTS)}")
     return EXPERIMENTS[arg]()
+
+
+# Beyond the paper, issue 20: where the loss decreases, and the landscape along directions.
+_DECREASE = "loss,gradient,eigenpairs,f_top,loss_decrease"
+
+
+def _decrease(run, **analysis):
+    return _deep_update(run, dict(analysis=dict(
+        transforms=_DECREASE, f_top=dict(num_minibatches=0), **analysis)))
+
+
+def _decrease_runs():
+    fc = _fc_mnist(checkpoint_schedule="1:10,10:100,50",
+                   analysis=dict(transforms=_DECREASE, f_top=dict(num_minibatches=0),
+                                 subspace_overlap=dict(reference_steps=())))
+    gd = _gd_run(0.1)
+    gd.analysis.transforms = _DECREASE
+    gd.num_steps = 600
+    gpt = _transformer_lm()
+    gpt.analysis.transforms = _DECREASE
+    gpt.analysis.k = 10
+    gpt.analysis.f_top.num_minibatches = 0
+    gpt.analysis.steps = (0, 10, 50, 100, 300, 1000)
+    return {"sgd": fc, "gd_edge_of_stability": gd, "adam_gpt": gpt}
+
+
+EXPERIMENTS["loss_decrease"] = lambda: _experiment(
+    "loss_decrease", "loss_decrease",
+    "Beyond the paper (Song, Ahn, Yun 2024): at each checkpoint the loss change of the "
+    "optimizer's next step u and of its parts in the top-k Hessian subspace (P_top u) and in "
+    "the bulk (P_bulk u), exact on the analysis set, beside the second-order predictions "
+    "g^T d + d^T H d / 2. SGD as in Fig. 1 (the run's next mini-batch), full-batch GD at the "
+    "edge of stability (eta = 0.1, 5,000 examples), Adam on the transformer LM (its moments "
+    "from the checkpoint). Does the loss go down in the top subspace or in the bulk?",
+    _decrease_runs(),
+    labels={"sgd": "SGD, batch 64", "gd_edge_of_stability": "GD at the edge of stability",
+            "adam_gpt": "Adam, transformer LM"})
+
+
+def _landscape_run():
+    return _fc_mnist(checkpoint_schedule="1:10,10:100,50", analysis=dict(
+        transforms="loss,gradient,eigenpairs,loss_landscape",
+        subspace_overlap=dict(reference_steps=()), steps=(0, 50, 1000),
+        loss_landscape=dict(radius=1.0, num_points=41, surface_points=21)))
+
+
+EXPERIMENTS["loss_landscape"] = lambda: _experiment(
+    "loss_landscape", "landscape",
+    "Beyond the paper (PyHessian's plots, Li et al. 2018): the loss along the top-2 Hessian "
+    "eigenvectors, random directions in the bulk, random directions and the gradient "
+    "(unit norm), and 2-D surfaces over (v1, v2) and (v1, random), at steps 0, 50, 1000 of "
+    "the Fig. 1 run; each slice's curvature at 0 against d^T H d.",
+    {"sgd": _landscape_run()}, labels={"sgd": "SGD, batch 64"})

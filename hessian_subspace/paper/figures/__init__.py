@@ -31,6 +31,7 @@ References:
     Eigenvalue Density. ICML 2019 (SLQ densities).
 """
 
+from hessian_subspace.paper.figures import directions as directions
 from hessian_subspace.paper.figures import sharpness as sharpness
 from hessian_subspace.paper.figures import transformer as transformer
 from hessian_subspace.paper.figures._common import save as save
