@@ -11,7 +11,9 @@ functions of dict parameters, flax linen (``model.apply``), flax nnx (``nnx.spli
   function of the :class:`Context` (:func:`transform`).
 - Beyond the paper: other views of the curvature (:mod:`.views`) and the loss along chosen
   directions (:mod:`.directions`: :func:`loss_decrease`, the step's top and bulk parts;
-  :func:`loss_landscape`, slices and surfaces).
+  :func:`loss_landscape`, slices and surfaces) and the class structure of the top subspace
+  (:mod:`.classes`: :func:`class_mean_subspace`, Papyan's decomposition), and GaLore's
+  gradient projectors against the Hessian's blocks (:mod:`.galore`: :func:`galore_subspace`).
 - The runner (:class:`Analyzer`): live from any training loop (``analyzer(step, params)``
   on a :class:`Schedule`), offline over a checkpoint source (:meth:`Analyzer.run`
   with :func:`orbax_checkpoints`), or following a live run (``watch=True``).
@@ -47,6 +49,8 @@ from hessian_subspace.analysis import aggregate as aggregate
 from hessian_subspace.analysis import builtins as builtins
 from hessian_subspace.analysis import drivers as drivers
 from hessian_subspace.analysis import fingerprints as fingerprints
+from hessian_subspace.analysis import galore as galore
+from hessian_subspace.analysis import classes as classes
 from hessian_subspace.analysis import config as config
 from hessian_subspace.analysis import directions as directions
 from hessian_subspace.analysis import spectra as spectra
@@ -67,11 +71,13 @@ from hessian_subspace.analysis.builtins import layers as layers
 from hessian_subspace.analysis.builtins import loss as loss
 from hessian_subspace.analysis.builtins import overlap_g_hg as overlap_g_hg
 from hessian_subspace.analysis.builtins import subspace_overlap as subspace_overlap
+from hessian_subspace.analysis.classes import class_mean_subspace as class_mean_subspace
 from hessian_subspace.analysis.context import Context as Context
 from hessian_subspace.analysis.directions import loss_decrease as loss_decrease
 from hessian_subspace.analysis.directions import loss_landscape as loss_landscape
 from hessian_subspace.analysis.context import MissingEntry as MissingEntry
 from hessian_subspace.analysis.drivers import FailedStepsError as FailedStepsError
+from hessian_subspace.analysis.galore import galore_subspace as galore_subspace
 from hessian_subspace.analysis.runner import Analyzer as Analyzer
 from hessian_subspace.analysis.sources import CheckpointError as CheckpointError
 from hessian_subspace.analysis.sources import PeerLostError as PeerLostError

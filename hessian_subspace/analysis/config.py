@@ -37,7 +37,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from hessian_subspace.analysis import builtins as b
-from hessian_subspace.analysis import directions, specs, spectra, views
+from hessian_subspace.analysis import classes, directions, galore, specs, spectra, views
 from hessian_subspace.analysis.transforms import Chain, Transform, at_steps, chain
 
 ConfigDict = ml_collections.ConfigDict
@@ -59,6 +59,8 @@ TRANSFORMS = (
     "ggn",  # beside the Hessian: the Gauss-Newton top-k and f_top in its subspace
     "loss_decrease",  # ΔL of the optimizer's step and of its top-k and bulk parts
     "loss_landscape",  # loss slices along top, bulk, random and gradient directions
+    "class_mean_subspace",  # Papyan's class/cross-class means and class-mean gradients
+    "galore_subspace",  # GaLore's rank-r gradient projectors against the Hessian's blocks
 )
 DEFAULT_TRANSFORMS = TRANSFORMS[:8]
 # Transforms that read the optimizer state from the checkpoint.
@@ -113,6 +115,11 @@ def default_config() -> ConfigDict:
         num_points=21, surface_points=11,
         surfaces="top1:top2,top1:random1",  # pairs of direction names ("" : none)
         normalization="unit",  # "unit" or "filter" (Li et al. 2018)
+    ))
+    c.class_mean_subspace = ConfigDict(dict(steps=(), ggn=True, tol=1e-3))
+    c.galore_subspace = ConfigDict(dict(
+        steps=(), rank=4, refresh_every=200, tol=1e-3,
+        leaves="",  # comma-separated path prefixes of the matrices ("" : every 2-D leaf)
     ))
     return c
 
@@ -291,6 +298,14 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
             surface_points=c.loss_landscape.surface_points,
             surfaces=surface_pairs(c.loss_landscape.surfaces),
             normalization=c.loss_landscape.normalization), c.loss_landscape.steps)),
+        ("class_mean_subspace", lambda: _at(classes.class_mean_subspace(
+            k, ggn=c.class_mean_subspace.ggn, tol=c.class_mean_subspace.tol),
+            c.class_mean_subspace.steps)),
+        ("galore_subspace", lambda: _at(galore.galore_subspace(
+            c.galore_subspace.rank, refresh_every=c.galore_subspace.refresh_every,
+            tol=c.galore_subspace.tol,
+            leaves=[x.strip() for x in c.galore_subspace.leaves.split(",") if x.strip()]
+            or None), c.galore_subspace.steps)),
     ]
     parts = []
     for name, make in makers:

@@ -119,7 +119,9 @@ def build_optimizer(config: ConfigDict, model=None, num_outputs: int | None = No
     top Hessian subspace (:mod:`optim`): "dom_sgd", "bulk_sgd" (SGD projected onto the top-k
     subspace or its complement) and "low_rank_newton" (eq. 11); these need ``model`` and read
     ``optimizer.k`` (default: number of classes), ``refresh_every``, ``damping``, ``step_size``,
-    ``curvature_batch_size``."""
+    ``curvature_batch_size``; and "galore" (:mod:`hessian_subspace.training.galore`: Adam in
+    the rank-``optimizer.rank`` gradient subspace of each matrix, refreshed every
+    ``refresh_every`` updates, ``scale``)."""
     o = config.optimizer
     if o.name in SUBSPACE_OPTIMIZERS:
         import optax
@@ -145,6 +147,13 @@ def build_optimizer(config: ConfigDict, model=None, num_outputs: int | None = No
         return optax.chain(optax.sgd(o.learning_rate),
                            optim.project_onto_subspace(mode, k, refresh, hessian_fn=hessian_fn,
                                                        key=key))
+    if o.name == "galore":
+        from hessian_subspace.training import galore
+
+        return galore.galore(o.learning_rate, int(o.get("rank", 4)),
+                             refresh_every=int(o.get("refresh_every", 200)),
+                             scale=float(o.get("scale", 0.25)),
+                             **{k: o[k] for k in ("b1", "b2", "eps") if k in o})
     extra = {k: o[k] for k in ("momentum", "b1", "b2", "eps") if k in o}
     if o.name != "momentum":
         extra.pop("momentum", None)

@@ -483,7 +483,17 @@ def decrease_numbers(records) -> dict:
                                                      if e["top_fraction"] is not None]))
                     if part else None)
 
-    return dict(update=kind, steps=[s for s, _ in entries],
+    windows = []  # maximal runs of >= 10 consecutive analysed steps: every step summed
+    run: list = []
+    for item in entries + [(None, None)]:
+        if run and item[0] == run[-1][0] + 1:
+            run.append(item)
+            continue
+        if len(run) >= 10:
+            windows.append(dict(start=run[0][0], stop=run[-1][0] + 1, **over(run),
+                                loss_start=run[0][1]["loss"]))
+        run = [item] if item[0] is not None else []
+    return dict(update=kind, steps=[s for s, _ in entries], windows=windows,
                 full=[e["full"] for _, e in entries], top=[e["top"] for _, e in entries],
                 bulk=[e["bulk"] for _, e in entries],
                 bulk_share=[e["bulk_share"] for _, e in entries],
@@ -533,11 +543,70 @@ def _landscape(config, results, out_dir):
     return figures, numbers
 
 
+def _classes(config, results, out_dir):
+    """Why k: Papyan's class/cross-class parts and the class-mean gradients against the top-k
+    Hessian and Gauss-Newton subspaces."""
+    runs, numbers, lines = {}, {}, []
+    for name in run_order(config):
+        if name not in results:
+            continue
+        r = results[name]
+        ok = [x for x in ok_records(r["records"])
+              if isinstance(x.get("class_mean_subspace"), dict)]
+        if not ok:
+            continue
+        label = config.labels.get(name, name)
+        runs[label] = ok
+        lines.append(f"{label}: {describe_run(r)}")
+        numbers[name] = {str(x["step"]): dict(
+            hessian_top=(x.get("eigenvalues") or [])[:2 * int(x.get("k") or 1)],
+            **{f"{m}_captured": {s: v["captured"] for s, v in x["class_mean_subspace"]
+                                 .get(m, {}).items()} for m in ("hessian", "ggn")},
+            class_means_G1=x["class_mean_subspace"]["eigenvalues"].get("G1"),
+            cross_class_G2_top=(x["class_mean_subspace"]["eigenvalues"].get("G2") or [])[:4],
+            ggn_top=x["class_mean_subspace"].get("ggn_eigenvalues")) for x in ok}
+    if not runs:
+        return [], numbers
+    figures = save(plots.structure.class_structure(runs), out_dir, "class_mean_subspace",
+                   "Why k: the top-k subspace against the class structure (Papyan)\n"
+                   + "\n".join(lines))
+    return figures, numbers
+
+
+def _galore(config, results, out_dir):
+    """GaLore's gradient projectors against the Hessian's diagonal blocks."""
+    runs, numbers, lines = {}, {}, []
+    for name in run_order(config):
+        if name not in results:
+            continue
+        r = results[name]
+        ok = [x for x in ok_records(r["records"]) if isinstance(x.get("galore_subspace"), dict)]
+        if not ok:
+            continue
+        label = config.labels.get(name, name)
+        runs[label] = ok
+        lines.append(f"{label}: {describe_run(r)}")
+        numbers[name] = {str(x["step"]): dict(
+            mean=x["galore_subspace"]["mean"],
+            layers={n: {k: e.get(k) for k in ("captured", "captured_random", "side_overlap",
+                                              "gradient_energy", "block_f_top")}
+                    | ({"stale_overlap": e["stale"]["overlap"],
+                        "stale_steps": e["stale"]["steps"]} if "stale" in e else {})
+                    for n, e in x["galore_subspace"]["layers"].items()}) for x in ok}
+    if not runs:
+        return [], numbers
+    figures = save(plots.structure.galore(runs), out_dir, "galore_subspace",
+                   "GaLore's gradient subspace against the Hessian's diagonal blocks\n"
+                   + "\n".join(lines))
+    return figures, numbers
+
+
 KINDS: dict[str, Callable[[ConfigDict, dict, str], tuple[list, dict]]] = {
     "fig1": _fig1, "table1": _table1, "fig2": _fig2, "fig3": _fig3, "fig11": _fig11,
     "fig12": _fig12, "fig8": _fig8, "fig6": _fig6, "spectrum": _spectrum, "labels": _labels,
     "optim": _optim, "transformer": _transformer, "sharpness": _sharpness,
-    "loss_decrease": _loss_decrease, "landscape": _landscape,
+    "loss_decrease": _loss_decrease, "landscape": _landscape, "classes": _classes,
+    "galore": _galore,
 }
 
 

@@ -231,15 +231,26 @@ def _subspace_run(name, **optimizer):
         analysis=_FTOP_ANALYSIS)
 
 
+def _adam_run(name, **optimizer):
+    # Adam and GaLore's projected Adam (Zhao et al. 2024) beside them: same init, data order,
+    # steps and analysis; lr 1e-3 (Adam's scale, not SGD's).
+    return _fc_mnist(optimizer=dict(name=name, learning_rate=1e-3, **optimizer),
+                     checkpoint_schedule="1:10,10:100,50", analysis=_FTOP_ANALYSIS)
+
+
 EXPERIMENTS.update({
     "dom_bulk_sgd": lambda: _experiment(
         "dom_bulk_sgd", "optim",
         "SGD vs Dom-SGD (updates projected onto the top-k Hessian subspace) vs Bulk-SGD (onto "
         "its complement), same initialisation and data order; the basis is recomputed every 10 "
-        "steps on a fixed 2,000-example set (Song, Ahn, Yun 2024).",
+        "steps on a fixed 2,000-example set (Song, Ahn, Yun 2024). Beside them Adam and GaLore "
+        "(Adam in each matrix's rank-16 gradient subspace, refreshed every 200 steps; Zhao et "
+        "al. 2024), lr 1e-3.",
         {"sgd": _subspace_run("sgd"), "dom_sgd": _subspace_run("dom_sgd"),
-         "bulk_sgd": _subspace_run("bulk_sgd")},
-        labels={"sgd": "SGD", "dom_sgd": "Dom-SGD", "bulk_sgd": "Bulk-SGD"}),
+         "bulk_sgd": _subspace_run("bulk_sgd"), "adam": _adam_run("adam"),
+         "galore": _adam_run("galore", rank=16, refresh_every=200, scale=0.25)},
+        labels={"sgd": "SGD", "dom_sgd": "Dom-SGD", "bulk_sgd": "Bulk-SGD", "adam": "Adam",
+                "galore": "GaLore (rank 16, T = 200)"}),
     "low_rank_newton": lambda: _experiment(
         "low_rank_newton", "optim",
         "SGD vs low-rank Newton (eq. 11: step -(|H_top| + delta)^-1 g_top, top-k refreshed every "
@@ -313,23 +324,22 @@ def get_config(arg: str | None = None) -> ConfigDict:
 _DECREASE = "loss,gradient,eigenpairs,f_top,loss_decrease"
 
 
-def _decrease(run, **analysis):
-    return _deep_update(run, dict(analysis=dict(
-        transforms=_DECREASE, f_top=dict(num_minibatches=0), **analysis)))
-
-
 def _decrease_runs():
-    fc = _fc_mnist(checkpoint_schedule="1:10,10:100,50",
+    # Each run also checkpoints a window of consecutive steps, so that the top and bulk parts
+    # can be summed over every step of it (their sum is the loss change over the window).
+    fc = _fc_mnist(data=dict(num_analysis=2000), checkpoint_schedule="1:10,10:100,50:500,1:540,50",
                    analysis=dict(transforms=_DECREASE, f_top=dict(num_minibatches=0),
                                  subspace_overlap=dict(reference_steps=())))
     gd = _gd_run(0.1)
     gd.analysis.transforms = _DECREASE
     gd.num_steps = 600
+    gd.checkpoint_schedule = "1:10,20:300,1:340,20"
     gpt = _transformer_lm()
     gpt.analysis.transforms = _DECREASE
     gpt.analysis.k = 10
     gpt.analysis.f_top.num_minibatches = 0
-    gpt.analysis.steps = (0, 10, 50, 100, 300, 1000)
+    gpt.checkpoint_schedule = "1:10,10:100,100:500,1:520,100"
+    gpt.analysis.steps = (0, 10, 50, 100, 300, *range(500, 521), 1000)
     return {"sgd": fc, "gd_edge_of_stability": gd, "adam_gpt": gpt}
 
 
@@ -360,3 +370,50 @@ EXPERIMENTS["loss_landscape"] = lambda: _experiment(
     "(unit norm), and 2-D surfaces over (v1, v2) and (v1, random), at steps 0, 50, 1000 of "
     "the Fig. 1 run; each slice's curvature at 0 against d^T H d.",
     {"sgd": _landscape_run()}, labels={"sgd": "SGD, batch 64"})
+
+
+# Why k? Papyan's class/cross-class decomposition and the class-mean gradients.
+_CLASSES = dict(transforms="loss,gradient,eigenpairs,f_top,class_mean_subspace",
+                f_top=dict(num_minibatches=0), subspace_overlap=dict(reference_steps=()))
+
+EXPERIMENTS["class_mean_subspace"] = lambda: _experiment(
+    "class_mean_subspace", "classes",
+    "Beyond the paper (Papyan 2019, 2020): is the top-k Hessian subspace the span of the k "
+    "class-mean gradients E[grad l | y = c]? Papyan's decomposition of the Gauss-Newton "
+    "matrix at the class and cross-class means (G0, G1 = class means, G2 = cross-class, "
+    "G1+2), their eigenvalues beside the Hessian's, and the overlap (eq. 5) of each span with "
+    "the top-k Hessian and Gauss-Newton subspaces; FC and ConvNet, and even/odd labels "
+    "(k = 2).",
+    {"fc": _fc_mnist(checkpoint_schedule="1:10,10:100,50",
+                     analysis=dict(_CLASSES, steps=(0, 10, 50, 100, 200, 400, 1000))),
+     "convnet": _convnet_cifar10(analysis=dict(_CLASSES, steps=(0, 100, 1000))),
+     "fc_even_odd": _fc_mnist(data=dict(label_transform="even_odd"),
+                              checkpoint_schedule="1:10,10:100,250",
+                              analysis=dict(_CLASSES, steps=(0, 10, 100, 1000)))},
+    labels={"fc": "FC 100-100", "convnet": "ConvNet", "fc_even_odd": "FC, even/odd labels"})
+
+
+# GaLore's gradient subspace against the Hessian's (Zhao et al. 2024).
+def _galore_runs():
+    fc = _fc_mnist(data=dict(num_analysis=2000), checkpoint_schedule="1:10,10:100,50",
+                   analysis=dict(transforms="loss,gradient,galore_subspace",
+                                 subspace_overlap=dict(reference_steps=()),
+                                 steps=(0, 10, 50, 100, 150, 200, 250, 300, 400, 600, 800, 1000),
+                                 galore_subspace=dict(rank=8, refresh_every=200)))
+    gpt = _transformer_lm()
+    gpt.analysis.transforms = "loss,gradient,galore_subspace"
+    gpt.analysis.steps = (0, 10, 50, 100, 200, 300, 500, 1000)
+    gpt.analysis.galore_subspace.rank = 8
+    gpt.analysis.galore_subspace.refresh_every = 200
+    return {"fc_sgd": fc, "gpt_adam": gpt}
+
+
+EXPERIMENTS["galore_subspace"] = lambda: _experiment(
+    "galore_subspace", "galore",
+    "Beyond the paper (Zhao et al. 2024): per weight matrix, GaLore's rank-r gradient "
+    "projector (top-r singular vectors of the gradient) against the top-r eigenvectors of the "
+    "Hessian's diagonal block on that matrix: the share of the block's top subspace inside "
+    "GaLore's subspace, the overlap of their row (column) directions, and how stale the "
+    "projector gets between refreshes (T = 200). FC on Fashion-MNIST (SGD) and the "
+    "transformer LM (Adam); GaLore as an optimizer is in dom_bulk_sgd.",
+    _galore_runs(), labels={"fc_sgd": "FC 100-100, SGD", "gpt_adam": "transformer LM, Adam"})

@@ -33,6 +33,7 @@ References:
 
 from hessian_subspace.paper.figures import directions as directions
 from hessian_subspace.paper.figures import sharpness as sharpness
+from hessian_subspace.paper.figures import structure as structure
 from hessian_subspace.paper.figures import transformer as transformer
 from hessian_subspace.paper.figures._common import save as save
 from hessian_subspace.paper.figures.curves import fig1_ftop as fig1_ftop
