@@ -238,3 +238,24 @@ def test_landscape_refuses_bad_settings():
                            "no directions")):
         with pytest.raises(ValueError, match=match):
             directions.loss_landscape(2, **kwargs)
+
+
+def test_config_builds_the_new_transforms_and_names_their_sections():
+    from hessian_subspace.analysis import config as config_lib
+
+    c = config_lib.default_config()
+    c.transforms = ("gradient,eigenpairs,loss_decrease,loss_landscape,class_mean_subspace,"
+                    "galore_subspace")
+    with pytest.raises(ValueError, match="config.loss_decrease.*learning_rate"):
+        config_lib.build_chain(c, k=2)
+    c.loss_decrease.learning_rate = 0.1
+    c.loss_landscape.steps = (5,)
+    chain = config_lib.build_chain(c, k=2, optimizer=optax.sgd(0.1))
+    assert chain.names == ("gradient", "eigenpairs", "loss_decrease", "loss_landscape",
+                           "class_mean_subspace", "galore_subspace")
+    described = {d["name"]: d["config"] for d in chain.describe()}
+    assert described["loss_decrease"]["learning_rate"] == 0.1
+    assert described["loss_landscape"]["surfaces"] == [["top1", "top2"], ["top1", "random1"]]
+    c.loss_landscape.surfaces = "top1-top2"
+    with pytest.raises(ValueError, match="config.loss_landscape.*':'"):
+        config_lib.build_chain(c, k=2)

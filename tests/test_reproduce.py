@@ -10,7 +10,7 @@ from launch.configs import paper
 
 
 def test_every_experiment_config_builds_valid_runs():
-    assert len(paper.EXPERIMENTS) == 17
+    assert len(paper.EXPERIMENTS) == 21
     for name in paper.EXPERIMENTS:
         config = paper.get_config(name)
         assert config.name == name and config.kind in summaries.KINDS
@@ -70,6 +70,36 @@ def test_every_experiment_at_smoke_size(name, tmp_path_factory, fashion_mnist_di
                                            dataset=data, smoke_size=True, progress=False)
         assert all(not r["failed"] for r in summary["runs"].values()), summary["runs"]
         assert summary["figures"], name
+
+
+@pytest.mark.slow
+def test_loss_decrease_measures_the_runs_own_steps(tmp_path):
+    """The step loss_decrease takes is the one the run took: restored optimizer state (Adam's
+    moments for the LM), the next mini-batch in the run's order, the same update. So at every
+    pair of consecutive analysed steps, its ΔL of the full step equals the change of the
+    analysis-set loss between them (float32: to ~1e-5 of the loss)."""
+    summary = reproduce.run_experiment(paper.get_config("loss_decrease"), str(tmp_path),
+                                       dataset="gaussian_mixture", smoke_size=True,
+                                       progress=False)
+    assert all(not r["failed"] for r in summary["runs"].values()), summary["runs"]
+    for name in ("sgd", "gd_edge_of_stability", "adam_gpt"):
+        numbers = summary["numbers"][name]
+        assert numbers["update"] == "step"
+        records = [r for r in summary_records(tmp_path, summary, name)
+                   if "loss_decrease" in r]
+        by_step = {r["step"]: r["loss_decrease"]["step"] for r in records}
+        pairs = [(t, t + 1) for t in by_step if t + 1 in by_step]
+        assert len(pairs) >= 5, (name, sorted(by_step))
+        for t, u in pairs:
+            change = by_step[u]["loss"] - by_step[t]["loss"]
+            assert abs(by_step[t]["full"] - change) <= 2e-5 * by_step[t]["loss"] + 1e-6, (
+                name, t, by_step[t]["full"], change)
+            assert by_step[t]["gradient_from"] == "next_batch"
+
+
+def summary_records(root, summary, name):
+    from hessian_subspace import analysis
+    return analysis.read_results(summary["runs"][name]["results"])
 
 
 @pytest.mark.slow

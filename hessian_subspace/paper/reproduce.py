@@ -204,6 +204,8 @@ def smoke(run: ConfigDict) -> ConfigDict:
         a.block_spectra.slq_probes, a.block_spectra.slq_steps, a.adam.k = 2, 8, 2
         a.eigenpairs.memory_budget = None
         a.steps = (0, 10, 30)
+    if "loss_decrease" in a.transforms:  # consecutive steps: ΔL of each is the next change
+        a.steps = (*range(8), 10, 30)
     a.slq.steps = (30,) if a.slq.steps else ()
     a.dense_spectrum.steps = (30,) if a.dense_spectrum.steps else ()
     return run

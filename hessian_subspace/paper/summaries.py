@@ -483,12 +483,15 @@ def decrease_numbers(records) -> dict:
                                                      if e["top_fraction"] is not None]))
                     if part else None)
 
-    windows = []  # maximal runs of >= 10 consecutive analysed steps: every step summed
+    # Maximal runs of >= 10 consecutive analysed steps (an even number): every step summed, so
+    # Σ full is the loss change over the window when the step is the run's own.
+    windows = []
     run: list = []
     for item in entries + [(None, None)]:
         if run and item[0] == run[-1][0] + 1:
             run.append(item)
             continue
+        run = run[:len(run) - len(run) % 2]  # even: a period-2 oscillation sums to ~0
         if len(run) >= 10:
             windows.append(dict(start=run[0][0], stop=run[-1][0] + 1, **over(run),
                                 loss_start=run[0][1]["loss"]))

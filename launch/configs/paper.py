@@ -357,10 +357,11 @@ EXPERIMENTS["loss_decrease"] = lambda: _experiment(
 
 
 def _landscape_run():
-    return _fc_mnist(checkpoint_schedule="1:10,10:100,50", analysis=dict(
-        transforms="loss,gradient,eigenpairs,loss_landscape",
-        subspace_overlap=dict(reference_steps=()), steps=(0, 50, 1000),
-        loss_landscape=dict(radius=1.0, num_points=41, surface_points=21)))
+    return _fc_mnist(
+        data=dict(num_analysis=2000), checkpoint_schedule="1:10,10:100,50",
+        analysis=dict(transforms="loss,gradient,eigenpairs,loss_landscape",
+                      subspace_overlap=dict(reference_steps=()), steps=(0, 50, 1000),
+                      loss_landscape=dict(radius=1.0, num_points=41, surface_points=21)))
 
 
 EXPERIMENTS["loss_landscape"] = lambda: _experiment(
@@ -384,10 +385,11 @@ EXPERIMENTS["class_mean_subspace"] = lambda: _experiment(
     "G1+2), their eigenvalues beside the Hessian's, and the overlap (eq. 5) of each span with "
     "the top-k Hessian and Gauss-Newton subspaces; FC and ConvNet, and even/odd labels "
     "(k = 2).",
-    {"fc": _fc_mnist(checkpoint_schedule="1:10,10:100,50",
+    {"fc": _fc_mnist(data=dict(num_analysis=2000), checkpoint_schedule="1:10,10:100,50",
                      analysis=dict(_CLASSES, steps=(0, 10, 50, 100, 200, 400, 1000))),
-     "convnet": _convnet_cifar10(analysis=dict(_CLASSES, steps=(0, 100, 1000))),
-     "fc_even_odd": _fc_mnist(data=dict(label_transform="even_odd"),
+     "convnet": _convnet_cifar10(data=dict(num_analysis=1000),
+                                 analysis=dict(_CLASSES, steps=(0, 100, 1000))),
+     "fc_even_odd": _fc_mnist(data=dict(label_transform="even_odd", num_analysis=2000),
                               checkpoint_schedule="1:10,10:100,250",
                               analysis=dict(_CLASSES, steps=(0, 10, 100, 1000)))},
     labels={"fc": "FC 100-100", "convnet": "ConvNet", "fc_even_odd": "FC, even/odd labels"})
