@@ -259,3 +259,21 @@ def test_config_builds_the_new_transforms_and_names_their_sections():
     c.loss_landscape.surfaces = "top1-top2"
     with pytest.raises(ValueError, match="config.loss_landscape.*':'"):
         config_lib.build_chain(c, k=2)
+
+
+def test_a_record_of_other_extras_is_refused_not_reused(tmp_path):
+    data, params = _least_squares()
+    data = jax.tree_util.tree_map(np.float32, data)
+    params = jax.tree_util.tree_map(np.float32, params)
+    chain = analysis.chain(analysis.gradient(), analysis.eigenpairs(2),
+                           directions.loss_decrease(1, optimizer=optax.sgd(0.1)))
+    analyzer = analysis.Analyzer(chain, _ls_loss, data=data,
+                                 results=analysis.Results(str(tmp_path), progress=False),
+                                 schedule=analysis.Schedule(on_steps=(3,)))
+    first = {"next_batch": {"x": data["x"][:8], "y": data["y"][:8]}}
+    other = {"next_batch": {"x": data["x"][8:16], "y": data["y"][8:16]}}
+    rec = analyzer(3, params, extras=first)
+    assert rec["status"] == "ok" and rec["fingerprints"]["extras"]
+    assert analyzer(3, params, extras=first) is None  # the same inputs: reused
+    with pytest.raises(analysis.StaleResultsError, match="extras differ"):
+        analyzer(3, params, extras=other)  # another next batch: not this record's inputs

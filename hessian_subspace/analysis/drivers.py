@@ -164,7 +164,7 @@ def _run_step(analyzer, source, step: int) -> tuple[dict | None, str | None]:
         return analyzer.fail(step, reason), reason
     fingerprints = None
     if record is not None:
-        fingerprints = analyzer.fingerprints(params, state)
+        fingerprints = analyzer.fingerprints(params, state, rest[0] if rest else None)
         if analyzer.reusable(step, fingerprints):
             return None, None
     new = analyzer.process(step, params, state, extras=rest[0] if rest else None,

@@ -11,6 +11,8 @@ Every record of the analysis carries ``fingerprints``:
 - ``data``: SHA-256 of the analysis set's arrays;
 - ``settings``: SHA-256 of the analysis settings (transforms, their configuration, the
   analyzer's options; ``pipeline.json``).
+- ``extras``: the content of what else the checkpoint gave the transforms (``ctx["extras"]``:
+  the optimizer state, the next mini-batch), :func:`tree_content` of it; None without.
 
 :func:`tree_content` runs on the devices (a jitted reduction), so it needs no copy to the host
 and works on arrays split over several processes: each 32-bit word ``w_i`` of a leaf enters

@@ -230,20 +230,24 @@ class Analyzer:
 
     # ---- fingerprints ----------------------------------------------------------------------
 
-    def fingerprints(self, params: PyTree, state: PyTree = None) -> dict:
+    def fingerprints(self, params: PyTree, state: PyTree = None,
+                     extras: Mapping[str, Any] | None = None) -> dict:
         """What a record of these parameters and model state is computed from: ``checkpoint``
         (their content), ``loss`` (the loss's jaxpr on the analysis batch's shapes and its
-        constants; with the Gauss-Newton split, its functions too), ``data``, ``settings``."""
+        constants; with the Gauss-Newton split, its functions too), ``data``, ``settings``,
+        and ``extras`` (the content of what else the checkpoint gives the transforms: the
+        optimizer state, the next batch; None without)."""
         with self._scope():
             loss = self._loss_fingerprint(params, state)
         try:  # a collective over the processes when the parameters are split over them
             content = fp.tree_content({"params": params, "state": state})
+            more = fp.tree_content(dict(extras)) if extras else None
         except Exception as e:
             lost = sources_lib.peer_failure(e, "the checkpoint's fingerprint")
             if lost is not None:
                 raise lost from e
             raise
-        return dict(self._base_fingerprints, loss=loss, checkpoint=content)
+        return dict(self._base_fingerprints, loss=loss, checkpoint=content, extras=more)
 
     def _loss_fingerprint(self, params: PyTree, state: PyTree) -> str:
         like = self._place_like(params)
@@ -307,7 +311,7 @@ class Analyzer:
             return None
         fingerprints = None
         if self.store.record(step) is not None:
-            fingerprints = self.fingerprints(params, state)
+            fingerprints = self.fingerprints(params, state, extras)
             if self.reusable(step, fingerprints):
                 return None
         return self.process(step, params, state, extras=extras, fingerprints=fingerprints)
@@ -348,7 +352,7 @@ class Analyzer:
                                       self._place_like(params), state)
             self._contract_checked = True
         if fingerprints is None:
-            fingerprints = self.fingerprints(params, state)
+            fingerprints = self.fingerprints(params, state, extras)
         bad = int(checks.count_nonfinite((params, state)))
         if bad:
             return self.fail(step, f"{bad} non-finite values in the parameters or model state",

@@ -56,7 +56,9 @@ _STEP_FILE = re.compile(r"^step_(\d{8,})\.(json|npz)$")
 # What a record's fingerprints name, in the words of the error messages.
 _WHAT = dict(checkpoint="the checkpoint's content (parameters or model state) differs",
              loss="the loss differs (its jaxpr on the analysis batch, or a constant in it)",
-             data="the analysis data differ", settings="the analysis settings differ")
+             data="the analysis data differ", settings="the analysis settings differ",
+             extras="the checkpoint's extras differ (the optimizer state or the next batch "
+                    "the transforms read)")
 
 
 class CorruptFile(RuntimeError):
@@ -548,7 +550,8 @@ class ResultStore(_Records):
         have = record.get("fingerprints")
         if not isinstance(have, dict):
             return ["the record carries no fingerprints (written by an older version)"]
-        return [_WHAT.get(key, key) for key in ("checkpoint", "loss", "data", "settings")
+        return [_WHAT.get(key, key) for key in ("checkpoint", "loss", "data", "settings",
+                                                "extras")
                 if have.get(key) != fingerprints.get(key)]
 
     def outdated_reasons(self, record: dict) -> list[str]:
