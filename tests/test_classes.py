@@ -154,3 +154,13 @@ def test_class_mean_subspace_refuses_bad_input():
         classes.class_mean_subspace(2, output_fn="logits")
     with pytest.raises(ValueError, match="tol"):
         classes.class_mean_subspace(2, tol=0)
+
+
+def test_class_mean_subspace_refuses_what_it_cannot_hold():
+    model, ds, params, state = tiny_problem()
+    chain = analysis.chain(analysis.eigenpairs(2), classes.class_mean_subspace(
+        2, ggn=False, output_fn=tasks.inference_outputs(model), max_bytes=1000))
+    ctx = analysis.step.context(0, params, tasks.inference_loss(model, CE), ds, state=state,
+                                batch_size=32)
+    with pytest.raises(ValueError, match="12 vectors of 53 parameters.*max_bytes"):
+        analysis.step.apply(chain, ctx, chain.init(ctx))

@@ -131,7 +131,8 @@ def softmax_cross_entropy(logits: jax.Array, batch: PyTree) -> jax.Array:
 
 def class_mean_subspace(k: int, *, ggn: bool = True, output_fn: Callable | None = None,
                         num_eigenvalues: int | None = None, tol: float = 1e-3,
-                        of: str = "eigenpairs", name: str = "class_mean_subspace") -> Transform:
+                        max_bytes: float = 4e9, of: str = "eigenpairs",
+                        name: str = "class_mean_subspace") -> Transform:
     r"""The class structure of the top-k subspace (module docstring): Papyan's decomposition of
     the Gauss-Newton matrix at the class and cross-class means, and the class-mean gradients,
     against the top-k eigenvectors of the Hessian (``of``) and of the Gauss-Newton matrix.
@@ -152,6 +153,8 @@ def class_mean_subspace(k: int, *, ggn: bool = True, output_fn: Callable | None 
       output_fn: the logits (None: the analyzer's).
       num_eigenvalues: eigenvalues recorded per part (None: 2k).
       tol: residual tolerance of the Gauss-Newton eigensolve.
+      max_bytes: the C² + C vectors of p parameters are held at once; more than this many
+        bytes is refused before any work (CIFAR-100's 10,100 vectors of a ResNet do not fit).
       of: the Hessian eigenpairs entry.
       name: the transform's name.
     """
@@ -162,6 +165,8 @@ def class_mean_subspace(k: int, *, ggn: bool = True, output_fn: Callable | None 
         num_eigenvalues = _tree.check_int("num_eigenvalues", num_eigenvalues, 1)
     if not float(tol) > 0:
         raise ValueError(f"`tol` must be > 0, got {tol!r}")
+    if isinstance(max_bytes, bool) or not float(max_bytes) > 0:
+        raise ValueError(f"`max_bytes` must be > 0, got {max_bytes!r}")
     shown = num_eigenvalues or 2 * k
 
     def update(ctx, state):
@@ -173,6 +178,16 @@ def class_mean_subspace(k: int, *, ggn: bool = True, output_fn: Callable | None 
         if hasattr(op, "select"):
             raise ValueError(f"{name} measures all parameters; the analyzer's operator is a "
                              "block (config.operator.block)")
+        batch = ctx["batches"].first_batch()
+        labels = batch.get("y") if isinstance(batch, dict) else None
+        if labels is None or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"{name} needs integer class labels in the analysis data's 'y'")
+        num = int(jax.eval_shape(fn, ctx["params"], batch).shape[-1])
+        need = (num * num + num) * op.dim * np.dtype(_tree.resolve_dtype(None, op.like)).itemsize
+        if need > max_bytes:
+            raise ValueError(f"{name}: {num} classes need {num * num + num} vectors of "
+                             f"{op.dim} parameters ({need / 1e9:.1f} GB) at once, more than "
+                             f"`max_bytes` = {max_bytes / 1e9:.1f} GB")
         out = class_vectors(fn, ctx["params"], ctx["batches"])
         delta = np.asarray(_tree.to_host(out["delta"]), np.float64)
         grads = np.asarray(_tree.to_host(out["class_gradients"]), np.float64)

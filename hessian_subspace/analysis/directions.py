@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _tree, curvature
+from hessian_subspace import _tree, curvature, metrics
 from hessian_subspace.analysis.sources import CheckpointError, conform
 from hessian_subspace.analysis.transforms import Stored, Transform
 
@@ -359,6 +359,9 @@ def loss_landscape(k: int, *, num_top: int = 2, num_bulk: int = 2, num_random: i
         op = _full_operator(ctx, name)
         params = ctx["params"]
         g, unravel = flatten_util.ravel_pytree(ctx["gradient"])
+        if gradient and not bool(jnp.any(g != 0)):
+            raise metrics.UndefinedMetricError(
+                "the full-data gradient is exactly zero: no gradient direction to slice along")
         eig = ctx[of]
         basis_all = jnp.asarray(eig.eigenvectors, g.dtype)
         key = jax.random.key(ctx["seed"] if seed is None else seed)

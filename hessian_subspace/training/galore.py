@@ -35,7 +35,7 @@ PyTree = Any
 
 class GaLoreState(NamedTuple):
     count: jax.Array  # updates so far (int32)
-    projectors: PyTree  # per leaf: P, (m, r) or (n, r); (0,) for a leaf GaLore does not project
+    projectors: PyTree  # per leaf: P, (m, r) or (n, r); None for a leaf GaLore does not project
     mu: PyTree  # Adam's first moment, projected shape for projected leaves
     nu: PyTree  # Adam's second moment
 
@@ -85,8 +85,8 @@ def galore(learning_rate: float, rank: int, *, refresh_every: int = 200, scale: 
 
     def shapes(p):
         side = projected(p.shape, rank)
-        if side is None:
-            return jnp.zeros((0,), p.dtype), jnp.zeros_like(p)
+        if side is None:  # None, not a zero-size array: orbax cannot save those
+            return None, jnp.zeros_like(p)
         m, n = p.shape
         proj = jnp.zeros((m if side == "left" else n, rank), p.dtype)
         moment = jnp.zeros((rank, n) if side == "left" else (m, rank), p.dtype)
