@@ -109,7 +109,11 @@ def galore(runs: Mapping[str, Sequence[Record]], *, title: str = "") -> Figure:
     fig, axes = _c.figure(len(rows), 3, width=14.0, height=3.8 * len(rows))
     for i, (label, recs) in enumerate(rows):
         layers = list(recs[-1]["galore_subspace"]["layers"])
-        colors = [f"C{j % 10}" for j in range(len(layers))]
+        if len(layers) <= 10:
+            colors = [f"C{j}" for j in range(len(layers))]
+        else:  # one colour per matrix
+            import matplotlib
+            colors = [matplotlib.colormaps["tab20"](j % 20) for j in range(len(layers))]
         rank = recs[-1]["galore_subspace"].get("rank")
         steps = np.asarray([r["step"] for r in recs], float)
         for color, layer in zip(colors, layers, strict=True):
@@ -134,7 +138,8 @@ def galore(runs: Mapping[str, Sequence[Record]], *, title: str = "") -> Figure:
         axes[i, 0].set_ylabel("share of the block's top-r eigenspace")
         _c.panel_label(axes[i, 0], 3 * i, f"{label}: GaLore, r = {rank}\n"
                        "block's top-r inside its subspace; dotted: random")
-        axes[i, 0].legend(fontsize=6)
+        axes[i, 0].legend(fontsize=5 if len(layers) > 6 else 6, ncol=2 if len(layers) > 6 else 1,
+                          loc="lower left")
         axes[i, 1].set_ylabel("overlap (eq. 5); dashed: gradient energy")
         _c.panel_label(axes[i, 1], 3 * i + 1, "projector vs block's top-r directions\n")
         axes[i, 2].set_ylim(-0.02, 1.02)
