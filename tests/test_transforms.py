@@ -40,6 +40,13 @@ BUILTINS = {
     "analysis.views.block_spectra()": lambda: analysis.views.block_spectra(
         k=2, slq_probes=1, slq_steps=4),
     "analysis.views.adam_preconditioned(k)": lambda: analysis.views.adam_preconditioned(2),
+    "analysis.loss_decrease(k, *, learning_rate, optimizer)":
+        lambda: analysis.loss_decrease(2, learning_rate=0.1),
+    "analysis.loss_landscape(k, *, num_top, num_bulk, num_random, radius, num_points, "
+    "surfaces, normalization)": lambda: analysis.loss_landscape(2, num_points=3,
+                                                                 surface_points=3),
+    "analysis.class_mean_subspace(k, *, ggn=True)": lambda: analysis.class_mean_subspace(2),
+    "analysis.galore_subspace(rank, *, refresh_every)": lambda: analysis.galore_subspace(2),
 }
 
 
