@@ -30,6 +30,7 @@ how much of the Hessian's (and the Gauss-Newton matrix's) top-k subspace each of
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -49,13 +50,33 @@ PyTree = Any
 RANK_RTOL = 1e-6
 
 
-@jax.jit
-def class_vectors(output_fn, params: PyTree, batches) -> dict:
+def class_vectors(output_fn, params: PyTree, batches, *, vjp_batch: int = 4) -> dict:
     r"""Papyan's means :math:`\delta_{c,c'}` ``(C, C, p)``, the class-mean gradients
-    :math:`g_c` ``(C, p)`` and the class fractions :math:`\pi_c` ``(C,)``, from one pass over
-    ``batches`` (each batch: ``x`` and integer labels ``y``) of vmapped vector-Jacobian products
-    of the logits ``output_fn(params, batch) -> (b, C)``. A class absent from the data has
-    zero vectors and :math:`\pi_c = 0`."""
+    :math:`g_c` ``(C, p)`` and the class fractions :math:`\pi_c` ``(C,)``, from vector-Jacobian
+    products of the logits ``output_fn(params, batch) -> (b, C)`` over ``batches`` (each batch:
+    ``x`` and integer labels ``y``): ``vjp_batch`` cotangents vmapped per pass over the data
+    (each holds the batch's activations, so all C² + C at once would hold C² + C copies; the
+    passes are driven from Python, so a convolution never runs inside a loop on XLA:CPU). A
+    class absent from the data has zero vectors and :math:`\pi_c = 0`."""
+    vjp_batch = _tree.check_int("vjp_batch", vjp_batch, 1)
+    num = int(jax.eval_shape(output_fn, params, batches.first_batch()).shape[-1])
+    total = num * num + num
+    parts, fractions = [], None
+    for start in range(0, total, vjp_batch):
+        vectors, fractions = _class_vector_chunk(output_fn, params, batches,
+                                                 jnp.asarray(start, jnp.int32), size=vjp_batch)
+        parts.append(vectors[:min(vjp_batch, total - start)])
+    vectors = jnp.concatenate(parts)
+    scale = jnp.where(fractions > 0, 1.0 / jnp.where(fractions > 0, fractions, 1.0), 0.0)
+    delta = vectors[:num * num].reshape(num, num, -1) * scale[:, None, None]
+    grads = vectors[num * num:] * scale[:, None]
+    return dict(delta=delta, class_gradients=grads, fractions=fractions)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _class_vector_chunk(output_fn, params: PyTree, batches, start: jax.Array, *, size: int):
+    """Cotangents ``start .. start + size`` of the C² + C (zero past the end), summed over the
+    data by one pass of vmapped VJPs; and the class fractions."""
     flat, unravel = flatten_util.ravel_pytree(params)
 
     def per_batch(batch):
@@ -69,16 +90,12 @@ def class_vectors(output_fn, params: PyTree, batches) -> dict:
         per = jnp.sqrt(p)[:, :, None] * (eye[None] - p[:, None, :])  # (b, c', C)
         delta_cot = onehot.T[:, None, :, None] * jnp.transpose(per, (1, 0, 2))[None]
         grad_cot = onehot.T[:, :, None] * (p - onehot)[None]  # (c, b, C)
-        cots = jnp.concatenate([delta_cot.reshape(num * num, b, num), grad_cot]) / b
-        vectors = jax.vmap(lambda u: vjp(u.astype(z.dtype))[0])(cots)
-        return vectors, jnp.mean(onehot, axis=0)
+        cots = jnp.concatenate([delta_cot.reshape(num * num, b, num), grad_cot,
+                                jnp.zeros((size, b, num), flat.dtype)]) / b
+        chunk = jax.lax.dynamic_slice_in_dim(cots, start, size)
+        return jax.vmap(lambda u: vjp(u.astype(z.dtype))[0])(chunk), jnp.mean(onehot, axis=0)
 
-    vectors, fractions = curvature.dataset_mean(per_batch, batches)
-    num = fractions.shape[0]
-    scale = jnp.where(fractions > 0, 1.0 / jnp.where(fractions > 0, fractions, 1.0), 0.0)
-    delta = vectors[:num * num].reshape(num, num, -1) * scale[:, None, None]
-    grads = vectors[num * num:] * scale[:, None]
-    return dict(delta=delta, class_gradients=grads, fractions=fractions)
+    return curvature.dataset_mean(per_batch, batches)
 
 
 def papyan_factors(delta: np.ndarray, fractions: np.ndarray) -> dict[str, np.ndarray]:

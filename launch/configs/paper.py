@@ -387,7 +387,7 @@ EXPERIMENTS["class_mean_subspace"] = lambda: _experiment(
     "(k = 2).",
     {"fc": _fc_mnist(data=dict(num_analysis=2000), checkpoint_schedule="1:10,10:100,50",
                      analysis=dict(_CLASSES, steps=(0, 10, 50, 100, 200, 400, 1000))),
-     "convnet": _convnet_cifar10(data=dict(num_analysis=1000),
+     "convnet": _convnet_cifar10(data=dict(num_analysis=256),
                                  analysis=dict(_CLASSES, steps=(0, 100, 1000))),
      "fc_even_odd": _fc_mnist(data=dict(label_transform="even_odd", num_analysis=2000),
                               checkpoint_schedule="1:10,10:100,250",
