@@ -39,11 +39,26 @@ def decrease_series(records: Sequence[Record], kind: str, key: str
     return np.asarray(s, float), np.asarray(v, float)
 
 
+def longest_window(steps: np.ndarray, minimum: int = 10) -> tuple[int, int] | None:
+    """(first, last) of the longest run of consecutive steps, cut to an even number of steps
+    (a period-2 oscillation then sums to about 0, as in :func:`summaries.decrease_numbers`),
+    if it has at least ``minimum``."""
+    best, start = None, 0
+    for j in range(1, len(steps) + 1):
+        if j == len(steps) or steps[j] != steps[j - 1] + 1:
+            n = (j - start) - (j - start) % 2
+            if n >= minimum and (best is None or n > best[1] - best[0] + 1):
+                best = (int(steps[start]), int(steps[start]) + n - 1)
+            start = j
+    return best
+
+
 def loss_decrease(runs: Mapping[str, Sequence[Record]], *, title: str = "") -> Figure:
     """Per run (a row): (a) the loss change of one step u and of its top-k and bulk parts
     (measured: solid; second-order prediction gᵀd + ½dᵀHd: dashed), symlog scale; (b) the
-    bulk's share of the decrease, bulk / (top + bulk); (c) the fraction of the step's squared
-    norm in the top subspace, ‖P_top u‖²/‖u‖².
+    same at every step of the longest window of consecutive analysed steps, with their sums
+    (without such a window: the bulk's share bulk / (top + bulk) per step); (c) the fraction
+    of the step's squared norm in the top subspace, ‖P_top u‖²/‖u‖².
 
     Raises:
         ValueError: if no run has a ``loss_decrease`` record.
@@ -72,13 +87,25 @@ def loss_decrease(runs: Mapping[str, Sequence[Record]], *, title: str = "") -> F
         _c.panel_label(ax, 3 * i, f"{label}: {what}\n(dashed: 2nd-order prediction)")
         ax.legend(fontsize=7, loc="lower right")
         ax = axes[i, 1]
-        s, v = decrease_series(recs, kind, "bulk_share")
-        ax.plot(s, v, "-o", ms=2.5, color="C0")
-        ax.axhline(1.0, color="grey", ls=":", lw=0.8)
-        ax.axhline(0.0, color="grey", lw=0.6)
+        window = longest_window(decrease_series(recs, kind, "full")[0])
+        if window is not None:  # every step of a window: the oscillation and the drift
+            for part, _text, color in PARTS:
+                s, v = decrease_series(recs, kind, part)
+                keep = (s >= window[0]) & (s <= window[1])
+                ax.plot(s[keep], v[keep], "-o", ms=2.5, lw=1.0, color=color,
+                        label=f"Σ {v[keep].sum():+.3f}")
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.set_ylabel("loss change of each step")
+            ax.legend(fontsize=7)
+            _c.panel_label(ax, 3 * i + 1, f"every step {window[0]}-{window[1]}")
+        else:
+            s, v = decrease_series(recs, kind, "bulk_share")
+            ax.plot(s, v, "-o", ms=2.5, color="C0")
+            ax.axhline(1.0, color="grey", ls=":", lw=0.8)
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.set_ylabel("bulk / (top + bulk)")
+            _c.panel_label(ax, 3 * i + 1, "bulk's share of the decrease")
         ax.set_xlabel("step")
-        ax.set_ylabel("bulk / (top + bulk)")
-        _c.panel_label(ax, 3 * i + 1, "bulk's share of the decrease")
         ax = axes[i, 2]
         s, v = decrease_series(recs, kind, "top_fraction")
         ax.plot(s, v, "-o", ms=2.5, color="C3")
