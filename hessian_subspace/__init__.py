@@ -62,8 +62,10 @@ from hessian_subspace.metrics import subspace_overlap_bound as subspace_overlap_
 from hessian_subspace.preconditioned import PreconditionedOperator as PreconditionedOperator
 from hessian_subspace.preconditioned import adam_scale as adam_scale
 from hessian_subspace.preconditioned import precondition as precondition
+from hessian_subspace.spectrum import DiagonalEstimate as DiagonalEstimate
 from hessian_subspace.spectrum import SpectralDensity as SpectralDensity
 from hessian_subspace.spectrum import TraceEstimate as TraceEstimate
+from hessian_subspace.spectrum import hutchinson_diagonal as hutchinson_diagonal
 from hessian_subspace.spectrum import hutchinson_trace as hutchinson_trace
 from hessian_subspace.spectrum import slq_quadrature as slq_quadrature
 from hessian_subspace.spectrum import spectral_density as spectral_density

@@ -63,7 +63,7 @@ class Eigenpairs(NamedTuple):
     eigenvectors: jax.Array  # (k, p); orthonormal rows, `ravel_pytree` order of the params.
     residuals: jax.Array  # (k,); ||H v - lambda v||, computed explicitly with k matvecs.
     converged: jax.Array  # (k,) bool; relative residual <= tol (see `top_eigenpairs`).
-    num_matvecs: jax.Array  # () int32; matvecs used, the k residual matvecs included.
+    num_matvecs: jax.Array  # () int32; matvecs used, the residual check's included.
 
 
 class RitzValues(NamedTuple):
@@ -325,7 +325,8 @@ class _BlockState(NamedTuple):
 
 
 _TOP_STATIC = ("k", "num_blocks", "block_size", "which", "tol", "reorth", "dtype", "check_every",
-               "breakdown_factor", "capacity", "keep", "sharding")
+               "breakdown_factor", "capacity", "keep", "sharding", "verify")
+VERIFY = ("relation", "explicit")
 
 
 class _Program(NamedTuple):
@@ -336,8 +337,8 @@ class _Program(NamedTuple):
 
 
 def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reorth, dtype,
-                 check_every, breakdown_factor, capacity=None, keep=None, sharding=None
-                 ) -> _Program:
+                 check_every, breakdown_factor, capacity=None, keep=None, sharding=None,
+                 verify="relation") -> _Program:
     """The block Lanczos solve as its pieces: the first state, the loop condition and body,
     and the Rayleigh-Ritz + explicit residual check at the end. Run by one ``while_loop``
     (:func:`_top_jit`) or step by step from Python (:func:`_top_host`)."""
@@ -371,13 +372,16 @@ def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reor
 
     def restart(s):
         """Keep the `keep` wanted Ritz vectors of the full basis: H Y = Y diag(θ) + r sᵀ with r
-        the pending block, so T becomes diag(θ) and the pending block continues from row keep."""
+        the pending block, so T becomes diag(θ) and the pending block continues from row keep
+        (its couplings R s_last, the arrow, recorded below the diagonal for the relation)."""
         theta, vecs, valid = _linalg.ritz(_linalg.symmetric_projection(s.projected, b), n)
         sel = _linalg.select(theta, valid, keep, which)
         kept = jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST)  # (keep, p)
         basis = _linalg.constrain(
             jnp.zeros_like(s.basis).at[:keep].set(kept), rows_sharding)
-        projected = jnp.zeros_like(s.projected).at[:keep, :keep].set(jnp.diag(theta[sel]))
+        arrow = jnp.dot(s.coupling, vecs[n - b:, sel], precision=_HIGHEST)  # (b, keep)
+        projected = (jnp.zeros_like(s.projected).at[:keep, :keep].set(jnp.diag(theta[sel]))
+                     .at[keep:keep + b, :keep].set(arrow))
         return s._replace(j=jnp.asarray(keep // b, jnp.int32), basis=basis, projected=projected,
                           restarts=s.restarts + 1)
 
@@ -394,14 +398,21 @@ def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reor
         cross = jnp.dot(basis, w.T, precision=_HIGHEST)  # (n, b) = basis H Q_j^T.
         if reorth == 0:  # Plain block Lanczos: couple to the last two blocks only.
             cross = jnp.where(((blk == j) | (blk == j - 1))[:, None], cross, 0.0)
-        projected = jax.lax.dynamic_update_slice_in_dim(s.projected, cross, j * b, axis=1)
         w = w - jnp.dot(cross.T, basis, precision=_HIGHEST)
-        if reorth > 1:
-            w = jax.vmap(lambda x: _linalg.orthogonalize(x, basis, reorth - 1))(w)
+        for _ in range(reorth - 1):  # classical Gram-Schmidt again, coefficients kept
+            extra = jnp.dot(basis, w.T, precision=_HIGHEST)
+            w = w - jnp.dot(extra.T, basis, precision=_HIGHEST)
+            cross = cross + extra
+        projected = jax.lax.dynamic_update_slice_in_dim(s.projected, cross, j * b, axis=1)
         threshold = breakdown_factor * eps * norm_est
         block, replaced, coupling = _linalg.block_orthonormalize(
             w, basis, jax.random.fold_in(key, s.total + 2), threshold)
         block = _linalg.constrain(block, rows_sharding)
+        # Arnoldi relation H Q_jᵀ = Σ_{i≤j} Q_iᵀ P_ij + Q_{j+1}ᵀ R: R below the diagonal (the
+        # symmetric T reads only the upper block triangle); the last block's R stays in
+        # `coupling`. :func:`_finish` reads Ritz residuals from this relation.
+        below = jax.lax.dynamic_update_slice(projected, coupling, ((j + 1) * b, j * b))
+        projected = jnp.where(j + 1 < capacity, below, projected)
         new = _BlockState(j=j + 1, basis=basis, projected=projected, block=block,
                           coupling=coupling, replaced=replaced, norm_est=norm_est,
                           done=s.total + 1 >= num_blocks, nonfinite=s.nonfinite | nonfinite,
@@ -425,10 +436,27 @@ def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reor
     return _Program(init=init, cond=cond, body=body,
                     finish=functools.partial(_finish, mv=mv, k=k, b=b, which=which, tol=tol,
                                              dtype=dtype, eps=eps, sharding=sharding,
-                                             rows_sharding=rows_sharding, block_mv=block_mv))
+                                             rows_sharding=rows_sharding, block_mv=block_mv,
+                                             verify=verify, key=key))
 
 
-def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, block_mv):
+def _relation_residuals(s, vecs, theta, b):
+    """Residual vectors H y - θ y of the Ritz pairs (θ, y = Qᵀ s) from the Arnoldi relation
+    H Qᵀ = Qᵀ P + Q_nextᵀ R e_lastᵀ recorded in `projected` (upper block triangle as computed,
+    not symmetrised; couplings below it) and in the pending block: (k, p), no matvec."""
+    n = s.projected.shape[0]
+    rows = jnp.arange(n) < s.j * b
+    relation = jnp.where(rows[:, None] & rows[None, :], s.projected, 0.0)
+    vecs = jnp.where(rows[:, None], vecs, 0.0)
+    coeffs = jnp.dot(relation, vecs, precision=_HIGHEST) - vecs * theta  # (n, k)
+    last = jax.lax.dynamic_slice_in_dim(vecs, (s.j - 1) * b, b, axis=0)  # (b, k)
+    pending = jnp.dot(s.coupling, last, precision=_HIGHEST)  # (b, k)
+    return (jnp.dot(coeffs.T, s.basis, precision=_HIGHEST)
+            + jnp.dot(pending.T, s.block, precision=_HIGHEST))
+
+
+def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, block_mv, verify,
+            key):
     theta, vecs, valid = _linalg.ritz(_linalg.symmetric_projection(s.projected, b), s.j * b)
     sel = _linalg.select(theta, valid, k, which)
     eigenvalues = theta[sel]
@@ -436,23 +464,41 @@ def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, blo
     # Computed split like the basis (a replicated product would gather the whole basis).
     eigenvectors = _linalg.constrain(jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST),
                                      rows_sharding)
-    h_vectors = block_mv(eigenvectors) if k == b else jax.vmap(mv)(eigenvectors)
-    residuals = jnp.linalg.norm(h_vectors - eigenvalues[:, None] * eigenvectors, axis=1)
     norm = jnp.max(jnp.where(valid, jnp.abs(theta), 0.0))
+    scale = jnp.maximum(jnp.abs(eigenvalues), jnp.sqrt(eps) * norm)
+    nonfinite = s.nonfinite
+    if verify == "explicit":  # k products in one batch
+        h_vectors = block_mv(eigenvectors) if k == b else jax.vmap(mv)(eigenvectors)
+        residual_vectors = h_vectors - eigenvalues[:, None] * eigenvectors
+        confirmed = jnp.ones((), bool)
+        products = k
+    else:  # the relation, confirmed by one product at a random unit combination c of the k
+        residual_vectors = _linalg.constrain(
+            _relation_residuals(s, vecs[:, sel], eigenvalues, b), rows_sharding)
+        c = jax.random.normal(jax.random.fold_in(key, 0x5EED), (k,), dtype)
+        c = c / jnp.linalg.norm(c)
+        z = jnp.dot(c, eigenvectors, precision=_HIGHEST)
+        hz = mv(z)
+        nonfinite = nonfinite | ~jnp.all(jnp.isfinite(hz))
+        predicted = jnp.dot(c * eigenvalues, eigenvectors, precision=_HIGHEST) + jnp.dot(
+            c, residual_vectors, precision=_HIGHEST)
+        confirmed = jnp.linalg.norm(hz - predicted) <= tol * jnp.min(scale)
+        products = 1
+    residuals = jnp.linalg.norm(residual_vectors, axis=1)
     relative = _linalg.relative_residuals(residuals, eigenvalues, norm, eps)
     # Ghosts (copies of one eigenpair that a basis without reorthogonalisation produces) have
     # small residuals but are not orthogonal to their twin: they fail this test.
     gram = jnp.dot(eigenvectors, eigenvectors.T, precision=_HIGHEST)
     orthogonal = jnp.max(jnp.abs(gram - jnp.eye(k, dtype=dtype)), axis=1) <= tol
-    converged = (relative <= tol) & orthogonal & ~s.nonfinite
+    converged = (relative <= tol) & orthogonal & confirmed & ~nonfinite
     nan = jnp.asarray(jnp.nan, dtype)
     return Eigenpairs(
-        eigenvalues=jnp.where(s.nonfinite, nan, eigenvalues),
+        eigenvalues=jnp.where(nonfinite, nan, eigenvalues),
         # k vectors, whole on every device (readable by every process), gathered last.
-        eigenvectors=_linalg.constrain(jnp.where(s.nonfinite, nan, eigenvectors), replicated),
-        residuals=jnp.where(s.nonfinite, nan, residuals),
+        eigenvectors=_linalg.constrain(jnp.where(nonfinite, nan, eigenvectors), replicated),
+        residuals=jnp.where(nonfinite, nan, residuals),
         converged=converged,
-        num_matvecs=s.total * b + k,
+        num_matvecs=s.total * b + products,
     )
 
 
@@ -516,7 +562,7 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
                    check_every: int | None = None,
                    breakdown_factor: float = DEFAULT_BREAKDOWN_FACTOR,
                    max_basis: int | None = None, sharding=None,
-                   driver: str = "auto") -> Eigenpairs:
+                   driver: str = "auto", verify: str = "relation") -> Eigenpairs:
     r"""The k extreme eigenpairs of a symmetric operator: (block) Lanczos with full
     reorthogonalisation and Rayleigh-Ritz.
 
@@ -530,8 +576,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     :math:`b = 1` a cluster of equal eigenvalues is only resolved slowly, one copy per about
     twenty steps, as rounding errors seed it. Each block's matvecs run as one ``vmap``.
 
-    Every returned pair is then checked **explicitly** with one batched matvec:
-    ``residuals[j] = ||H v_j - λ_j v_j||``, and ``converged[j]`` is true when
+    Every returned pair is then checked: ``residuals[j] = ||H v_j - λ_j v_j||``, and
+    ``converged[j]`` is true when
 
     .. math:: \|H v_j - \lambda_j v_j\| \le \mathrm{tol}\cdot
               \max\bigl(|\lambda_j|,\ \sqrt{\varepsilon}\,\|H\|_{est}\bigr)
@@ -539,7 +585,22 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
 
     a residual relative to the eigenvalue (floored for eigenvalues near zero; ε: rounding unit
     of the operator's dtype, :math:`\|H\|_{est}`: largest |Ritz value|) and orthogonality to
-    the other returned vectors (which catches ghost copies).
+    the other returned vectors (which catches ghost copies). How the residual vectors are
+    obtained is ``verify``:
+
+    * ``"relation"`` (default; one matvec): from the block Arnoldi relation
+      :math:`H Q^\top = Q^\top P + Q_{+}^\top R\, e^\top`, recorded as computed (every
+      Gram-Schmidt coefficient kept, :math:`P` not symmetrised), so
+      :math:`H v_j - \lambda_j v_j = Q^\top (P - \lambda_j) s_j + Q_{+}^\top R\, s_{j,last}`
+      for a linear operator, to rounding (:math:`O(\varepsilon\|H\|)`), whatever the
+      orthogonality of Q. One product at a random unit combination
+      :math:`z = \sum_j c_j v_j` confirms it: unless
+      :math:`\|Hz - \sum_j c_j(\lambda_j v_j + r_j)\| \le \mathrm{tol}\cdot\min_j
+      \max(|\lambda_j|, \sqrt{\varepsilon}\|H\|_{est})`, no pair is converged. A
+      product that is not linear, not symmetric or not deterministic fails it; a relation
+      error of norm e on any pair passes unseen with probability at most
+      :math:`0.8\,\sqrt{k}\,\tau/e` (τ the threshold above).
+    * ``"explicit"`` (k matvecs, one batch): :math:`H v_j` computed for every pair.
 
     **Memory-bounded (thick restart).** With ``max_basis``, the basis holds at most that many
     vectors: when it is full, the wanted ``keep`` Ritz vectors (k plus half the spare room) are
@@ -581,6 +642,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
         jax-ml/jax#12868); "auto" (default) picks "host" on CPU for operators whose product
         contains a convolution, when called outside a trace, and "compiled" otherwise.
         Both give the same numbers to round-off.
+      verify: "relation" (default) or "explicit": how the residuals are obtained (above);
+        ``num_matvecs`` counts 1 or k products for it.
 
     Returns:
       :class:`Eigenpairs` with ``eigenvalues`` (k,), ``eigenvectors`` (k, p) in
@@ -644,6 +707,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     sharding = _linalg.vector_sharding(matvec, sharding)
     if key is not None:
         _tree.check_key("key", key)
+    if verify not in VERIFY:
+        raise ValueError(f"`verify` must be one of {VERIFY}, got {verify!r}.")
     if driver not in ("auto", "compiled", "host"):
         raise ValueError(f"`driver` must be 'auto', 'compiled' or 'host', got {driver!r}.")
     traced = not (_tree.is_concrete(v0) and _tree.is_concrete(matvec)
@@ -659,7 +724,7 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
         out = solve(matvec, v0, key, k=k, num_blocks=num_blocks, block_size=block_size,
                     which=which, tol=tol, reorth=reorthogonalize, dtype=jnp.dtype(dtype),
                     check_every=check_every, breakdown_factor=float(breakdown_factor),
-                    capacity=capacity, keep=keep, sharding=sharding)
+                    capacity=capacity, keep=keep, sharding=sharding, verify=verify)
     if _tree.is_concrete(out) and not np.all(np.isfinite(np.asarray(out.eigenvalues))):
         raise FloatingPointError(
             "`matvec` returned a non-finite value during Lanczos; check the parameters and the "
