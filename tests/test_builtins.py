@@ -259,3 +259,38 @@ def test_loss_and_accuracy_on_the_analysis_and_test_sets():
                               results=analysis.Results(progress=False)).process(0, params, state)
     assert set(plain) >= {"train_loss"} and "train_accuracy" not in plain
     np.testing.assert_allclose(plain["train_loss"], rec["train_loss"], rtol=1e-5)
+
+
+def test_trace_and_deflated_slq_transforms_against_dense_float64(tmp_path):
+    model, ds, params, state = tiny_problem()
+    pipe = analysis.chain(
+        analysis.eigenpairs(k=4, tol=1e-9, num_steps=40),
+        analysis.trace(num_probes=400, diagonal=True),
+        analysis.slq(num_probes=3, num_steps=20, deflate=True))
+    analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
+                                 results=analysis.Results(str(tmp_path), progress=False),
+                                 operator=analysis.Operator(dtype="float64"))
+    rec = analyzer.process(3, params, state)
+    assert rec["status"] == "ok", rec.get("reason")
+    _, _, h, w, _ = dense_reference(model, ds, params)
+    tr = rec["trace"]
+    assert tr["deflated"] == 4 and tr["probes"] == 400
+    np.testing.assert_allclose(tr["top_part"], w[:4].sum(), rtol=1e-8)
+    assert abs(tr["estimate"] - np.trace(h)) < 4 * tr["standard_error"]
+    spectra = analyzer.store.stored("spectra", 3)
+    diag, se = spectra["hessian_diagonal"], spectra["hessian_diagonal_se"]
+    z = (diag - np.diag(h)) / np.maximum(se, 1e-12)
+    assert np.mean(z**2) < 2.0, np.mean(z**2)
+    # The deflated density: the 4 converged eigenvalues exactly, weight 1/p each.
+    assert rec["slq"]["deflated"] == 4
+    nodes, weights = spectra["slq_nodes"], spectra["slq_weights"]
+    np.testing.assert_allclose(nodes[:, -4:], np.broadcast_to(w[:4], (3, 4)), rtol=1e-8)
+    np.testing.assert_allclose(weights[:, -4:], 1 / h.shape[0], rtol=1e-12)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-10)
+    assert rec["hvps"] >= 400 + 3 * 20
+
+
+def test_a_deflated_transform_without_eigenpairs_is_refused_when_the_chain_is_built():
+    with pytest.raises(ValueError, match="eigenpairs"):
+        analysis.chain(analysis.trace(num_probes=4))
+    analysis.chain(analysis.trace(num_probes=4, deflate=False))  # plain needs nothing

@@ -34,7 +34,10 @@ BUILTINS = {
     "analysis.layers()": lambda: analysis.layers(),
     "analysis.subspace_overlap(k)": lambda: analysis.subspace_overlap(3, reference_steps=(0,)),
     "analysis.ggn(k)": lambda: analysis.ggn(3),
-    "analysis.slq()": lambda: analysis.slq(num_probes=2, num_steps=8),
+    "analysis.slq(*, num_probes, num_steps, deflate)": lambda: analysis.slq(
+        num_probes=2, num_steps=8, deflate=True),
+    "analysis.trace(*, num_probes, deflate, diagonal)": lambda: analysis.trace(
+        num_probes=4, diagonal=True),
     "analysis.dense_spectrum()": lambda: analysis.dense_spectrum(),
     "analysis.views.f_top_curve(ks)": lambda: analysis.views.f_top_curve((2, 4)),
     "analysis.views.block_spectra()": lambda: analysis.views.block_spectra(

@@ -89,6 +89,7 @@ from hessian_subspace.analysis.specs import Placement as Placement
 from hessian_subspace.analysis.specs import Results as Results
 from hessian_subspace.analysis.specs import Schedule as Schedule
 from hessian_subspace.analysis.spectra import slq as slq
+from hessian_subspace.analysis.spectra import trace as trace
 from hessian_subspace.analysis.store import ResultStore as ResultStore
 from hessian_subspace.analysis.store import StaleResultsError as StaleResultsError
 from hessian_subspace.analysis.store import read_results as read_results

@@ -51,7 +51,7 @@ TRANSFORMS = (
     "c2",  # c_i^2, i = 1..2k (Fig. 11)
     "layers",  # lambda_max and the top eigenvector's mass per layer (Fig. 6-8)
     "subspace_overlap",  # eq. 5 against reference steps and the previous step, d = 1..2k
-    "slq",  # spectral density by SLQ (Fig. 5), at `slq.steps`
+    "slq",  # spectral density by SLQ (Fig. 5), at `slq.steps` (deflated: `slq.deflate`)
     "dense_spectrum",  # all eigenvalues, small models only (Fig. 4), at `dense_spectrum.steps`
     "f_top_curve",  # f_top for every k up to 2k, at `f_top_curve.ks`, and where it saturates
     "block_spectra",  # top eigenvalues and SLQ density of each parameter block
@@ -61,6 +61,7 @@ TRANSFORMS = (
     "loss_landscape",  # loss slices along top, bulk, random and gradient directions
     "class_mean_subspace",  # Papyan's class/cross-class means and class-mean gradients
     "galore_subspace",  # GaLore's rank-r gradient projectors against the Hessian's blocks
+    "trace",  # Tr H (Hutchinson, deflated by the eigenpairs) and the diagonal, at `trace.steps`
 )
 DEFAULT_TRANSFORMS = TRANSFORMS[:8]
 # Transforms that read the optimizer state from the checkpoint.
@@ -100,7 +101,11 @@ def default_config() -> ConfigDict:
     c.subspace_overlap = ConfigDict(dict(
         reference_steps=(0, 10, 50, 100, 200, 500, 1000), previous=True))
     # `steps`: the checkpoints it runs at; () : every checkpoint.
-    c.slq = ConfigDict(dict(steps=(), num_probes=10, num_steps=80))
+    c.slq = ConfigDict(dict(steps=(), num_probes=10, num_steps=80,
+                            deflate=False))  # the converged eigenpairs placed exactly
+    c.trace = ConfigDict(dict(steps=(), num_probes=50,
+                              deflate=True,  # the eigenpairs' part exactly, probes the rest
+                              diagonal=False))  # also diag H with standard errors (spectra/)
     c.dense_spectrum = ConfigDict(dict(steps=(), max_params=5000))
     c.f_top_curve = ConfigDict(dict(ks=()))  # () : k and 2k
     c.block_spectra = ConfigDict(dict(steps=(), k=4, tol=1e-3, slq_probes=4, slq_steps=30))
@@ -276,8 +281,11 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
         ("subspace_overlap", lambda: b.subspace_overlap(
             k, reference_steps=tuple(c.subspace_overlap.reference_steps),
             previous=c.subspace_overlap.previous, dims=range(1, 2 * k + 1))),
-        ("slq", lambda: _at(spectra.slq(num_probes=c.slq.num_probes, num_steps=c.slq.num_steps),
-                            c.slq.steps)),
+        ("slq", lambda: _at(spectra.slq(num_probes=c.slq.num_probes, num_steps=c.slq.num_steps,
+                                        deflate=c.slq.deflate), c.slq.steps)),
+        ("trace", lambda: _at(spectra.trace(num_probes=c.trace.num_probes,
+                                            deflate=c.trace.deflate,
+                                            diagonal=c.trace.diagonal), c.trace.steps)),
         ("dense_spectrum", lambda: _at(spectra.dense_spectrum(
             max_params=c.dense_spectrum.max_params), c.dense_spectrum.steps)),
         ("f_top_curve", lambda: views.f_top_curve(tuple(c.f_top_curve.ks) or (k, 2 * k))),

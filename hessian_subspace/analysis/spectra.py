@@ -1,6 +1,8 @@
-"""Spectra of the curvature operator as transforms: the SLQ density (the paper's Fig. 5) and the
-dense spectrum of small models (Fig. 4), stored in ``spectra/``. Both are costly: run them at a
-few checkpoints with :func:`hessian_subspace.analysis.at_steps` (or ``every``)."""
+"""Spectra of the curvature operator as transforms: the SLQ density (the paper's Fig. 5), the
+trace and diagonal (Hutchinson), each optionally deflated by the top eigenpairs the chain has
+already computed, and the dense spectrum of small models (Fig. 4), stored in ``spectra/``. All
+are costly: run them at a few checkpoints with :func:`hessian_subspace.analysis.at_steps` (or
+``every``)."""
 
 from __future__ import annotations
 
@@ -16,25 +18,101 @@ from hessian_subspace import _tree
 from hessian_subspace.analysis.transforms import Stored, Transform
 
 
-def slq(*, num_probes: int = 10, num_steps: int = 80, name: str = "slq") -> Transform:
+def _converged_pairs(eig) -> tuple[np.ndarray, np.ndarray] | None:
+    """The converged pairs of an eigensolve (values, vectors), or None if there are none."""
+    ok = np.asarray(eig.converged, bool)
+    if not ok.any():
+        return None
+    return np.asarray(eig.eigenvalues)[ok], np.asarray(eig.eigenvectors)[ok]
+
+
+def slq(*, num_probes: int = 10, num_steps: int = 80, deflate: bool = False,
+        of: str = "eigenpairs", name: str = "slq") -> Transform:
     """The spectral density by stochastic Lanczos quadrature (Fig. 5) at every checkpoint it
     runs at (``analysis.at_steps(slq(), steps)`` for a few): nodes and weights stored as
-    ``slq_nodes``, ``slq_weights`` in ``spectra/``; record ``slq`` (probes, Lanczos steps)."""
+    ``slq_nodes``, ``slq_weights`` in ``spectra/``; record ``slq`` (probes, Lanczos steps,
+    ``deflated``: pairs placed exactly).
+
+    With ``deflate``, the converged pairs of the ``of`` transform's eigensolve are placed
+    exactly (weight 1/p each, the last nodes of every probe) and the probes run on the rest of
+    the spectrum (:func:`hessian_subspace.spectral_density`): the outliers at their Ritz values
+    instead of smeared by a few probes. Unconverged pairs are not used (a misplaced outlier
+    would look exact); with none converged, the density is plain SLQ and ``deflated`` is 0."""
     num_probes = _tree.check_int("num_probes", num_probes, 1)
     num_steps = _tree.check_int("num_steps", num_steps, 1)
 
     def update(ctx, state):
         op = ctx["operator"]
+        pairs = _converged_pairs(ctx[of]) if deflate else None
+        dim = op.dim - (0 if pairs is None else len(pairs[0]))
+        steps = min(num_steps, dim)
         nodes, weights = hs.slq_quadrature(op, ctx.rng(7), num_probes=num_probes,
-                                           num_steps=min(num_steps, op.dim), probe_batch=1)
-        ctx.count_hvps(num_probes * num_steps)
-        return {"slq": dict(probes=num_probes, lanczos_steps=num_steps),
+                                           num_steps=steps, probe_batch=1, deflate=pairs)
+        ctx.count_hvps(num_probes * steps)
+        return {"slq": dict(probes=num_probes, lanczos_steps=steps,
+                            deflated=0 if pairs is None else len(pairs[0])),
                 "spectra": Stored(slq_nodes=np.asarray(nodes),
                                   slq_weights=np.asarray(weights))}, state
 
     return Transform(name=name, update=update, provides=("slq",),
-                     config=dict(num_probes=num_probes, num_steps=num_steps),
+                     requires=(of,) if deflate else (),
+                     config=dict(num_probes=num_probes, num_steps=num_steps, deflate=deflate,
+                                 of=of if deflate else None),
                      records=("slq",))
+
+
+def trace(*, num_probes: int = 50, deflate: bool = True, diagonal: bool = False,
+          of: str = "eigenpairs", name: str = "trace") -> Transform:
+    r"""Tr H by Hutchinson's estimator with its standard error, deflated by the ``of``
+    transform's eigenpairs (Hutch++-style: their part :math:`\sum_i \lambda_i` exactly, the
+    probes only see the rest; unbiased whatever their accuracy,
+    :func:`hessian_subspace.hutchinson_trace`). Record ``trace``: ``estimate``,
+    ``standard_error``, ``probes``, ``deflated`` (pairs), ``top_part`` (their
+    :math:`\sum_i\lambda_i\|v_i\|^2`), ``top_fraction`` (of the estimate).
+
+    With ``diagonal``, the same probes also give the Hessian's diagonal with a standard error
+    per entry (:func:`hessian_subspace.hutchinson_diagonal`), stored as ``hessian_diagonal``
+    and ``hessian_diagonal_se`` in ``spectra/`` (``ravel_pytree`` order), summarised in the
+    record (``diagonal``: min, max, median relative standard error)."""
+    num_probes = _tree.check_int("num_probes", num_probes, 2)
+
+    def update(ctx, state):
+        op = ctx["operator"]
+        eig = ctx[of] if deflate else None
+        pairs = None if eig is None else (np.asarray(eig.eigenvalues),
+                                          np.asarray(eig.eigenvectors))
+        out: dict = {}
+        if diagonal:
+            d = hs.hutchinson_diagonal(op, ctx.rng(8), num_probes=num_probes, deflate=pairs)
+            estimate, se = float(d.trace), float(d.trace_standard_error)
+            diag = np.asarray(flatten_util.ravel_pytree(d.diagonal)[0])
+            diag_se = np.asarray(flatten_util.ravel_pytree(d.standard_error)[0])
+            if not (np.all(np.isfinite(diag)) and np.all(np.isfinite(diag_se))):
+                raise FloatingPointError(f"{name}: non-finite Hessian diagonal estimate")
+            rel = diag_se / np.maximum(np.abs(diag), np.finfo(np.float32).tiny)
+            out["spectra"] = Stored(hessian_diagonal=diag, hessian_diagonal_se=diag_se)
+            summary = dict(min=float(diag.min()), max=float(diag.max()),
+                           median_relative_se=float(np.median(rel)))
+        else:
+            t = hs.hutchinson_trace(op, ctx.rng(8), num_probes=num_probes, deflate=pairs)
+            estimate, se = float(t.estimate), float(t.standard_error)
+        if not (np.isfinite(estimate) and np.isfinite(se)):
+            raise FloatingPointError(f"{name}: non-finite trace estimate")
+        ctx.count_hvps(num_probes)
+        top = 0.0 if pairs is None else float(np.sum(pairs[0] * np.sum(pairs[1]**2, axis=1)))
+        record = dict(estimate=estimate, standard_error=se, probes=num_probes,
+                      deflated=0 if pairs is None else len(pairs[0]), top_part=top,
+                      top_fraction=top / estimate if estimate else None)
+        if diagonal:
+            record["diagonal"] = summary
+        out["trace"] = record
+        return out, state
+
+    return Transform(name=name, update=update, provides=("trace",),
+                     requires=(of,) if deflate else (),
+                     config=dict(num_probes=num_probes, deflate=deflate, diagonal=diagonal,
+                                 of=of if deflate else None),
+                     records=("trace",))
 
 
 def dense_spectrum(*, max_params: int = 5000, block_size: int = 256,
