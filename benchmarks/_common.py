@@ -11,9 +11,24 @@ import jax
 import numpy as np
 
 
+def _cpu() -> dict:
+    """The CPU model and its widest vector ISA (from /proc/cpuinfo; empty elsewhere): absolute
+    CPU timings depend on them (XLA:CPU and oneDNN use AVX-512 where it exists)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), None)
+    return dict(cpu_model=fields.get("model name"), vector_isa=isa)
+
+
 def machine() -> dict:
     """The machine and accelerator a number was measured on."""
-    return dict(platform=platform.platform(), processor=platform.processor(),
+    return dict(platform=platform.platform(), processor=platform.processor(), **_cpu(),
                 cpu_count=os.cpu_count(), device=str(jax.devices()[0].device_kind),
                 backend=jax.default_backend())
 

@@ -144,7 +144,13 @@ def _compare(new, old, path, tol: _Tolerances):
         n = tol.new["hessian"]["num_examples"]
         tol.within(new, old, 0.25 / n, path)
     elif key in ("lanczos_hvps", "hvps", "ggn_lanczos_hvps"):
-        assert abs(new - old) <= max(2, 0.1 * old), (path, new, old)
+        # Since issue 21 an eigensolve checks its k pairs with one product, not k (the fixture
+        # predates it): k - 1 fewer per solve in this record, then the old slack.
+        solves = {"lanczos_hvps": ["eigenvalues"], "ggn_lanczos_hvps": ["ggn_eigenvalues"],
+                  "hvps": ["eigenvalues", "ggn_eigenvalues"]}[key]
+        saved = sum(len(tol.new[s]) - 1 for s in solves if tol.new.get(s) is not None)
+        slack = max(2, 0.1 * old)
+        assert old - saved - slack <= new <= old + slack, (path, new, old, saved)
     elif isinstance(old, (bool, str)) or key in ("layer_slices", "converged", "block", "step") \
             or old is None or (isinstance(old, list) and any(isinstance(x, (str, list, bool))
                                                               for x in old)):

@@ -169,7 +169,7 @@ def eigenpairs(k: int, *, tol: float = 1e-3, num_steps: int | None = None,
                block: Any = "default", max_basis: int | None = None,
                memory_budget: float | None = None, name: str = "eigenpairs") -> Transform:
     """The top-k eigenpairs of the curvature operator (:func:`hessian_subspace.top_eigenpairs`),
-    with explicit residuals and converged flags.
+    with verified residuals and converged flags.
 
     Context ``eigenpairs`` (an :class:`hessian_subspace.Eigenpairs`: ``eigenvectors`` are rows
     in ``ravel_pytree`` order); record ``eigenvalues``, ``residuals``, ``converged``,
