@@ -61,7 +61,7 @@ class Eigenpairs(NamedTuple):
 
     eigenvalues: jax.Array  # (k,); ordered as `which` asks (LA: descending).
     eigenvectors: jax.Array  # (k, p); orthonormal rows, `ravel_pytree` order of the params.
-    residuals: jax.Array  # (k,); ||H v - lambda v||, computed explicitly with k matvecs.
+    residuals: jax.Array  # (k,); ||H v - lambda v||: from the Arnoldi relation, or k matvecs.
     converged: jax.Array  # (k,) bool; relative residual <= tol (see `top_eigenpairs`).
     num_matvecs: jax.Array  # () int32; matvecs used, the residual check's included.
 
@@ -340,7 +340,7 @@ def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reor
                  check_every, breakdown_factor, capacity=None, keep=None, sharding=None,
                  verify="relation") -> _Program:
     """The block Lanczos solve as its pieces: the first state, the loop condition and body,
-    and the Rayleigh-Ritz + explicit residual check at the end. Run by one ``while_loop``
+    and the Rayleigh-Ritz + residual check (``verify``) at the end. Run by one ``while_loop``
     (:func:`_top_jit`) or step by step from Python (:func:`_top_host`)."""
     mv, like_flat = _tree.flat_matvec(matvec, v0, dtype)
     rows_sharding = sharding_lib.basis_sharding(sharding)

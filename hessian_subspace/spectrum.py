@@ -281,7 +281,7 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
 
 
 def _deflated_product(mv, deflation, z):
-    """(H - Vᵀ Λ V) z, and the exact part's trace and diagonal (zeros without deflation)."""
+    """(H - Vᵀ Λ V) z (H z without deflation)."""
     hz = mv(z)
     if deflation is None:
         return hz
