@@ -606,8 +606,8 @@ def top_eigenpairs(matvec: Matvec, v0: PyTree, k: int, *, num_steps: int | None 
     vectors: when it is full, the wanted ``keep`` Ritz vectors (k plus half the spare room) are
     kept, the projection becomes :math:`\mathrm{diag}(\theta)`, and the pending Lanczos block
     continues from them (thick-restart Lanczos, Wu & Simon 2000; with the projection recorded
-    explicitly, the arrow part of :math:`T` is filled in by the next products). The explicit
-    residual check is the same.
+    explicitly, the arrow part of :math:`T` is filled in by the next products). The residual
+    check is the same (the arrow is recorded in the relation too).
 
     Args:
       matvec: ``v -> H v`` for symmetric H, on pytrees like ``v0`` or flat arrays.
