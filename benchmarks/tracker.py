@@ -5,7 +5,7 @@ r"""Benchmark: tracking the top-k subspace across checkpoints against cold Lancz
 Takes a training run's checkpoints (default: trains FC 784-100-100-10 on Fashion-MNIST for
 --train_steps steps), and at each checkpoint t >= --min_step computes the top-k eigenpairs
 (relative residual <= --tol) twice: cold (`top_eigenpairs` from a random vector: Krylov matvecs
-+ k verification matvecs) and tracked (`track_eigenpairs` seeded with the previous checkpoint's
++ 1 verification matvec) and tracked (`track_eigenpairs` seeded with the previous checkpoint's
 top k + --guard eigenvectors: every matvec counted, residuals from stored products). Reports
 matvecs, the ratio tracked/cold, residuals and eigenvalue differences.
 """
