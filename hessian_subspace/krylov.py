@@ -440,19 +440,18 @@ def _top_program(matvec, v0, key, *, k, num_blocks, block_size, which, tol, reor
                                              verify=verify, key=key))
 
 
-def _relation_residuals(s, vecs, theta, b):
-    """Residual vectors H y - θ y of the Ritz pairs (θ, y = Qᵀ s) from the Arnoldi relation
-    H Qᵀ = Qᵀ P + Q_nextᵀ R e_lastᵀ recorded in `projected` (upper block triangle as computed,
-    not symmetrised; couplings below it) and in the pending block: (k, p), no matvec."""
+def _relation_coefficients(s, vecs, theta, b):
+    """Coefficients of the residual vectors H y - θ y of the Ritz pairs (θ, y = Qᵀ s) from the
+    Arnoldi relation H Qᵀ = Qᵀ P + Q_nextᵀ R e_lastᵀ recorded in `projected` (upper block
+    triangle as computed, not symmetrised; couplings below it): on the basis (n, k) and on the
+    pending block (b, k). No matvec."""
     n = s.projected.shape[0]
     rows = jnp.arange(n) < s.j * b
     relation = jnp.where(rows[:, None] & rows[None, :], s.projected, 0.0)
     vecs = jnp.where(rows[:, None], vecs, 0.0)
     coeffs = jnp.dot(relation, vecs, precision=_HIGHEST) - vecs * theta  # (n, k)
     last = jax.lax.dynamic_slice_in_dim(vecs, (s.j - 1) * b, b, axis=0)  # (b, k)
-    pending = jnp.dot(s.coupling, last, precision=_HIGHEST)  # (b, k)
-    return (jnp.dot(coeffs.T, s.basis, precision=_HIGHEST)
-            + jnp.dot(pending.T, s.block, precision=_HIGHEST))
+    return coeffs, jnp.dot(s.coupling, last, precision=_HIGHEST)
 
 
 def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, block_mv, verify,
@@ -461,9 +460,14 @@ def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, blo
     sel = _linalg.select(theta, valid, k, which)
     eigenvalues = theta[sel]
     replicated = None if sharding is None else sharding_lib.replicated(sharding.mesh)
+    if verify == "explicit":
+        rows = vecs[:, sel].T  # (k, n)
+    else:  # the eigenvectors and the relation's residual vectors by one product with the basis
+        coeffs, pending = _relation_coefficients(s, vecs[:, sel], theta[sel], b)
+        rows = jnp.concatenate([vecs[:, sel].T, coeffs.T], axis=0)  # (2k, n)
     # Computed split like the basis (a replicated product would gather the whole basis).
-    eigenvectors = _linalg.constrain(jnp.dot(vecs[:, sel].T, s.basis, precision=_HIGHEST),
-                                     rows_sharding)
+    both = _linalg.constrain(jnp.dot(rows, s.basis, precision=_HIGHEST), rows_sharding)
+    eigenvectors = both[:k]
     norm = jnp.max(jnp.where(valid, jnp.abs(theta), 0.0))
     scale = jnp.maximum(jnp.abs(eigenvalues), jnp.sqrt(eps) * norm)
     nonfinite = s.nonfinite
@@ -474,7 +478,7 @@ def _finish(s, *, mv, k, b, which, tol, dtype, eps, sharding, rows_sharding, blo
         products = k
     else:  # the relation, confirmed by one product at a random unit combination c of the k
         residual_vectors = _linalg.constrain(
-            _relation_residuals(s, vecs[:, sel], eigenvalues, b), rows_sharding)
+            both[k:] + jnp.dot(pending.T, s.block, precision=_HIGHEST), rows_sharding)
         c = jax.random.normal(jax.random.fold_in(key, 0x5EED), (k,), dtype)
         c = c / jnp.linalg.norm(c)
         z = jnp.dot(c, eigenvectors, precision=_HIGHEST)

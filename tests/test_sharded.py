@@ -134,9 +134,12 @@ def test_the_krylov_basis_is_split_over_the_devices(runs, spec):
     # On one device the 80 extra vectors cost about their full size (measured 0.96 of it);
     # split over the 8 devices about an eighth, plus the growth of the replicated 120 x 120
     # projection and per-vector temporaries (measured 0.155 on 8x1, 0.194 on 4x2 of the full
-    # size; the bound is 1/8 + 0.1).
+    # size with the explicit residual check). Since the residuals come from the Arnoldi
+    # relation (issue 21) the peak is the final product with the basis, which holds a second
+    # split copy of it: 0.271 on both meshes (the explicit check: 0.018). Bound: 1/8 + 0.2,
+    # far below the whole basis (1.0) that an unsplit one would cost.
     assert 0.8 * ideal < run["basis_whole"] < 1.2 * ideal, run["basis_whole"] / ideal
-    assert run["basis_split"] < (1 / 8 + 0.1) * ideal, run["basis_split"] / ideal
+    assert run["basis_split"] < (1 / 8 + 0.2) * ideal, run["basis_split"] / ideal
 
 
 def test_layout_plan_and_exact_means_for_any_batch_size():
