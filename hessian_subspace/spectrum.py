@@ -332,7 +332,8 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
         H's off-diagonal mass they carry (module docstring). None: plain Hutchinson.
 
     Returns:
-      :class:`TraceEstimate` ``(estimate, standard_error)``, two scalars.
+      :class:`TraceEstimate` ``(estimate, standard_error)``, two scalars. A non-finite
+      product raises ``FloatingPointError`` (called outside jit).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -350,8 +351,18 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_probes, 1)
     probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
-    return TraceEstimate(*_hutchinson(matvec, like, key, deflation, num_probes=num_probes,
-                                      probe_batch=probe_batch))
+    return _finite(TraceEstimate(*_hutchinson(matvec, like, key, deflation,
+                                              num_probes=num_probes, probe_batch=probe_batch)))
+
+
+def _finite(estimate):
+    """The estimate, or a FloatingPointError when a product was non-finite (outside jit; a
+    traced call returns the NaN)."""
+    if _tree.is_concrete(estimate) and not all(
+            np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(estimate)):
+        raise FloatingPointError("`matvec` returned a non-finite value for a random probe; "
+                                 "check the parameters and the loss (the estimate is NaN)")
+    return estimate
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "probe_batch"))
@@ -415,7 +426,8 @@ def hutchinson_diagonal(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, n
 
     Returns:
       :class:`DiagonalEstimate`: ``diagonal`` and ``standard_error`` shaped like the vectors
-      (``like``), ``trace`` and ``trace_standard_error``.
+      (``like``), ``trace`` and ``trace_standard_error``. A non-finite product raises
+      ``FloatingPointError`` (called outside jit).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -434,8 +446,8 @@ def hutchinson_diagonal(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, n
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_probes, 3)
     probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
-    return _diagonal(matvec, like, key, deflation, num_probes=num_probes,
-                     probe_batch=min(probe_batch, num_probes))
+    return _finite(_diagonal(matvec, like, key, deflation, num_probes=num_probes,
+                             probe_batch=min(probe_batch, num_probes)))
 
 
 def eigenvalue_summary(eigenvalues) -> dict:

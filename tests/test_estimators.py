@@ -152,3 +152,12 @@ def test_deflate_argument_errors_name_it():
     with pytest.raises(ValueError, match="orthonormal"):
         hs.slq_quadrature(mv, jax.random.key(0), num_probes=2, num_steps=4, like=like,
                           deflate=(jnp.ones(2), jnp.ones((2, 10))))
+
+
+def test_a_non_finite_product_is_reported_not_returned():
+    def bad(v):
+        return jnp.where(v[0] > 0, jnp.nan, 1.0) * v
+
+    for fn in (hs.hutchinson_trace, hs.hutchinson_diagonal):
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            fn(bad, jax.random.key(0), num_probes=8, like=jnp.zeros(6))
