@@ -55,10 +55,13 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def emit(result: dict, json_out: str | None) -> None:
-    """Prints ``result`` as indented JSON, and writes the same text to ``json_out`` if given."""
+def emit(result: dict, json_out: str | None, quiet: bool = False) -> None:
+    """Prints ``result`` as indented JSON (unless ``quiet``), and writes the same text to
+    ``json_out`` if given (atomically: a run killed mid-write leaves the previous file)."""
     text = json.dumps(result, indent=1)
-    print(text)
+    if not quiet:
+        print(text)
     if json_out:
-        with open(json_out, "w") as f:
+        with open(json_out + ".tmp", "w") as f:
             f.write(text)
+        os.replace(json_out + ".tmp", json_out)
