@@ -17,8 +17,10 @@ depth of a sweep whose largest relative eigenvalue error is at most ours' (found
 
 Trace and diagonal: for each of ``--probes``, the deflated estimator with that many probes
 (deflated by ours' top-k) against plain Hutchinson with that many probes **plus** the
-eigensolve's HVPs (equal HVPs, the eigensolve counted); each repeated ``--trace_repeats``
-times with fresh keys: the spread of the estimates beside the mean stated standard error.
+eigensolve's HVPs (equal HVPs, the eigensolve counted), and XTrace / XDiag with as many
+products (rounded down to even) and XTrace deflated by the same top-k; each repeated
+``--trace_repeats`` times with fresh keys: the spread of the estimates beside the mean stated
+standard error.
 Density: SLQ (``--slq_probes`` × ``--slq_steps``) plain and deflated, seconds and where the
 mass above the bulk goes.
 """
@@ -56,6 +58,7 @@ flags.DEFINE_list("probes", ["10", "50"], "Probe counts of the deflated trace.")
 flags.DEFINE_integer("trace_repeats", 10, "Repetitions (fresh keys) of every trace estimate.")
 flags.DEFINE_integer("slq_probes", 10, "SLQ probes.")
 flags.DEFINE_integer("slq_steps", 80, "SLQ Lanczos steps per probe.")
+flags.DEFINE_bool("density", True, "Also time the SLQ densities.")
 flags.DEFINE_string("json_out", None, "Also write the JSON here.")
 
 
@@ -174,14 +177,20 @@ def _trace(op, eig):
     out = {}
     for n in (int(x) for x in FLAGS.probes):
         rows = {}
-        for name, probes, deflate in (("plain_equal_hvps", n + solve_hvps, None),
-                                      ("plain_same_probes", n, None),
-                                      ("deflated", n, eig)):
+        even = (n + solve_hvps) // 2 * 2
+        for name, probes, deflate, fn in (
+                ("plain_equal_hvps", n + solve_hvps, None, hs.hutchinson_trace),
+                ("plain_same_probes", n, None, hs.hutchinson_trace),
+                ("deflated", n, eig, hs.hutchinson_trace),
+                ("xtrace_equal_hvps", even, None, hs.xtrace),
+                ("xtrace_deflated", n // 2 * 2, eig, hs.xtrace)):
             est, se = [], []
             start = time.perf_counter()
             for r in range(FLAGS.trace_repeats):
-                t = _sync(hs.hutchinson_trace(op, jax.random.key(100 + r), num_probes=probes,
-                                              deflate=deflate))
+                key = jax.random.key(100 + r)
+                t = _sync(fn(op, key, num_probes=probes, deflate=deflate) if fn is
+                          hs.hutchinson_trace else fn(op, key, num_matvecs=probes,
+                                                      deflate=deflate))
                 est.append(float(t.estimate))
                 se.append(float(t.standard_error))
             rows[name] = dict(probes=probes, hvps=probes + (solve_hvps if deflate else 0),
@@ -192,6 +201,10 @@ def _trace(op, eig):
         rows["se_ratio_plain_equal_hvps_over_deflated"] = (
             rows["plain_equal_hvps"]["stated_standard_error"]
             / rows["deflated"]["stated_standard_error"])
+        rows["spread_ratio_plain_equal_hvps_over_xtrace"] = (
+            rows["plain_equal_hvps"]["spread"] / rows["xtrace_equal_hvps"]["spread"])
+        rows["spread_ratio_deflated_over_xtrace"] = (
+            rows["deflated"]["spread"] / rows["xtrace_equal_hvps"]["spread"])
         out[f"probes_{n}"] = rows
     # The diagonal, once each, at the largest probe count.
     n = max(int(x) for x in FLAGS.probes)
@@ -200,13 +213,26 @@ def _trace(op, eig):
     se_p = flatten_util.ravel_pytree(plain.standard_error)[0]
     se_d = flatten_util.ravel_pytree(defl.standard_error)[0]
     d_d = flatten_util.ravel_pytree(defl.diagonal)[0]
+    xd = _sync(hs.xdiag(op, jax.random.key(7), num_matvecs=(n + solve_hvps) // 2 * 2))
+    se_x = flatten_util.ravel_pytree(xd.standard_error)[0]
     out["diagonal"] = dict(
         probes_plain=n + solve_hvps, probes_deflated=n,
         median_se_ratio_plain_over_deflated=float(np.median(np.asarray(se_p / se_d))),
         median_relative_se_deflated=float(np.median(np.asarray(se_d / jnp.abs(d_d)))),
+        xdiag_matvecs=(n + solve_hvps) // 2 * 2,
+        # Over the entries every estimator sees as random (a parameter the loss ignores has a
+        # zero row: standard error 0 everywhere).
+        median_se_ratio_plain_over_xdiag=_median_ratio(se_p, se_x),
+        median_se_ratio_deflated_over_xdiag=_median_ratio(se_d, se_x),
         trace_from_diagonal=float(defl.trace), trace_standard_error=float(
             defl.trace_standard_error))
     return out
+
+
+def _median_ratio(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    live = (a > 0) & (b > 0)
+    return float(np.median(a[live] / b[live]))
 
 
 def _density(op, eig):
@@ -247,7 +273,8 @@ def main(argv):
         problem=dict(model="FC 784-100-100-10", examples=n, dtype="float32",
                      train_steps=FLAGS.train_steps, params=int(op.dim), k=FLAGS.k),
         reference_eigenvalues=ref.round(6).tolist(),
-        topk=topk, trace=_trace(op, eig), density=_density(op, eig))
+        topk=topk, trace=_trace(op, eig),
+        density=_density(op, eig) if FLAGS.density else None)
     _common.emit(result, FLAGS.json_out)
 
 

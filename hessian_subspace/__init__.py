@@ -69,6 +69,8 @@ from hessian_subspace.spectrum import hutchinson_diagonal as hutchinson_diagonal
 from hessian_subspace.spectrum import hutchinson_trace as hutchinson_trace
 from hessian_subspace.spectrum import slq_quadrature as slq_quadrature
 from hessian_subspace.spectrum import spectral_density as spectral_density
+from hessian_subspace.xtrace import xdiag as xdiag
+from hessian_subspace.xtrace import xtrace as xtrace
 from hessian_subspace.tracking import track_eigenpairs as track_eigenpairs
 
 __version__ = "0.2.0"

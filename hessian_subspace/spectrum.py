@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import flatten_util
 
-from hessian_subspace import _linalg, _tree, krylov, linearization
+from hessian_subspace import _linalg, _probes, _tree, krylov, linearization
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -72,30 +72,6 @@ class DiagonalEstimate(NamedTuple):
     trace_standard_error: jax.Array  # ()
 
 
-def _deflation(deflate, like) -> tuple[jax.Array, jax.Array] | None:
-    """``deflate`` as (values (k,), vectors (k, p)) in the vectors' dtype, or a ValueError
-    naming it (before any tracing)."""
-    if deflate is None:
-        return None
-    if isinstance(deflate, krylov.Eigenpairs):
-        values, vectors = deflate.eigenvalues, deflate.eigenvectors
-    elif isinstance(deflate, (tuple, list)) and len(deflate) == 2:
-        values, vectors = deflate
-    else:
-        raise ValueError("`deflate` must be an Eigenpairs (top_eigenpairs' output) or a pair "
-                         f"(eigenvalues (k,), eigenvectors (k, p)), got {type(deflate).__name__}")
-    like_flat, _ = flatten_util.ravel_pytree(like)
-    p = like_flat.shape[0]
-    values, vectors = jnp.asarray(values), jnp.asarray(vectors)
-    if values.ndim != 1 or vectors.ndim != 2 or vectors.shape != (values.shape[0], p):
-        raise ValueError(f"`deflate` must hold eigenvalues (k,) and eigenvectors (k, {p}) in "
-                         f"ravel_pytree order, got {values.shape} and {vectors.shape}")
-    if not 1 <= values.shape[0] < p:
-        raise ValueError(f"`deflate` must hold 1 <= k < {p} pairs, got {values.shape[0]}")
-    if _tree.is_concrete(values) and _tree.is_concrete(vectors) and not (
-            np.all(np.isfinite(np.asarray(values))) and np.all(np.isfinite(np.asarray(vectors)))):
-        raise ValueError("`deflate` holds non-finite eigenpairs (a failed eigensolve?)")
-    return values.astype(like_flat.dtype), vectors.astype(like_flat.dtype)
 
 
 def _check_orthonormal(vectors, tol=1e-3) -> None:
@@ -109,22 +85,8 @@ def _check_orthonormal(vectors, tol=1e-3) -> None:
                          f"eigenvalues of weight 1/p")
 
 
-def _template(matvec, like):
-    if like is None:
-        like = getattr(matvec, "like", None)
-    if like is None:
-        raise ValueError(
-            "`like` is required: a pytree or flat array shaped like the vectors `matvec` acts on "
-            "(operators from `dataset_hvp` provide it themselves)."
-        )
-    _tree.check_floating("like", like)
-    return like
 
 
-def _probe(key, like_flat, kind):
-    if kind == "rademacher":
-        return jax.random.rademacher(key, like_flat.shape, like_flat.dtype)
-    return jax.random.normal(key, like_flat.shape, like_flat.dtype)
 
 
 def default_probe_batch(matvec, like, num_probes: int, vectors_per_probe: int,
@@ -178,7 +140,7 @@ def _slq(matvec, like, key, deflation, *, num_probes, num_steps, probe, probe_ba
                                        base, vectors)
 
     def one(k):
-        z = _probe(k, like_flat, probe)
+        z = _probes.probe(k, like_flat, probe)
         if deflation is not None:
             z = _project_out(deflation[1], z)
         return krylov.gauss_quadrature(krylov.lanczos(matvec, unravel(z), num_steps, dtype=dtype))
@@ -207,10 +169,10 @@ def slq_quadrature(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_pr
     non-finite matvec makes every node NaN.
     """
     matvec = _tree.as_operator(matvec)
-    like = _template(matvec, like)
+    like = _probes.template(matvec, like)
     _tree.check_key("key", key)
     _linalg.check_operator_output(matvec, like)
-    deflation = _deflation(deflate, like)
+    deflation = _probes.deflation(deflate, like)
     if deflation is not None:
         _check_orthonormal(deflation[1])
     dim = _tree.tree_size(like) - (0 if deflation is None else deflation[0].shape[0])
@@ -280,23 +242,8 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights)
 
 
-def _deflated_product(mv, deflation, z):
-    """(H - Vᵀ Λ V) z (H z without deflation)."""
-    hz = mv(z)
-    if deflation is None:
-        return hz
-    values, vectors = deflation
-    coeffs = jnp.dot(vectors, z, precision=_HIGHEST)
-    return hz - jnp.dot(values * coeffs, vectors, precision=_HIGHEST)
 
 
-def _exact_part(deflation, like_flat):
-    """Trace and diagonal of Vᵀ Λ V (zero without deflation)."""
-    if deflation is None:
-        return jnp.zeros((), like_flat.dtype), jnp.zeros_like(like_flat)
-    values, vectors = deflation
-    diag = jnp.sum(values[:, None] * vectors**2, axis=0)
-    return jnp.sum(diag), diag
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "probe_batch"))
@@ -305,11 +252,11 @@ def _hutchinson(matvec, like, key, deflation, *, num_probes, probe_batch):
     mv, _ = _tree.flat_matvec(matvec, like, like_flat.dtype)
 
     def one(k):
-        z = _probe(k, like_flat, "rademacher")
-        return jnp.dot(z, _deflated_product(mv, deflation, z), precision=_HIGHEST)
+        z = _probes.probe(k, like_flat, "rademacher")
+        return jnp.dot(z, _probes.deflated_product(mv, deflation, z), precision=_HIGHEST)
 
     samples = jax.lax.map(one, jax.random.split(key, num_probes), batch_size=probe_batch)
-    exact, _ = _exact_part(deflation, like_flat)
+    exact, _ = _probes.exact_part(deflation, like_flat)
     return exact + jnp.mean(samples), jnp.std(samples, ddof=1) / jnp.sqrt(num_probes)
 
 
@@ -343,26 +290,18 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
       (20.0, 0.0)
     """
     matvec = _tree.as_operator(matvec)
-    like = _template(matvec, like)
+    like = _probes.template(matvec, like)
     _tree.check_key("key", key)
     _linalg.check_operator_output(matvec, like)
     num_probes = _tree.check_int("num_probes", num_probes, 2)
-    deflation = _deflation(deflate, like)
+    deflation = _probes.deflation(deflate, like)
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_probes, 1)
     probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
-    return _finite(TraceEstimate(*_hutchinson(matvec, like, key, deflation,
+    return _probes.finite(TraceEstimate(*_hutchinson(matvec, like, key, deflation,
                                               num_probes=num_probes, probe_batch=probe_batch)))
 
 
-def _finite(estimate):
-    """The estimate, or a FloatingPointError when a product was non-finite (outside jit; a
-    traced call returns the NaN)."""
-    if _tree.is_concrete(estimate) and not all(
-            np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(estimate)):
-        raise FloatingPointError("`matvec` returned a non-finite value for a random probe; "
-                                 "check the parameters and the loss (the estimate is NaN)")
-    return estimate
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "probe_batch"))
@@ -380,8 +319,8 @@ def _diagonal(matvec, like, key, deflation, *, num_probes, probe_batch):
         count, mean, m2, tmean, tm2 = carry
         index, ks = xs
         ok = (index * probe_batch + jnp.arange(probe_batch)) < num_probes
-        z = jax.vmap(lambda k: _probe(k, like_flat, "rademacher"))(ks)
-        samples = z * jax.vmap(lambda z: _deflated_product(mv, deflation, z))(z)
+        z = jax.vmap(lambda k: _probes.probe(k, like_flat, "rademacher"))(ks)
+        samples = z * jax.vmap(lambda z: _probes.deflated_product(mv, deflation, z))(z)
         traces = jnp.sum(samples, axis=1)
         n_b = jnp.sum(ok).astype(like_flat.dtype)
         w = ok.astype(like_flat.dtype)
@@ -401,7 +340,7 @@ def _diagonal(matvec, like, key, deflation, *, num_probes, probe_batch):
     init = (zero, jnp.zeros_like(like_flat), jnp.zeros_like(like_flat), zero, zero)
     (count, mean, m2, tmean, tm2), _ = jax.lax.scan(
         batch, init, (jnp.arange(num_batches), keys))
-    exact_trace, exact_diag = _exact_part(deflation, like_flat)
+    exact_trace, exact_diag = _probes.exact_part(deflation, like_flat)
     se = jnp.sqrt(m2 / (count - 1) / count)
     return DiagonalEstimate(diagonal=unravel(exact_diag + mean), standard_error=unravel(se),
                             trace=exact_trace + tmean,
@@ -438,15 +377,15 @@ def hutchinson_diagonal(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, n
       ([1.0, 2.0, 3.0, 4.0], 10.0)
     """
     matvec = _tree.as_operator(matvec)
-    like = _template(matvec, like)
+    like = _probes.template(matvec, like)
     _tree.check_key("key", key)
     _linalg.check_operator_output(matvec, like)
     num_probes = _tree.check_int("num_probes", num_probes, 2)
-    deflation = _deflation(deflate, like)
+    deflation = _probes.deflation(deflate, like)
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_probes, 3)
     probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
-    return _finite(_diagonal(matvec, like, key, deflation, num_probes=num_probes,
+    return _probes.finite(_diagonal(matvec, like, key, deflation, num_probes=num_probes,
                              probe_batch=min(probe_batch, num_probes)))
 
 
