@@ -290,6 +290,29 @@ def test_trace_and_deflated_slq_transforms_against_dense_float64(tmp_path):
     assert rec["hvps"] >= 400 + 3 * 20
 
 
+def test_trace_transform_with_xtrace_against_dense_float64(tmp_path):
+    model, ds, params, state = tiny_problem()
+    pipe = analysis.trace(num_probes=80, deflate=False, diagonal=True, estimator="xtrace")
+    analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
+                                 results=analysis.Results(str(tmp_path), progress=False),
+                                 operator=analysis.Operator(dtype="float64"))
+    rec = analyzer.process(3, params, state)
+    assert rec["status"] == "ok", rec.get("reason")
+    _, _, h, _, _ = dense_reference(model, ds, params)
+    tr = rec["trace"]
+    assert tr["estimator"] == "xtrace" and tr["deflated"] == 0 and rec["hvps"] == 80
+    assert abs(tr["estimate"] - np.trace(h)) < 4 * tr["standard_error"]
+    spectra = analyzer.store.stored("spectra", 3)
+    diag, se = spectra["hessian_diagonal"], spectra["hessian_diagonal_se"]
+    live = se > 1e-12
+    z = (diag[live] - np.diag(h)[live]) / se[live]
+    assert np.mean(z**2) < 3.0, np.mean(z**2)
+    for bad, word in ((dict(estimator="hutch"), "estimator"),
+                      (dict(estimator="xtrace", num_probes=7), "num_probes")):
+        with pytest.raises(ValueError, match=word):
+            analysis.trace(deflate=False, **bad)
+
+
 def test_a_deflated_transform_without_eigenpairs_is_refused_when_the_chain_is_built():
     with pytest.raises(ValueError, match="eigenpairs"):
         analysis.chain(analysis.trace(num_probes=4))

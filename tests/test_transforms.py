@@ -36,7 +36,7 @@ BUILTINS = {
     "analysis.ggn(k)": lambda: analysis.ggn(3),
     "analysis.slq(*, num_probes, num_steps, deflate)": lambda: analysis.slq(
         num_probes=2, num_steps=8, deflate=True),
-    "analysis.trace(*, num_probes, deflate, diagonal)": lambda: analysis.trace(
+    "analysis.trace(*, num_probes, deflate, diagonal, estimator)": lambda: analysis.trace(
         num_probes=4, diagonal=True),
     "analysis.dense_spectrum()": lambda: analysis.dense_spectrum(),
     "analysis.views.f_top_curve(ks)": lambda: analysis.views.f_top_curve((2, 4)),

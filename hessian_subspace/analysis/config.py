@@ -105,7 +105,8 @@ def default_config() -> ConfigDict:
                             deflate=False))  # the converged eigenpairs placed exactly
     c.trace = ConfigDict(dict(steps=(), num_probes=50,
                               deflate=True,  # the eigenpairs' part exactly, probes the rest
-                              diagonal=False))  # also diag H with standard errors (spectra/)
+                              diagonal=False,  # also diag H with standard errors (spectra/)
+                              estimator="hutchinson"))  # or "xtrace" (even num_probes)
     c.dense_spectrum = ConfigDict(dict(steps=(), max_params=5000))
     c.f_top_curve = ConfigDict(dict(ks=()))  # () : k and 2k
     c.block_spectra = ConfigDict(dict(steps=(), k=4, tol=1e-3, slq_probes=4, slq_steps=30))
@@ -285,7 +286,8 @@ def build_chain(config: ConfigDict | Mapping, *, k: int, metrics_fn: Callable | 
                                         deflate=c.slq.deflate), c.slq.steps)),
         ("trace", lambda: _at(spectra.trace(num_probes=c.trace.num_probes,
                                             deflate=c.trace.deflate,
-                                            diagonal=c.trace.diagonal), c.trace.steps)),
+                                            diagonal=c.trace.diagonal,
+                                            estimator=c.trace.estimator), c.trace.steps)),
         ("dense_spectrum", lambda: _at(spectra.dense_spectrum(
             max_params=c.dense_spectrum.max_params), c.dense_spectrum.steps)),
         ("f_top_curve", lambda: views.f_top_curve(tuple(c.f_top_curve.ks) or (k, 2 * k))),
