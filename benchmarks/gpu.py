@@ -28,7 +28,10 @@ compiled programs, never constants folded into them.
 Each record: gradient and HVP seconds over the data set and their ratio; one vmapped batch of k
 HVPs (at a k times smaller batch: the same memory per step) against k single HVPs; the solve's
 compile time, seconds, HVPs, converged count, largest relative residual and seconds per HVP
-against the lone HVP (the Krylov basis's share).
+against the lone HVP (the Krylov basis's share when ``hvp_cache`` is false; with a cached
+linearisation the solve's products are the cheaper cached ones). A solve is timed on its first
+call after the ahead-of-time compile (XLA's GPU autotuning happens at compile time).
+FLOPs per example of the same programs: ``benchmarks/flops.py``.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ step() {  # step NAME SHARE_OF_WHAT_IS_LEFT ARGS...
   local name=$1 share=$2; shift 2
   local left=$(( deadline - $(date +%s) ))
   local limit=$(( left * share / 100 ))
+  if (( limit < 1 )); then echo "== $name: no time left"; return; fi
   echo "== $name: $limit s of $left left"
   timeout --signal=KILL "$limit" python3 benchmarks/gpu.py --problem="$name" \
     --json_out="$out/$name.json" "$@" > "$out/$name.log" 2>&1

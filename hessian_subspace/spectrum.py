@@ -68,10 +68,8 @@ class DiagonalEstimate(NamedTuple):
 
     diagonal: PyTree  # like the operator's vectors: the mean of z ⊙ Hz (plus the deflated part).
     standard_error: PyTree  # like them: per entry, sample std / sqrt(num_probes).
-    trace: jax.Array  # () the sum of the diagonal (= hutchinson_trace's estimate, same probes).
+    trace: jax.Array  # () Hutchinson: the diagonal's sum; XDiag: XTrace's (same products).
     trace_standard_error: jax.Array  # ()
-
-
 
 
 def _check_orthonormal(vectors, tol=1e-3) -> None:
@@ -83,10 +81,6 @@ def _check_orthonormal(vectors, tol=1e-3) -> None:
         raise ValueError(f"the density's `deflate` vectors must be orthonormal rows (max "
                          f"|V V^T - I| = {err:.2e} > {tol}): the top part is placed as k "
                          f"eigenvalues of weight 1/p")
-
-
-
-
 
 
 def default_probe_batch(matvec, like, num_probes: int, vectors_per_probe: int,
@@ -242,10 +236,6 @@ def spectral_density(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights)
 
 
-
-
-
-
 @functools.partial(jax.jit, static_argnames=("num_probes", "probe_batch"))
 def _hutchinson(matvec, like, key, deflation, *, num_probes, probe_batch):
     like_flat, _ = flatten_util.ravel_pytree(like)
@@ -300,8 +290,6 @@ def hutchinson_trace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_
     probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
     return _probes.finite(TraceEstimate(*_hutchinson(matvec, like, key, deflation,
                                               num_probes=num_probes, probe_batch=probe_batch)))
-
-
 
 
 @functools.partial(jax.jit, static_argnames=("num_probes", "probe_batch"))

@@ -62,13 +62,16 @@ def _left_out_directions(r: jax.Array) -> jax.Array:
 
 
 def _sketch(matvec, like, key, deflation, num_matvecs, probe_batch):
-    """The m products and the s × s quantities both estimators share."""
+    """The m products and the s × s quantities both estimators share, in at least float32
+    (QR has no half-precision kernels; a bfloat16 model's products are promoted)."""
     like_flat, _ = flatten_util.ravel_pytree(like)
-    mv, _ = _tree.flat_matvec(matvec, like, like_flat.dtype)
+    dtype = jnp.promote_types(like_flat.dtype, jnp.float32)
+    work = like_flat.astype(dtype)
+    mv, _ = _tree.flat_matvec(matvec, like, dtype)
     product = functools.partial(_probes.deflated_product, mv, deflation)
     s = num_matvecs // 2
     keys = jax.random.split(key, s)
-    omega = jax.vmap(lambda k: _probes.probe(k, like_flat, "rademacher"))(keys)
+    omega = jax.vmap(lambda k: _probes.probe(k, work, "rademacher"))(keys)
     y = jax.lax.map(product, omega, batch_size=probe_batch)  # (s, p): rows H ω_i
     q, r = jnp.linalg.qr(y.T)  # Yᵀ = Q R, Q (p, s)
     q = q.T  # rows
@@ -77,13 +80,11 @@ def _sketch(matvec, like, key, deflation, num_matvecs, probe_batch):
     t = 0.5 * (t + t.T)  # Qᵀ H Q
     w = jnp.dot(q, omega.T, precision=_HIGHEST)  # column i: Qᵀ ω_i
     left = _left_out_directions(r)  # rows s_i
-    return like_flat, omega, y, q, z, r, t, w, left
+    return work, omega, y, q, z, r, t, w, left
 
 
-@functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch"))
-def _xtrace(matvec, like, key, deflation, *, num_matvecs, probe_batch):
-    like_flat, omega, y, _, _, r, t, w, left = _sketch(matvec, like, key, deflation,
-                                                       num_matvecs, probe_batch)
+def _trace_samples(omega, y, r, t, w, left):
+    """XTrace's leave-one-out estimates t_i (module docstring), from s × s algebra."""
     # Tr(Q_(i)ᵀ H Q_(i)) = Tr T - s_iᵀ T s_i.
     low = jnp.trace(t) - jnp.einsum("ij,jk,ik->i", left, t, left, precision=_HIGHEST)
     # The residual probe (I - Q P_i Qᵀ) ω_i with P_i = I - s_i s_iᵀ: Qᵀ of it is w_i - P_i w_i.
@@ -91,33 +92,42 @@ def _xtrace(matvec, like, key, deflation, *, num_matvecs, probe_batch):
     omega_y = jnp.sum(omega * y, axis=1)  # ω_iᵀ H ω_i
     cross = jnp.sum(r.T * v, axis=1)  # (Qᵀ H ω_i)ᵀ P_i w_i, with Qᵀ H ω_i = R[:, i]
     quad = jnp.einsum("ij,jk,ik->i", v, t, v, precision=_HIGHEST)
-    samples = low + omega_y - 2.0 * cross + quad
-    s = samples.shape[0]
-    exact, _ = _probes.exact_part(deflation, like_flat)
-    return exact + jnp.mean(samples), jnp.std(samples, ddof=1) / jnp.sqrt(s)
+    return low + omega_y - 2.0 * cross + quad
+
+
+def _mean_and_error(samples, axis=0):
+    s = samples.shape[axis]
+    return jnp.mean(samples, axis=axis), jnp.std(samples, axis=axis, ddof=1) / jnp.sqrt(s)
+
+
+@functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch"))
+def _xtrace(matvec, like, key, deflation, *, num_matvecs, probe_batch):
+    work, omega, y, _, _, r, t, w, left = _sketch(matvec, like, key, deflation, num_matvecs,
+                                                  probe_batch)
+    estimate, error = _mean_and_error(_trace_samples(omega, y, r, t, w, left))
+    exact, _ = _probes.exact_part(deflation, work)
+    return exact + estimate, error
 
 
 @functools.partial(jax.jit, static_argnames=("num_matvecs", "probe_batch"))
 def _xdiag(matvec, like, key, deflation, *, num_matvecs, probe_batch):
-    like_flat, omega, y, q, z, r, _, _, left = _sketch(matvec, like, key, deflation,
-                                                       num_matvecs, probe_batch)
+    work, omega, y, q, z, r, t, w, left = _sketch(matvec, like, key, deflation, num_matvecs,
+                                                  probe_batch)
     _, unravel = flatten_util.ravel_pytree(like)
-    # diag(Q P_i Qᵀ H) = diag(Q Zᵀ)... in rows: Σ_j q_j ⊙ z_j, less (Qᵀ s_i) ⊙ (Zᵀ s_i).
+    # diag(Q P_i Qᵀ H), in rows: Σ_j q_j ⊙ z_j less (Q s_i) ⊙ (Z s_i) (Q, Z as p × s).
     full = jnp.sum(q * z, axis=0)
-    qs = jnp.dot(left, q, precision=_HIGHEST)  # rows Qᵀ s_i  (s, p)
+    qs = jnp.dot(left, q, precision=_HIGHEST)  # rows Q s_i  (s, p)
     zs = jnp.dot(left, z, precision=_HIGHEST)
     # (I - Q P_i Qᵀ) H ω_i = y_i - Q P_i R[:, i].
     c = r.T - jnp.sum(left * r.T, axis=1, keepdims=True) * left  # rows P_i R[:, i]
     resid = y - jnp.dot(c, q, precision=_HIGHEST)
     samples = full[None, :] - qs * zs + omega * resid  # (s, p): row i is XDiag's d_i
-    s = samples.shape[0]
-    exact_trace, exact_diag = _probes.exact_part(deflation, like_flat)
-    traces = jnp.sum(samples, axis=1)
-    return DiagonalEstimate(
-        diagonal=unravel(exact_diag + jnp.mean(samples, axis=0)),
-        standard_error=unravel(jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(s)),
-        trace=exact_trace + jnp.mean(traces),
-        trace_standard_error=jnp.std(traces, ddof=1) / jnp.sqrt(s))
+    diagonal, error = _mean_and_error(samples)
+    trace, trace_error = _mean_and_error(_trace_samples(omega, y, r, t, w, left))
+    exact_trace, exact_diag = _probes.exact_part(deflation, work)
+    return DiagonalEstimate(diagonal=unravel(exact_diag + diagonal),
+                            standard_error=unravel(error), trace=exact_trace + trace,
+                            trace_standard_error=trace_error)
 
 
 def _checked(matvec, key, num_matvecs, like, probe_batch, deflate):
@@ -128,6 +138,8 @@ def _checked(matvec, key, num_matvecs, like, probe_batch, deflate):
     if num_matvecs % 2:
         raise ValueError(f"`num_matvecs` must be even (half sketch, half its products), got "
                          f"{num_matvecs}")
+    if probe_batch is not None:
+        probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
     like_flat, _ = flatten_util.ravel_pytree(like)
     if num_matvecs // 2 > like_flat.size:
         raise ValueError(f"`num_matvecs` / 2 = {num_matvecs // 2} exceeds the dimension "
@@ -136,7 +148,6 @@ def _checked(matvec, key, num_matvecs, like, probe_batch, deflate):
     _linalg.check_operator_output(matvec, like)
     if probe_batch is None:
         probe_batch = default_probe_batch(matvec, like, num_matvecs // 2, 2)
-    probe_batch = _tree.check_int("probe_batch", probe_batch, 1)
     return matvec, like, num_matvecs, deflation, probe_batch
 
 
@@ -145,7 +156,10 @@ def xtrace(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_matvecs: i
     r"""XTrace (Epperly, Tropp, Webber 2024): the trace from ``num_matvecs`` products, each used
     both in a low-rank sketch of H and as a probe of what the sketch misses (module docstring).
     Unbiased; far below Hutchinson's error when a few eigenvalues carry most of
-    :math:`\|H\|_F` (a Hessian's outliers), Hutchinson's order otherwise.
+    :math:`\|H\|_F` (a Hessian's outliers), Hutchinson's order otherwise. Memory: 4 ·
+    ``num_matvecs / 2`` vectors of p numbers at once (probes, their products, the basis and
+    its products); the s leave-one-out directions cost s QRs of s × (s − 1), O(s⁴),
+    negligible below s ≈ 200. Computed in at least float32.
 
     Args:
       matvec: ``v -> H v`` on pytrees like ``like``.
@@ -182,15 +196,18 @@ def xdiag(matvec: Callable[[PyTree], PyTree], key: jax.Array, *, num_matvecs: in
           ) -> DiagonalEstimate:
     r"""XDiag (Epperly, Tropp, Webber 2024): the diagonal from ``num_matvecs`` products, the
     exchangeable form of :func:`~hessian_subspace.hutchinson_diagonal` with a low-rank sketch
-    (module docstring). Unbiased per entry; holds ``num_matvecs / 2`` vectors of p numbers at
-    once (the leave-one-out estimates, for the standard errors) besides the sketch.
+    (module docstring). Unbiased per entry. Memory: about 8 · ``num_matvecs / 2`` vectors of
+    p numbers at once (the sketch, its products, the leave-one-out estimates for the standard
+    errors), against :func:`xtrace`'s 4.
 
     Args:
       matvec, key, num_matvecs, like, probe_batch, deflate: as in :func:`xtrace`.
 
     Returns:
       :class:`~hessian_subspace.DiagonalEstimate`: ``diagonal`` and ``standard_error`` per
-      entry (shaped like ``like``), ``trace`` (the diagonal's sum) and its standard error.
+      entry (shaped like ``like``); ``trace`` and its standard error are :func:`xtrace`'s
+      from the same products (not the diagonal's sum, the one-sided form
+      :math:`\mathrm{Tr}(\Pi H) + \omega^\top(I-\Pi)H\omega`, which has more variance).
 
     Example:
       >>> import jax, jax.numpy as jnp

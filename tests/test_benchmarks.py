@@ -30,6 +30,7 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert rec["cold"]["converged"] == 10 and rec["cold"]["max_rel_residual"] <= 1e-3
     assert rec["batched_products"]["k"] == 10 and rec["batched_products"]["seconds"] > 0
     explicit = rec["explicit"]
-    assert explicit["same_converged"] and explicit["max_eigenvalue_rel_diff"] == 0.0
+    # One Krylov program either way (two compilations of it: equal to round-off).
+    assert explicit["same_converged"] and explicit["max_eigenvalue_rel_diff"] < 1e-6
     # The relation costs one product where the explicit check costs k = 10.
     assert explicit["hvps"] - rec["cold"]["hvps"] == 9

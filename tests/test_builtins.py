@@ -292,7 +292,8 @@ def test_trace_and_deflated_slq_transforms_against_dense_float64(tmp_path):
 
 def test_trace_transform_with_xtrace_against_dense_float64(tmp_path):
     model, ds, params, state = tiny_problem()
-    pipe = analysis.trace(num_probes=80, deflate=False, diagonal=True, estimator="xtrace")
+    # 10 sketch vectors for 53 parameters: not exact, so the error bars are exercised.
+    pipe = analysis.trace(num_probes=20, deflate=False, diagonal=True, estimator="xtrace")
     analyzer = analysis.Analyzer(pipe, tasks.inference_loss(model, CE), data=ds,
                                  results=analysis.Results(str(tmp_path), progress=False),
                                  operator=analysis.Operator(dtype="float64"))
@@ -300,7 +301,8 @@ def test_trace_transform_with_xtrace_against_dense_float64(tmp_path):
     assert rec["status"] == "ok", rec.get("reason")
     _, _, h, _, _ = dense_reference(model, ds, params)
     tr = rec["trace"]
-    assert tr["estimator"] == "xtrace" and tr["deflated"] == 0 and rec["hvps"] == 80
+    assert tr["estimator"] == "xtrace" and tr["deflated"] == 0 and rec["hvps"] == 20
+    assert tr["standard_error"] > 1e-6 * abs(tr["estimate"])
     assert abs(tr["estimate"] - np.trace(h)) < 4 * tr["standard_error"]
     spectra = analyzer.store.stored("spectra", 3)
     diag, se = spectra["hessian_diagonal"], spectra["hessian_diagonal_se"]

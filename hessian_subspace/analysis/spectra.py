@@ -67,9 +67,10 @@ TRACE_ESTIMATORS = ("hutchinson", "xtrace")
 def trace(*, num_probes: int = 50, deflate: bool = True, diagonal: bool = False,
           estimator: str = "hutchinson", of: str = "eigenpairs", name: str = "trace"
           ) -> Transform:
-    r"""Tr H by Hutchinson's estimator with its standard error, deflated by the ``of``
-    transform's eigenpairs (Hutch++-style: their part :math:`\sum_i \lambda_i` exactly, the
-    probes only see the rest; unbiased whatever their accuracy,
+    r"""Tr H by Hutchinson's estimator (or XTrace: ``estimator``) with its standard error,
+    deflated by the ``of`` transform's eigenpairs (Hutch++-style: their part
+    :math:`\sum_i \lambda_i` exactly, the probes only see the rest; unbiased whatever their
+    accuracy,
     :func:`hessian_subspace.hutchinson_trace`). Record ``trace``: ``estimate``,
     ``standard_error``, ``probes``, ``deflated`` (pairs), ``top_part`` (their
     :math:`\sum_i\lambda_i\|v_i\|^2`), ``top_fraction`` (of the estimate).
@@ -82,7 +83,7 @@ def trace(*, num_probes: int = 50, deflate: bool = True, diagonal: bool = False,
     ``estimator="xtrace"`` spends the ``num_probes`` products (even, >= 4) on XTrace / XDiag
     instead (:func:`hessian_subspace.xtrace`): each probe also sketches H's top directions,
     so without ``deflate`` it does what the eigenpairs do for Hutchinson (BUILD_NOTES, issue
-    21: standard error ÷ 2.2-3.5 against plain Hutchinson at equal products on the FC net).
+    21: trace error ÷ 2.2-3.5 against plain Hutchinson at equal products on the FC net).
     The record says which (``estimator``)."""
     num_probes = _tree.check_int("num_probes", num_probes, 2)
     if estimator not in TRACE_ESTIMATORS:
