@@ -90,16 +90,22 @@ def test_deflated_diagonal_has_smaller_errors_and_batching_does_not_change_the_p
         np.testing.assert_allclose(again.standard_error, defl.standard_error, rtol=1e-3)
 
 
+def mlp_problem_float64():
+    """A small MLP's data-set Hessian operator in float64 and its dense matrix (call inside
+    ``jax.enable_x64``): ``(params, op, h)``."""
+    params, outputs = mlp((10, 12, 3), seed=2)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+    rng = np.random.default_rng(0)
+    data = {"x": jnp.asarray(rng.normal(size=(80, 10))), "y": jnp.asarray(
+        rng.integers(0, 3, size=80))}
+    loss = loss_of(outputs)
+    h = np.asarray(hs.dense_hessian(loss, params, data))
+    return params, hs.dataset_hvp(loss, params, data, batch_size=80), h
+
+
 def test_mlp_hessian_trace_and_diagonal_with_eigensolver_pairs_float64():
     with jax.enable_x64(True):
-        params, outputs = mlp((10, 12, 3), seed=2)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
-        rng = np.random.default_rng(0)
-        data = {"x": jnp.asarray(rng.normal(size=(80, 10))), "y": jnp.asarray(
-            rng.integers(0, 3, size=80))}
-        loss = loss_of(outputs)
-        h = np.asarray(hs.dense_hessian(loss, params, data))
-        op = hs.dataset_hvp(loss, params, data, batch_size=80)
+        params, op, h = mlp_problem_float64()
         eig = hs.top_eigenpairs(op, hs.random_start_vector(jax.random.key(0), params), 4,
                                 tol=1e-8, num_steps=100)
         assert bool(np.all(eig.converged))

@@ -10,8 +10,8 @@ import pytest
 
 import hessian_subspace as hs
 
-from _helpers import loss_of, matrix_with_spectrum, mlp
-from test_estimators import _outlier_matrix, _repeat
+from _helpers import matrix_with_spectrum
+from test_estimators import _outlier_matrix, _repeat, mlp_problem_float64
 
 
 def _by_definition(a, omega):
@@ -110,14 +110,7 @@ def test_xdiag_is_unbiased_per_entry_with_calibrated_errors():
 
 def test_on_a_network_hessian_float64():
     with jax.enable_x64(True):
-        params, outputs = mlp((10, 12, 3), seed=2)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
-        rng = np.random.default_rng(0)
-        data = {"x": jnp.asarray(rng.normal(size=(80, 10))), "y": jnp.asarray(
-            rng.integers(0, 3, size=80))}
-        loss = loss_of(outputs)
-        h = np.asarray(hs.dense_hessian(loss, params, data))
-        op = hs.dataset_hvp(loss, params, data, batch_size=80)
+        _, op, h = mlp_problem_float64()
         tr = hs.xtrace(op, jax.random.key(1), num_matvecs=60)
         assert abs(float(tr.estimate) - np.trace(h)) < 4 * float(tr.standard_error)
         d = hs.xdiag(op, jax.random.key(2), num_matvecs=60)
